@@ -1,0 +1,335 @@
+#include "adam.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <iterator>
+#include <string>
+
+#include "launch.hpp"
+
+namespace fastadam {
+namespace {
+
+std::string number(double x) {
+    PyObject* f = PyFloat_FromDouble(x);
+    PyObject* r = f ? PyObject_Repr(f) : nullptr;
+    std::string s = r ? PyUnicode_AsUTF8(r) : std::to_string(x);
+    Py_XDECREF(r);
+    Py_XDECREF(f);
+    return s;
+}
+
+void require(bool ok, const char* name, const char* rule, double value) {
+    if (!ok) throw ArgValueError{std::string(name) + " must be " + rule + ", got " + number(value)};
+}
+
+template <class T>
+AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double bias_correction2_sqrt) {
+    return AdamConstants<T>{static_cast<T>(h.beta1),
+                            static_cast<T>(1.0 - h.beta1),
+                            static_cast<T>(h.beta2),
+                            static_cast<T>(1.0 - h.beta2),
+                            static_cast<T>(h.weight_decay),
+                            static_cast<T>(1.0 - h.lr * h.weight_decay),
+                            static_cast<T>(step_size),
+                            static_cast<T>(bias_correction2_sqrt),
+                            static_cast<T>(h.eps)};
+}
+
+// Keeps the Python objects of one call alive while the GIL is released: a
+// list argument could otherwise be emptied by another thread mid-step.
+class KeepAlive {
+   public:
+    void hold(PyObject* o) {
+        Py_INCREF(o);
+        objects_.push_back(o);
+    }
+    ~KeepAlive() {
+        for (PyObject* o : objects_) Py_DECREF(o);
+        objects_.clear();
+    }
+    explicit KeepAlive(std::vector<PyObject*>& storage) : objects_(storage) { objects_.clear(); }
+    KeepAlive(const KeepAlive&) = delete;
+    KeepAlive& operator=(const KeepAlive&) = delete;
+
+   private:
+    std::vector<PyObject*>& objects_;
+};
+
+constexpr const char* kNames[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+
+}  // namespace
+
+AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
+                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize) {
+    AdamHyper h{to_double(lr, "lr"),
+                to_double(beta1, "betas[0]"),
+                to_double(beta2, "betas[1]"),
+                to_double(eps, "eps"),
+                to_double(weight_decay, "weight_decay"),
+                to_bool(decoupled, "decoupled_weight_decay"),
+                to_bool(amsgrad, "amsgrad"),
+                to_bool(maximize, "maximize")};
+    require(h.lr >= 0.0, "lr", ">= 0", h.lr);
+    require(h.beta1 >= 0.0 && h.beta1 < 1.0, "betas[0]", "in [0, 1)", h.beta1);
+    require(h.beta2 >= 0.0 && h.beta2 < 1.0, "betas[1]", "in [0, 1)", h.beta2);
+    require(h.eps >= 0.0, "eps", ">= 0", h.eps);
+    require(h.weight_decay >= 0.0, "weight_decay", ">= 0", h.weight_decay);
+    return h;
+}
+
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step) {
+    const double t = static_cast<double>(step);
+    const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
+    const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
+    const double step_size = h.lr / bias_correction1;
+    const double bias_correction2_sqrt = std::sqrt(bias_correction2);
+    return {round_constants<float>(h, step_size, bias_correction2_sqrt),
+            round_constants<double>(h, step_size, bias_correction2_sqrt)};
+}
+
+std::uint8_t variant_of(const AdamHyper& h) {
+    unsigned v = 0;
+    if (h.maximize) v |= kMaximize;
+    if (h.weight_decay != 0.0) v |= h.decoupled_weight_decay ? kDecoupledDecay : kL2WeightDecay;
+    if (h.amsgrad) v |= kAmsgrad;
+    return static_cast<std::uint8_t>(v);
+}
+
+void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
+               PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
+    const std::int64_t step = to_int64(step_obj, "step");
+    if (step < 1) throw ArgValueError{"step must be >= 1 (the number of this step, 1 on the first), got " +
+                                      std::to_string(step)};
+    const bool has_max = max_exp_avg_sqs != Py_None;
+    if (hyper.amsgrad && !has_max) throw ArgValueError{"max_exp_avg_sqs is required when amsgrad=True"};
+    if (!hyper.amsgrad && has_max) throw ArgValueError{"max_exp_avg_sqs is given but amsgrad=False"};
+
+    const bool single = is_single_array(params);
+    const ArrayList lists[] = {{params, kNames[0], single},
+                               {grads, kNames[1], single},
+                               {exp_avgs, kNames[2], single},
+                               {exp_avg_sqs, kNames[3], single},
+                               {has_max ? max_exp_avg_sqs : params, kNames[4], single}};
+    const std::size_t count = lists[0].size();
+    for (std::size_t k = 1; k < (has_max ? 5u : 4u); ++k)
+        if (lists[k].size() != count)
+            throw ArgValueError{std::string(kNames[k]) + " has " + std::to_string(lists[k].size()) +
+                                " arrays but params has " + std::to_string(count)};
+
+    // Scratch reused between calls on this thread: no allocation once warm.
+    thread_local std::vector<AdamTensor> tensors;
+    thread_local std::vector<PyObject*> held;
+    thread_local OverlapCheck overlap;
+    tensors.clear();
+    overlap.clear();
+    KeepAlive keep(held);
+
+    const AdamConstantsPair constants = make_constants(hyper, step);
+    const std::uint8_t variant = variant_of(hyper);
+    for (std::size_t i = 0; i < count; ++i) {
+        const CheckedArray p = check_float_array(lists[0][i], lists[0].name(i), Access::write);
+        const CheckedArray g = check_float_array(lists[1][i], lists[1].name(i), Access::read);
+        const CheckedArray m = check_float_array(lists[2][i], lists[2].name(i), Access::write);
+        const CheckedArray v = check_float_array(lists[3][i], lists[3].name(i), Access::write);
+        check_same_layout(g, lists[1].name(i), p, lists[0].name(i));
+        check_same_layout(m, lists[2].name(i), p, lists[0].name(i));
+        check_same_layout(v, lists[3].name(i), p, lists[0].name(i));
+        overlap.add(p, lists[0].name(i), Access::write);
+        overlap.add(g, lists[1].name(i), Access::read);
+        overlap.add(m, lists[2].name(i), Access::write);
+        overlap.add(v, lists[3].name(i), Access::write);
+        void* max_data = nullptr;
+        if (has_max) {
+            const CheckedArray x = check_float_array(lists[4][i], lists[4].name(i), Access::write);
+            check_same_layout(x, lists[4].name(i), p, lists[0].name(i));
+            overlap.add(x, lists[4].name(i), Access::write);
+            max_data = x.data;
+        }
+        tensors.push_back({p.data, g.data, m.data, v.data, max_data, p.size, &constants, p.dtype, variant});
+    }
+    overlap.check();
+
+    if (!single)
+        for (std::size_t k = 0; k < (has_max ? 5u : 4u); ++k)
+            for (std::size_t i = 0; i < count; ++i) keep.hold(lists[k][i]);
+    run_adam(tensors.data(), tensors.size(), num_threads);
+}
+
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads) {
+    const bool single = is_single_array(a);
+    const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single}};
+    const std::size_t count = lists[0].size();
+    for (const auto& l : lists)
+        if (l.size() != count) throw ArgValueError{"probe: the four lists must have equal lengths"};
+    thread_local std::vector<ProbeTensor> tensors;
+    tensors.clear();
+    for (std::size_t i = 0; i < count; ++i) {
+        CheckedArray x[4];
+        for (int k = 0; k < 4; ++k) {
+            x[k] = check_float_array(lists[k][i], lists[k].name(i), k == 1 ? Access::read : Access::write);
+            if (k > 0) check_same_layout(x[k], lists[k].name(i), x[0], lists[0].name(i));
+        }
+        tensors.push_back({x[0].data, x[1].data, x[2].data, x[3].data, x[0].size, x[0].dtype});
+    }
+    run_probe(tensors.data(), tensors.size(), num_threads);
+}
+
+AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
+                   std::vector<std::int64_t> group_of, std::int64_t group_count)
+    : group_of_(std::move(group_of)), group_count_(group_count) {
+    const ArrayList p_list(params, kNames[0], false), m_list(exp_avgs, kNames[2], false),
+        v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false);
+    const std::size_t count = p_list.size();
+    if (m_list.size() != count || v_list.size() != count || x_list.size() != count || group_of_.size() != count)
+        throw ArgValueError{"AdamPlan: params, state lists and group indices must have equal lengths"};
+    OverlapCheck overlap;
+    try {
+        for (std::size_t i = 0; i < count; ++i) {
+            if (group_of_[i] < 0 || group_of_[i] >= group_count)
+                throw ArgValueError{"AdamPlan: group index out of range"};
+            const CheckedArray p = check_float_array(p_list[i], p_list.name(i), Access::write);
+            const CheckedArray m = check_float_array(m_list[i], m_list.name(i), Access::write);
+            const CheckedArray v = check_float_array(v_list[i], v_list.name(i), Access::write);
+            check_same_layout(m, m_list.name(i), p, p_list.name(i));
+            check_same_layout(v, v_list.name(i), p, p_list.name(i));
+            overlap.add(p, p_list.name(i), Access::write);
+            overlap.add(m, m_list.name(i), Access::write);
+            overlap.add(v, v_list.name(i), Access::write);
+            const CheckedArray* parts[] = {&p, &m, &v};
+            void* max_data = nullptr;
+            CheckedArray x{};
+            const bool has_max = x_list[i] != Py_None;
+            if (has_max) {
+                x = check_float_array(x_list[i], x_list.name(i), Access::write);
+                check_same_layout(x, x_list.name(i), p, p_list.name(i));
+                overlap.add(x, x_list.name(i), Access::write);
+                max_data = x.data;
+            }
+            for (const auto* part : parts) {
+                owned_.push_back(reinterpret_cast<PyObject*>(part->array));
+                Py_INCREF(owned_.back());
+                written_.push_back(part->array);
+                if (part->size > 0) {
+                    const auto b = reinterpret_cast<std::uintptr_t>(part->data);
+                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(part->array)), i});
+                }
+            }
+            if (has_max) {
+                owned_.push_back(x_list[i]);
+                Py_INCREF(x_list[i]);
+                written_.push_back(x.array);
+                if (x.size > 0) {
+                    const auto b = reinterpret_cast<std::uintptr_t>(x.data);
+                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(x.array)), i});
+                }
+            }
+            params_.push_back(p.array);
+            has_max_.push_back(has_max);
+            tensors_.push_back({p.data, nullptr, m.data, v.data, max_data, p.size, nullptr, p.dtype, 0});
+        }
+        overlap.check();
+    } catch (...) {
+        for (PyObject* o : owned_) Py_DECREF(o);
+        owned_.clear();
+        throw;
+    }
+    std::sort(written_spans_.begin(), written_spans_.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    steps_.assign(count, 0);
+    constants_.resize(count);
+    hyper_.resize(static_cast<std::size_t>(group_count));
+}
+
+AdamPlan::~AdamPlan() {
+    for (PyObject* o : owned_) Py_DECREF(o);
+}
+
+void AdamPlan::set_steps(const std::vector<std::int64_t>& steps) {
+    if (steps.size() != steps_.size())
+        throw ArgValueError{"steps: expected " + std::to_string(steps_.size()) + " values, got " +
+                            std::to_string(steps.size())};
+    for (std::size_t i = 0; i < steps.size(); ++i)
+        if (steps[i] < 0) throw ArgValueError{"steps[" + std::to_string(i) + "] must be >= 0"};
+    steps_ = steps;
+}
+
+void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
+    // The hyperparameters of every group, checked first.
+    if (!PyList_Check(groups) || PyList_GET_SIZE(groups) != group_count_)
+        throw ArgValueError{"AdamPlan.step: expected a list of one hyperparameter tuple per group"};
+    for (std::int64_t k = 0; k < group_count_; ++k) {
+        PyObject* t = PyList_GET_ITEM(groups, k);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 8)
+            throw ArgValueError{"AdamPlan.step: malformed hyperparameter tuple"};
+        PyObject* const* f = &PyTuple_GET_ITEM(t, 0);
+        try {
+            hyper_[static_cast<std::size_t>(k)] = check_hyper(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]);
+        } catch (ArgValueError& e) {
+            e.message = "param_groups[" + std::to_string(k) + "]: " + e.message;
+            throw;
+        } catch (ArgTypeError& e) {
+            e.message = "param_groups[" + std::to_string(k) + "]: " + e.message;
+            throw;
+        }
+    }
+
+    // Then the gradients: a list in the order of all params.
+    if (PyArray_Check(grads) || !(PyList_Check(grads) || PyTuple_Check(grads)))
+        throw ArgTypeError{std::string("grads: expected a list of arrays, one per parameter, got ") +
+                           Py_TYPE(grads)->tp_name};
+    const ArrayList g_list(grads, kNames[1], false);
+    if (g_list.size() != tensors_.size())
+        throw ArgValueError{"grads has " + std::to_string(g_list.size()) + " arrays but the optimizer has " +
+                            std::to_string(tensors_.size()) + " params"};
+    for (PyArrayObject* a : written_)
+        if (!PyArray_ISWRITEABLE(a))
+            throw ArgValueError{"a parameter or state array became read-only after the optimizer was built"};
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+        const auto& h = hyper_[static_cast<std::size_t>(group_of_[i])];
+        if (h.amsgrad && !has_max_[i])
+            throw ArgValueError{"param_groups[" + std::to_string(group_of_[i]) +
+                                "]: amsgrad was switched on after the optimizer was built"};
+        const CheckedArray g = check_float_array(g_list[i], g_list.name(i), Access::read);
+        CheckedArray p{params_[i], PyArray_DATA(params_[i]), PyArray_SIZE(params_[i]), tensors_[i].dtype};
+        check_same_layout(g, g_list.name(i), p, ArgName{"params", static_cast<std::ptrdiff_t>(i)});
+        if (g.size > 0) {
+            // The first written span starting at or after the gradient's end
+            // is past it; any overlap is with an earlier one.
+            const auto gb = reinterpret_cast<std::uintptr_t>(g.data);
+            const auto ge = gb + static_cast<std::uintptr_t>(PyArray_NBYTES(g.array));
+            auto it = std::lower_bound(written_spans_.begin(), written_spans_.end(), ge,
+                                       [](const Span& s, std::uintptr_t x) { return s.begin < x; });
+            // Written spans are disjoint, so only the last one starting
+            // before the gradient's end can reach into it.
+            if (it != written_spans_.begin() && std::prev(it)->end > gb)
+                throw ArgValueError{g_list.name(i).str() +
+                                    " shares memory with the parameter or state of params[" +
+                                    std::to_string(std::prev(it)->tensor) + "]"};
+        }
+        tensors_[i].grad = g.data;
+    }
+
+    // Constants per (group, step), reusing the previous tensor's when equal.
+    std::size_t last = SIZE_MAX;
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+        const auto& h = hyper_[static_cast<std::size_t>(group_of_[i])];
+        const std::int64_t t = steps_[i] + 1;
+        if (last != SIZE_MAX && group_of_[last] == group_of_[i] && steps_[last] == steps_[i]) {
+            tensors_[i].constants = tensors_[last].constants;
+        } else {
+            constants_[i] = make_constants(h, t);
+            tensors_[i].constants = &constants_[i];
+            last = i;
+        }
+        tensors_[i].variant = variant_of(h);
+    }
+    // Hold the gradients while the GIL may be released.
+    thread_local std::vector<PyObject*> held;
+    KeepAlive keep(held);
+    for (std::size_t i = 0; i < g_list.size(); ++i) keep.hold(g_list[i]);
+    run_adam(tensors_.data(), tensors_.size(), num_threads);
+    for (auto& s : steps_) ++s;
+}
+
+}  // namespace fastadam

@@ -1,0 +1,75 @@
+// The Adam entry points: argument checking and conversion from Python
+// objects, host-side constants, then one launch of the kernel.
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "arrays.hpp"
+#include "kernel_api.hpp"
+
+namespace fastadam {
+
+struct AdamHyper {
+    double lr, beta1, beta2, eps, weight_decay;
+    bool decoupled_weight_decay, amsgrad, maximize;
+};
+
+// Converts and range-checks the hyperparameters (names them in errors).
+AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
+                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize);
+
+// The constants of step t, computed in double and rounded once to each dtype.
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step);
+std::uint8_t variant_of(const AdamHyper& h);
+
+// fastadam.adam_step: params..max_exp_avg_sqs are arrays, or equal-length
+// sequences of arrays (max_exp_avg_sqs is None unless amsgrad).
+void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
+               PyObject* max_exp_avg_sqs, PyObject* step, const AdamHyper& hyper, int num_threads);
+
+// The probe over (a, b, c, d) lists: same access pattern as the step.
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads);
+
+// The prepared step of fastadam.Adam: params and state are checked once, when
+// the optimizer is built; each step checks only the gradients and the
+// hyperparameters of each group.
+class AdamPlan {
+   public:
+    // group_of[i] is the param group of params[i]; max_exp_avg_sqs[i] is None
+    // for params whose group does not use amsgrad.
+    AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
+             std::vector<std::int64_t> group_of, std::int64_t group_count);
+    ~AdamPlan();
+    AdamPlan(const AdamPlan&) = delete;
+    AdamPlan& operator=(const AdamPlan&) = delete;
+
+    // groups: one (lr, (beta1, beta2), eps, weight_decay, decoupled, amsgrad,
+    // maximize) tuple per group.
+    void step(PyObject* grads, PyObject* groups, int num_threads);
+
+    std::size_t size() const { return tensors_.size(); }
+    const std::vector<std::int64_t>& steps() const { return steps_; }
+    void set_steps(const std::vector<std::int64_t>& steps);
+
+   private:
+    std::vector<PyObject*> owned_;      // strong references to every array we point into
+    std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step
+    std::vector<std::int64_t> steps_;   // steps taken by each param
+    std::vector<std::int64_t> group_of_;
+    std::vector<bool> has_max_;
+    std::vector<PyArrayObject*> params_;  // for the grads' layout checks
+    std::vector<PyArrayObject*> written_; // for the read-only re-checks
+    struct Span {
+        std::uintptr_t begin, end;
+        std::size_t tensor;
+    };
+    std::vector<Span> written_spans_;   // sorted; a gradient may overlap none
+    std::vector<AdamHyper> hyper_;      // per group, scratch for each step
+    std::vector<AdamConstantsPair> constants_;  // per tensor, scratch for each step
+    std::int64_t group_count_;
+};
+
+}  // namespace fastadam

@@ -1,0 +1,143 @@
+#include "arrays.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace fastadam {
+
+ArrayList::ArrayList(PyObject* obj, const char* name, bool single) : obj_(obj), name_(name), single_(single) {
+    if (single) {
+        if (!PyArray_Check(obj))
+            throw ArgTypeError{std::string(name) + ": expected a numpy.ndarray (as params is one), got " +
+                               Py_TYPE(obj)->tp_name};
+        return;
+    }
+    if (PyArray_Check(obj) || !(PyList_Check(obj) || PyTuple_Check(obj)))
+        throw ArgTypeError{std::string(name) + ": expected a list or tuple of numpy arrays (as params is), got " +
+                           Py_TYPE(obj)->tp_name};
+    fast_ = PySequence_Fast(obj, name);  // a new reference to the list/tuple itself: no copy
+    if (fast_ == nullptr) throw ArgTypeError{std::string(name) + ": not a sequence"};
+    size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(fast_));
+    items_ = PySequence_Fast_ITEMS(fast_);
+}
+
+const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
+
+static std::string describe_dtype(PyArrayObject* a) {
+    PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(a)));
+    std::string out = s ? PyUnicode_AsUTF8(s) : "?";
+    Py_XDECREF(s);
+    if (!PyArray_ISNOTSWAPPED(a)) out += " (non-native byte order)";
+    return out;
+}
+
+CheckedArray check_float_array(PyObject* obj, const ArgName& name, Access access) {
+    if (!PyArray_Check(obj))
+        throw ArgTypeError{name.str() + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name};
+    auto* a = reinterpret_cast<PyArrayObject*>(obj);
+    const int type = PyArray_TYPE(a);
+    if ((type != NPY_FLOAT32 && type != NPY_FLOAT64) || !PyArray_ISNOTSWAPPED(a))
+        throw ArgTypeError{name.str() + ": dtype must be float32 or float64, got " + describe_dtype(a)};
+    if (!PyArray_IS_C_CONTIGUOUS(a))
+        throw ArgValueError{name.str() +
+                            ": must be C-contiguous (fastadam updates arrays in place and never works on a "
+                            "copy; pass np.ascontiguousarray(x) and keep that array)"};
+    if (access == Access::write && !PyArray_ISWRITEABLE(a))
+        throw ArgValueError{name.str() + ": array is read-only, but it is updated in place"};
+    return {a, PyArray_DATA(a), static_cast<std::int64_t>(PyArray_SIZE(a)),
+            type == NPY_FLOAT32 ? DType::float32 : DType::float64};
+}
+
+static std::string describe_shape(PyArrayObject* a) {
+    const int nd = PyArray_NDIM(a);
+    std::string s = "(";
+    for (int d = 0; d < nd; ++d) s += (d > 0 ? ", " : "") + std::to_string(PyArray_DIM(a, d));
+    return s + (nd == 1 ? ",)" : ")");
+}
+
+void check_same_layout(const CheckedArray& other, const ArgName& name, const CheckedArray& param,
+                       const ArgName& param_name) {
+    if (other.dtype != param.dtype)
+        throw ArgTypeError{name.str() + ": dtype " + dtype_name(other.dtype) + " does not match " +
+                           param_name.str() + "'s dtype " + dtype_name(param.dtype)};
+    const int nd = PyArray_NDIM(param.array);
+    const bool same_shape = PyArray_NDIM(other.array) == nd &&
+                            std::equal(PyArray_DIMS(param.array), PyArray_DIMS(param.array) + nd,
+                                       PyArray_DIMS(other.array));
+    if (!same_shape)
+        throw ArgValueError{name.str() + ": shape " + describe_shape(other.array) + " does not match " +
+                            param_name.str() + "'s shape " + describe_shape(param.array)};
+}
+
+void OverlapCheck::add(const CheckedArray& a, const ArgName& name, Access access) {
+    if (a.size == 0) return;
+    const auto begin = reinterpret_cast<std::uintptr_t>(a.data);
+    const auto bytes = static_cast<std::uintptr_t>(a.size) * (a.dtype == DType::float32 ? 4u : 8u);
+    spans_.push_back({begin, begin + bytes, name, access});
+}
+
+void OverlapCheck::check() {
+    if (spans_.size() < 2) return;
+    std::sort(spans_.begin(), spans_.end(), [](const Span& x, const Span& y) { return x.begin < y.begin; });
+    // Sorted by start, a span overlaps an earlier one exactly when it starts
+    // before that one's end; track the furthest-reaching written and any span.
+    const Span* furthest_any = &spans_[0];
+    const Span* furthest_written = spans_[0].access == Access::write ? &spans_[0] : nullptr;
+    for (std::size_t i = 1; i < spans_.size(); ++i) {
+        const Span& s = spans_[i];
+        const Span* clash = nullptr;
+        if (furthest_written != nullptr && s.begin < furthest_written->end)
+            clash = furthest_written;
+        else if (s.access == Access::write && s.begin < furthest_any->end)
+            clash = furthest_any;
+        if (clash != nullptr)
+            throw ArgValueError{s.name.str() + " shares memory with " + clash->name.str() +
+                                "; every array written by the step must be a separate buffer"};
+        if (s.end > furthest_any->end) furthest_any = &s;
+        if (s.access == Access::write && (furthest_written == nullptr || s.end > furthest_written->end))
+            furthest_written = &s;
+    }
+}
+
+double to_double(PyObject* obj, const char* name) {
+    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj)) ||
+        PyComplex_Check(obj))
+        throw ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name};
+    const double x = PyFloat_AsDouble(obj);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name};
+    }
+    if (!std::isfinite(x)) throw ArgValueError{std::string(name) + " must be finite, got " + std::to_string(x)};
+    return x;
+}
+
+bool to_bool(PyObject* obj, const char* name) {
+    if (obj == Py_True) return true;
+    if (obj == Py_False) return false;
+    const int truth = PyObject_IsTrue(obj);
+    if (truth < 0 || !(PyLong_Check(obj) || PyArray_IsScalar(obj, Bool))) {
+        PyErr_Clear();
+        throw ArgTypeError{std::string(name) + ": expected a bool, got " + Py_TYPE(obj)->tp_name};
+    }
+    return truth != 0;
+}
+
+std::int64_t to_int64(PyObject* obj, const char* name) {
+    if (PyBool_Check(obj) || PyFloat_Check(obj) || PyArray_IsScalar(obj, Floating))
+        throw ArgTypeError{std::string(name) + ": expected an integer, got " + Py_TYPE(obj)->tp_name};
+    PyObject* index = PyNumber_Index(obj);
+    if (index == nullptr) {
+        PyErr_Clear();
+        throw ArgTypeError{std::string(name) + ": expected an integer, got " + Py_TYPE(obj)->tp_name};
+    }
+    const long long v = PyLong_AsLongLong(index);
+    Py_DECREF(index);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw ArgValueError{std::string(name) + ": integer out of range"};
+    }
+    return v;
+}
+
+}  // namespace fastadam

@@ -1,0 +1,105 @@
+// Checking NumPy arguments before anything is written.
+//
+// Every check reports the offending argument by name and list index
+// ("exp_avgs[3]: ...") and throws before the kernel runs, so a failing call
+// leaves every array exactly as it was.
+#pragma once
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL fastadam_ARRAY_API
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernel_api.hpp"
+
+namespace fastadam {
+
+// Raised as TypeError / ValueError by the module's exception translator.
+struct ArgTypeError {
+    std::string message;
+};
+struct ArgValueError {
+    std::string message;
+};
+
+// "params" or "params[3]"; built only when an error is reported.
+struct ArgName {
+    const char* name;
+    std::ptrdiff_t index;  // -1: a single array, not a list item
+    std::string str() const {
+        return index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+    }
+};
+
+// A list argument, or a single array standing for a list of one.
+class ArrayList {
+   public:
+    ArrayList(PyObject* obj, const char* name, bool single);
+    ArrayList(const ArrayList&) = delete;
+    ArrayList& operator=(const ArrayList&) = delete;
+    ~ArrayList() { Py_XDECREF(fast_); }
+    std::size_t size() const { return size_; }
+    PyObject* operator[](std::size_t i) const { return single_ ? obj_ : items_[i]; }
+    ArgName name(std::size_t i) const { return {name_, single_ ? -1 : static_cast<std::ptrdiff_t>(i)}; }
+
+   private:
+    PyObject* obj_;
+    PyObject* fast_ = nullptr;
+    PyObject** items_ = nullptr;
+    std::size_t size_ = 1;
+    const char* name_;
+    bool single_;
+};
+
+// Whether a params-like argument is one array (rather than a sequence).
+inline bool is_single_array(PyObject* obj) { return PyArray_Check(obj) != 0; }
+
+enum class Access { read, write };
+
+// The checked array: data pointer, element count and dtype.
+struct CheckedArray {
+    PyArrayObject* array;
+    void* data;
+    std::int64_t size;
+    DType dtype;
+};
+
+// An ndarray of float32/float64 in native byte order, C-contiguous, and
+// writeable when `access` is write.
+CheckedArray check_float_array(PyObject* obj, const ArgName& name, Access access);
+
+// `other` has the dtype and shape of `param` (whose name is `param_name`).
+void check_same_layout(const CheckedArray& other, const ArgName& name, const CheckedArray& param,
+                       const ArgName& param_name);
+
+// Detects arrays that share memory where one of them is written.  Intervals
+// are collected, then check() sorts and sweeps them in O(n log n).
+class OverlapCheck {
+   public:
+    void clear() { spans_.clear(); }
+    void add(const CheckedArray& a, const ArgName& name, Access access);
+    void check();  // throws ArgValueError naming both arrays
+
+   private:
+    struct Span {
+        std::uintptr_t begin, end;
+        ArgName name;
+        Access access;
+    };
+    std::vector<Span> spans_;
+};
+
+// A Python number as a finite double, or an error naming the argument.
+double to_double(PyObject* obj, const char* name);
+bool to_bool(PyObject* obj, const char* name);
+std::int64_t to_int64(PyObject* obj, const char* name);
+
+const char* dtype_name(DType d);
+
+}  // namespace fastadam

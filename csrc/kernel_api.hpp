@@ -1,0 +1,88 @@
+// The interface between the ISA-neutral host code (bindings, dispatch,
+// threading) and the per-ISA kernel translation units.
+//
+// Only plain data and function-pointer tables live here: nothing in this header
+// is compiled into machine code, so including it from translation units built
+// with different -m flags cannot leak an AVX-512 instruction into the baseline.
+#pragma once
+
+#include <cstdint>
+
+namespace fastadam {
+
+enum class DType : std::uint8_t { float32 = 0, float64 = 1 };
+
+// Compile-time options of the element formula; a kernel is instantiated for
+// every combination so that the inner loop never branches on them.
+enum AdamVariant : std::uint8_t {
+    kMaximize = 1u << 0,         // g = -g
+    kL2WeightDecay = 1u << 1,    // g = g + weight_decay * p          (Adam)
+    kDecoupledDecay = 1u << 2,   // p = p * (1 - lr * weight_decay)   (AdamW)
+    kAmsgrad = 1u << 3,          // v_used = max(v_max, v)
+    kVariantCount = 1u << 4,
+};
+
+// The per-element constants, rounded from double to the working dtype once on
+// the host.  fastadam.reference derives exactly the same values.
+template <class T>
+struct AdamConstants {
+    T beta1;
+    T one_minus_beta1;
+    T beta2;
+    T one_minus_beta2;
+    T weight_decay;           // used by the L2 form only
+    T decay_factor;           // 1 - lr * weight_decay, used by the decoupled form only
+    T step_size;              // lr / (1 - beta1^t)
+    T bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+    T eps;
+};
+
+// The same constants in both working dtypes, so one set serves a call that
+// mixes float32 and float64 parameters.
+struct AdamConstantsPair {
+    AdamConstants<float> f32;
+    AdamConstants<double> f64;
+};
+
+// One parameter's buffers.  All five are contiguous and hold `size` elements
+// of `dtype`; max_exp_avg_sq is null unless the variant has kAmsgrad.
+struct AdamTensor {
+    void* param;
+    const void* grad;
+    void* exp_avg;
+    void* exp_avg_sq;
+    void* max_exp_avg_sq;
+    std::int64_t size;
+    const AdamConstantsPair* constants;
+    DType dtype;
+    std::uint8_t variant;
+};
+
+// The memory-traffic twin of the Adam step: reads four arrays, writes three,
+// with trivial arithmetic.  It is the benchmark's speed limit.
+struct ProbeTensor {
+    void* a;        // read and written
+    const void* b;  // read only
+    void* c;        // read and written
+    void* d;        // read and written
+    std::int64_t size;
+    DType dtype;
+};
+
+// What one instruction-set level provides.  Each function updates the
+// elements [begin, end) of one tensor.
+struct KernelTable {
+    const char* isa_name;
+    void (*adam_range)(const AdamTensor& tensor, std::int64_t begin, std::int64_t end);
+    void (*probe_range)(const ProbeTensor& tensor, std::int64_t begin, std::int64_t end);
+    int vector_bytes;  // SIMD register width used by this level
+};
+
+// Defined once per ISA translation unit (see csrc/kernels/adam_kernels.cpp).
+extern const KernelTable kernel_table_baseline;
+#if defined(FASTADAM_HAVE_X86_LEVELS)
+extern const KernelTable kernel_table_avx2;
+extern const KernelTable kernel_table_avx512;
+#endif
+
+}  // namespace fastadam

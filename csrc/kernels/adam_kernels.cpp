@@ -1,0 +1,157 @@
+// One instruction-set level of the Adam kernel.
+//
+// CMake compiles this file once per level (baseline, avx2, avx512), each time
+// with that level's -m flags and FASTADAM_ISA_NAME / FASTADAM_ISA_LEVEL set,
+// and links all of them into the extension; csrc/dispatch.cpp picks one table
+// at import.  The code below is the same for every level: only simd.hpp's
+// register type changes.
+#include <cstdint>
+#include <utility>
+
+#include "../kernel_api.hpp"
+#include "adam_math.hpp"
+#include "simd.hpp"
+
+#if !defined(FASTADAM_ISA_NAME) || !defined(FASTADAM_ISA_LEVEL)
+#error "FASTADAM_ISA_NAME and FASTADAM_ISA_LEVEL must be set by the build"
+#endif
+// The flags and the level must agree, or the dispatcher would run code the
+// CPU was not checked for.
+#if FASTADAM_ISA_LEVEL == 2 && !defined(__AVX512F__)
+#error "the avx512 level must be compiled with AVX-512 enabled"
+#elif FASTADAM_ISA_LEVEL == 1 && (!defined(__AVX2__) || defined(__AVX512F__))
+#error "the avx2 level must be compiled with AVX2 and without AVX-512"
+#elif FASTADAM_ISA_LEVEL == 0 && defined(__AVX__)
+#error "the baseline level must be compiled without AVX"
+#endif
+
+#define FASTADAM_CONCAT_(a, b) a##b
+#define FASTADAM_CONCAT(a, b) FASTADAM_CONCAT_(a, b)
+#define FASTADAM_STRINGIFY_(a) #a
+#define FASTADAM_STRINGIFY(a) FASTADAM_STRINGIFY_(a)
+
+namespace fastadam {
+namespace {
+
+// How a block of elements is moved between memory and registers: a whole
+// register, or only its first `count` lanes for the tail of a range.  The
+// update itself does not know which one it got, so body and tail round alike.
+template <class T>
+struct FullBlock {
+    using V = typename Simd<T>::V;
+    V load(const T* p) const { return load_full<T>(p); }
+    void store(T* p, V x) const { store_full<T>(p, x); }
+};
+
+template <class T>
+struct PartialBlock {
+    using V = typename Simd<T>::V;
+    int count;
+    V load(const T* p) const { return Simd<T>::load_first(p, count); }
+    void store(T* p, V x) const { Simd<T>::store_first(p, x, count); }
+};
+
+template <class T>
+const AdamConstants<T>& constants_for(const AdamConstantsPair& pair) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+        return pair.f32;
+    } else {
+        return pair.f64;
+    }
+}
+
+template <class T, unsigned Variant, class Block>
+inline void adam_block(const AdamTensor& t, std::int64_t i, const Block& block,
+                       const Coefficients<typename Simd<T>::V>& c) {
+    using V = typename Simd<T>::V;
+    T* param = static_cast<T*>(t.param) + i;
+    const T* grad = static_cast<const T*>(t.grad) + i;
+    T* exp_avg = static_cast<T*>(t.exp_avg) + i;
+    T* exp_avg_sq = static_cast<T*>(t.exp_avg_sq) + i;
+    constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
+
+    V p = block.load(param);
+    V m = block.load(exp_avg);
+    V v = block.load(exp_avg_sq);
+    V v_max = p;  // unused unless amsgrad; any initialised value will do
+    if constexpr (amsgrad) v_max = block.load(static_cast<T*>(t.max_exp_avg_sq) + i);
+
+    adam_update<Variant>(p, block.load(grad), m, v, v_max, c, Simd<T>::sqrt);
+
+    block.store(param, p);
+    block.store(exp_avg, m);
+    block.store(exp_avg_sq, v);
+    if constexpr (amsgrad) block.store(static_cast<T*>(t.max_exp_avg_sq) + i, v_max);
+}
+
+template <class T, unsigned Variant>
+void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+    constexpr int width = Simd<T>::width;
+    const auto c = broadcast_coefficients(constants_for<T>(*t.constants), Simd<T>::broadcast);
+    std::int64_t i = begin;
+    for (; i + width <= end; i += width) adam_block<T, Variant>(t, i, FullBlock<T>{}, c);
+    if (i < end) adam_block<T, Variant>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
+}
+
+using AdamRangeFn = void (*)(const AdamTensor&, std::int64_t, std::int64_t);
+
+// A plain array rather than std::array: no std:: member function may be
+// instantiated here, since its out-of-line copy could be shared with (and
+// picked over) the copy of a translation unit built for another level.
+struct VariantTable {
+    AdamRangeFn fn[kVariantCount];
+};
+
+template <class T, std::size_t... Variant>
+constexpr VariantTable make_variant_table(std::index_sequence<Variant...>) {
+    return VariantTable{{&adam_range_typed<T, Variant>...}};
+}
+
+void adam_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+    static constexpr auto float32_variants = make_variant_table<float>(std::make_index_sequence<kVariantCount>{});
+    static constexpr auto float64_variants = make_variant_table<double>(std::make_index_sequence<kVariantCount>{});
+    const auto& table = t.dtype == DType::float32 ? float32_variants : float64_variants;
+    table.fn[t.variant](t, begin, end);
+}
+
+// The speed limit: the Adam step's memory traffic (read a, b, c, d; write a,
+// c, d) with one multiply-add per array instead of the update formula.
+template <class T, class Block>
+inline void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
+    T* a = static_cast<T*>(t.a) + i;
+    const T* b = static_cast<const T*>(t.b) + i;
+    T* c = static_cast<T*>(t.c) + i;
+    T* d = static_cast<T*>(t.d) + i;
+    const auto bv = block.load(b);
+    block.store(a, block.load(a) * half + bv);
+    block.store(c, block.load(c) * half + bv);
+    block.store(d, block.load(d) * half + bv);
+}
+
+template <class T>
+void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+    constexpr int width = Simd<T>::width;
+    const auto half = Simd<T>::broadcast(T(0.5));
+    std::int64_t i = begin;
+    for (; i + width <= end; i += width) probe_block<T>(t, i, FullBlock<T>{}, half);
+    if (i < end) probe_block<T>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, half);
+}
+
+void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+    if (t.dtype == DType::float32) {
+        probe_range_typed<float>(t, begin, end);
+    } else {
+        probe_range_typed<double>(t, begin, end);
+    }
+}
+
+}  // namespace
+
+extern const KernelTable FASTADAM_CONCAT(kernel_table_, FASTADAM_ISA_NAME) = {
+    FASTADAM_STRINGIFY(FASTADAM_ISA_NAME),
+    &adam_range,
+    &probe_range,
+    static_cast<int>(sizeof(typename Simd<float>::V)),
+};
+
+}  // namespace fastadam

@@ -1,0 +1,70 @@
+// The Adam/AdamW update of one element -- or of one SIMD register of elements.
+//
+// This is the only place the formula is written.  Every instruction-set level
+// and both dtypes instantiate it, for the full-width body and for the masked
+// tail alike, and fastadam.reference spells out the same operations in the
+// same order in NumPy.  Built with -ffp-contract=off, each line below is a
+// fixed sequence of correctly rounded IEEE-754 operations, which is why every
+// level, thread count and chunking gives the same bits.
+#pragma once
+
+#include "../kernel_api.hpp"
+
+namespace fastadam {
+namespace {
+
+// The constants of AdamConstants<T> broadcast to whatever V is (a register or
+// a plain T).
+template <class V>
+struct Coefficients {
+    V beta1, one_minus_beta1, beta2, one_minus_beta2;
+    V weight_decay, decay_factor, step_size, bias_correction2_sqrt, eps;
+};
+
+template <class Broadcast, class T>
+inline auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcast) {
+    using V = decltype(broadcast(k.beta1));
+    return Coefficients<V>{broadcast(k.beta1),        broadcast(k.one_minus_beta1),
+                           broadcast(k.beta2),        broadcast(k.one_minus_beta2),
+                           broadcast(k.weight_decay), broadcast(k.decay_factor),
+                           broadcast(k.step_size),    broadcast(k.bias_correction2_sqrt),
+                           broadcast(k.eps)};
+}
+
+// max(a, b) that returns NaN when either input is NaN, like torch.maximum and
+// np.maximum (the bare maxps instruction would silently drop a NaN in `a`).
+template <class V>
+inline V maximum_propagating_nan(V a, V b) {
+    const auto take_b = (a < b) | (b != b);
+    return take_b ? b : a;
+}
+
+//   g  = -g                                   if maximize
+//   g  = g + weight_decay * p                 if L2 weight decay (Adam)
+//   p  = p * (1 - lr * weight_decay)          if decoupled weight decay (AdamW)
+//   m  = beta1 * m + (1 - beta1) * g
+//   v  = beta2 * v + ((1 - beta2) * g) * g
+//   v' = max(v_max, v); v_max = v'            if amsgrad, else v' = v
+//   p  = p - (step_size * m) / (sqrt(v') / sqrt(1 - beta2^t) + eps)
+// with step_size = lr / (1 - beta1^t).
+template <unsigned Variant, class V, class Sqrt>
+inline void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
+                        const Coefficients<V>& c, Sqrt sqrt) {
+    if constexpr ((Variant & kMaximize) != 0) grad = -grad;
+    if constexpr ((Variant & kL2WeightDecay) != 0) grad = grad + c.weight_decay * param;
+    if constexpr ((Variant & kDecoupledDecay) != 0) param = param * c.decay_factor;
+
+    exp_avg = c.beta1 * exp_avg + c.one_minus_beta1 * grad;
+    exp_avg_sq = c.beta2 * exp_avg_sq + (c.one_minus_beta2 * grad) * grad;
+
+    V second_moment = exp_avg_sq;
+    if constexpr ((Variant & kAmsgrad) != 0) {
+        max_exp_avg_sq = maximum_propagating_nan(max_exp_avg_sq, exp_avg_sq);
+        second_moment = max_exp_avg_sq;
+    }
+    const V denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+    param = param - (c.step_size * exp_avg) / denom;
+}
+
+}  // namespace
+}  // namespace fastadam

@@ -1,0 +1,75 @@
+#include "launch.hpp"
+
+#include <Python.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dispatch.hpp"
+#include "parallel.hpp"
+
+namespace fastadam {
+namespace {
+
+// Cache-line multiple for piece boundaries: 64 float64 elements = 8 lines.
+constexpr std::int64_t kPieceAlign = 64;
+
+template <class Tensor>
+struct RangeCall {
+    const Tensor* tensors;
+    void (*range)(const Tensor&, std::int64_t, std::int64_t);
+    static void call(void* self, std::size_t segment, std::int64_t begin, std::int64_t end) {
+        auto* rc = static_cast<RangeCall*>(self);
+        rc->range(rc->tensors[segment], begin, end);
+    }
+};
+
+// Keeps the GIL released for its lifetime when asked to.
+class MaybeReleaseGil {
+   public:
+    explicit MaybeReleaseGil(bool release) : state_(release ? PyEval_SaveThread() : nullptr) {}
+    ~MaybeReleaseGil() {
+        if (state_ != nullptr) PyEval_RestoreThread(state_);
+    }
+    MaybeReleaseGil(const MaybeReleaseGil&) = delete;
+    MaybeReleaseGil& operator=(const MaybeReleaseGil&) = delete;
+
+   private:
+    PyThreadState* state_;
+};
+
+template <class Tensor>
+void run(const Tensor* tensors, std::size_t count, int requested_threads,
+         void (*range)(const Tensor&, std::int64_t, std::int64_t)) {
+    // Reused between calls: a step allocates nothing once warmed up.
+    thread_local std::vector<std::int64_t> starts;
+    starts.resize(count + 1);
+    starts[0] = 0;
+    for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + tensors[i].size;
+    const std::int64_t total = starts[count];
+    if (total == 0) return;
+
+    RangeCall<Tensor> rc{tensors, range};
+    const int threads = threads_for(total, requested_threads);
+    MaybeReleaseGil gil(total >= kReleaseGilElements);
+    for_each_piece(starts.data(), count, threads, kPieceAlign, PieceFn{&rc, &RangeCall<Tensor>::call});
+}
+
+}  // namespace
+
+int threads_for(std::int64_t total, int requested) {
+    const int wanted = requested > 0 ? requested : default_num_threads();
+    if (total < kMinParallelElements) return 1;
+    const std::int64_t useful = std::max<std::int64_t>(1, total / kMinElementsPerThread);
+    return static_cast<int>(std::min<std::int64_t>(wanted, useful));
+}
+
+void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads) {
+    run(tensors, count, requested_threads, kernels().adam_range);
+}
+
+void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads) {
+    run(tensors, count, requested_threads, kernels().probe_range);
+}
+
+}  // namespace fastadam

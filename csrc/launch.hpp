@@ -1,0 +1,28 @@
+// Running a kernel over a list of tensors: the thread count, the serial
+// cut-off for small calls, and releasing the GIL.  ISA-neutral host code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernel_api.hpp"
+
+namespace fastadam {
+
+// Below this many elements in a whole call, the work runs on the calling
+// thread: waking a second thread costs more than it saves (see
+// benchmarks/bench_step.py --threshold for the measurement).
+constexpr std::int64_t kMinParallelElements = std::int64_t(1) << 15;
+// Each extra thread must get at least this many elements.
+constexpr std::int64_t kMinElementsPerThread = std::int64_t(1) << 14;
+// Below this, keeping the GIL is cheaper than the release/acquire pair
+// (NumPy's ufuncs draw the same line, at 500 elements).
+constexpr std::int64_t kReleaseGilElements = std::int64_t(1) << 13;
+
+// The number of threads a call of `total` elements runs on.
+int threads_for(std::int64_t total, int requested);
+
+void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads);
+void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads);
+
+}  // namespace fastadam

@@ -1,0 +1,117 @@
+// fastadam._core: the Python bindings.  They only convert arguments and
+// translate errors; checking lives in arrays.cpp/adam.cpp, the math in
+// kernels/, the threading in parallel.cpp.
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL fastadam_ARRAY_API
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <numpy/arrayobject.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "adam.hpp"
+#include "dispatch.hpp"
+#include "launch.hpp"
+#include "parallel.hpp"
+
+namespace py = pybind11;
+using namespace fastadam;
+
+namespace {
+
+int to_num_threads(py::handle obj) {
+    if (obj.is_none()) return 0;
+    const std::int64_t n = to_int64(obj.ptr(), "num_threads");
+    if (n < 1) throw ArgValueError{"num_threads must be None or >= 1, got " + std::to_string(n)};
+    return static_cast<int>(std::min<std::int64_t>(n, 1 << 16));
+}
+
+// betas as a pair of numbers.
+void split_betas(py::handle betas, PyObject*& beta1, PyObject*& beta2) {
+    if (!(PyTuple_Check(betas.ptr()) || PyList_Check(betas.ptr())) || PySequence_Size(betas.ptr()) != 2)
+        throw ArgTypeError{std::string("betas: expected a pair (beta1, beta2), got ") +
+                           Py_TYPE(betas.ptr())->tp_name};
+    beta1 = PySequence_Fast_GET_ITEM(betas.ptr(), 0);
+    beta2 = PySequence_Fast_GET_ITEM(betas.ptr(), 1);
+}
+
+py::dict runtime_config() {
+    py::dict d;
+    d["isa"] = kernels().isa_name;
+    d["available_isas"] = available_isas();
+    d["vector_bits"] = kernels().vector_bytes * 8;
+    d["openmp"] = have_openmp();
+    d["num_threads"] = default_num_threads();
+    d["num_threads_override"] = num_threads_override() > 0 ? py::object(py::int_(num_threads_override()))
+                                                            : py::object(py::none());
+    d["parallel_threshold_elements"] = kMinParallelElements;
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    if (_import_array() < 0) throw py::error_already_set();
+    const char* requested = std::getenv("FASTADAM_ISA");
+    select_isa(requested != nullptr ? requested : "");
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const ArgTypeError& e) {
+            PyErr_SetString(PyExc_TypeError, e.message.c_str());
+        } catch (const ArgValueError& e) {
+            PyErr_SetString(PyExc_ValueError, e.message.c_str());
+        }
+    });
+
+    m.doc() = "fastadam's compiled core; use the functions of the fastadam package instead.";
+
+    m.def(
+        "adam_step",
+        [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+           py::handle max_exp_avg_sqs, py::handle step, py::handle lr, py::handle betas, py::handle eps,
+           py::handle weight_decay, py::handle decoupled, py::handle amsgrad, py::handle maximize,
+           py::handle num_threads) {
+            PyObject *beta1, *beta2;
+            split_betas(betas, beta1, beta2);
+            const AdamHyper h = check_hyper(lr.ptr(), beta1, beta2, eps.ptr(), weight_decay.ptr(),
+                                            decoupled.ptr(), amsgrad.ptr(), maximize.ptr());
+            adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
+                      step.ptr(), h, to_num_threads(num_threads));
+        },
+        "Positional core of fastadam.adam_step.");
+
+    m.def(
+        "probe_step",
+        [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads) {
+            probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), to_num_threads(num_threads));
+        },
+        "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).");
+
+    py::class_<AdamPlan>(m, "AdamPlan")
+        .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
+                         py::handle max_exp_avg_sqs, std::vector<std::int64_t> group_of, std::int64_t groups) {
+            return new AdamPlan(params.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
+                                std::move(group_of), groups);
+        }))
+        .def("step",
+             [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle num_threads) {
+                 plan.step(grads.ptr(), groups.ptr(), to_num_threads(num_threads));
+             })
+        .def_property("steps", &AdamPlan::steps, &AdamPlan::set_steps)
+        .def("__len__", &AdamPlan::size);
+
+    m.def("config", &runtime_config, "The build and runtime configuration as a dict.");
+    m.def(
+        "set_num_threads",
+        [](py::handle n) { set_num_threads(n.is_none() ? 0 : to_num_threads(n)); },
+        "Threads for later calls; None follows OpenMP (OMP_NUM_THREADS, threadpoolctl).");
+    m.def("get_num_threads", &default_num_threads, "Threads a call uses when it does not name a count.");
+}

@@ -1,0 +1,57 @@
+"""The functional API: one in-place step over arrays the caller owns."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+
+ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, exp_avg_sqs: ArrayOrList, *,
+              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
+              max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
+              num_threads: Optional[int] = None) -> None:
+    r"""Apply one Adam (or AdamW) step in place, in a single pass over memory.
+
+    For every element, with ``t = step`` (1 on the first step)::
+
+        g  = -g                                  if maximize
+        g  = g + weight_decay * p                if weight_decay and not decoupled_weight_decay
+        p  = p * (1 - lr * weight_decay)         if weight_decay and decoupled_weight_decay (AdamW)
+        m  = beta1 * m + (1 - beta1) * g
+        v  = beta2 * v + (1 - beta2) * g * g
+        v' = max(v_max, v); v_max = v'           if amsgrad, else v' = v
+        p  = p - lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+
+    This matches ``torch.optim.Adam`` / ``AdamW`` option for option, and is
+    bitwise equal to :func:`fastadam.reference.adam_step` in the same dtype.
+
+    Parameters
+    ----------
+    params, grads, exp_avgs, exp_avg_sqs
+        One array each, or equal-length sequences of arrays.  Each parameter's
+        four arrays share a dtype (float32 or float64) and a shape, are
+        C-contiguous, and do not share memory; ``params``, ``exp_avgs`` and
+        ``exp_avg_sqs`` are updated in place (never a copy).
+    step
+        The number of this step, counted from 1; it sets the bias corrections.
+    max_exp_avg_sqs
+        The running maximum of ``exp_avg_sqs``; required with ``amsgrad=True``.
+    num_threads
+        The most threads to use; by default OpenMP's setting (``OMP_NUM_THREADS``,
+        ``threadpoolctl``) or :func:`fastadam.set_num_threads`.  Calls with
+        fewer than ~32k elements in all run on the calling thread.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, named in the message with its list index.  Every
+        check happens before the first write: a failing call changes nothing.
+    """
+    _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps, weight_decay,
+                    decoupled_weight_decay, amsgrad, maximize, num_threads)

@@ -1,0 +1,112 @@
+"""A plain NumPy implementation of the Adam / AdamW step: the specification.
+
+This is Algorithm 1 of Kingma & Ba, *Adam: A Method for Stochastic
+Optimization* (ICLR 2015), with the options of ``torch.optim.Adam``:
+
+.. code-block:: text
+
+    g_t = -g_t                                    if maximize
+    g_t = g_t + weight_decay * p_{t-1}            if weight_decay and not decoupled  (Adam, L2)
+    p   = p_{t-1} * (1 - lr * weight_decay)       if weight_decay and decoupled      (AdamW)
+    m_t = beta1 * m_{t-1} + (1 - beta1) * g_t                  (first moment)
+    v_t = beta2 * v_{t-1} + (1 - beta2) * g_t * g_t            (second moment)
+    v'_t = max(v'_{t-1}, v_t)                     if amsgrad, else v'_t = v_t
+    p_t = p - lr / (1 - beta1^t) * m_t / (sqrt(v'_t) / sqrt(1 - beta2^t) + eps)
+
+``m_t / (1 - beta1^t)`` and ``v_t / (1 - beta2^t)`` are the paper's
+bias-corrected moments; folding the corrections into the step size and the
+denominator, as PyTorch does, costs two scalar operations per step instead of
+two array passes.
+
+This module fixes *which* IEEE operations are done and in which order: every
+line below is one NumPy ufunc on arrays of the parameter's dtype, with float
+constants that were computed in double precision and rounded once to that
+dtype (:func:`constants`).  fastadam's compiled kernel performs exactly these
+operations, so its results are bitwise equal to this function's on every
+instruction-set level and thread count.  It is written for reading, not
+speed: it walks memory a dozen times and allocates temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["AdamConstants", "constants", "adam_step"]
+
+ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AdamConstants:
+    """The per-step scalars, each rounded once from double to the working dtype."""
+
+    beta1: np.floating
+    one_minus_beta1: np.floating
+    beta2: np.floating
+    one_minus_beta2: np.floating
+    weight_decay: np.floating
+    decay_factor: np.floating  # 1 - lr * weight_decay
+    step_size: np.floating  # lr / (1 - beta1^t)
+    bias_correction2_sqrt: np.floating  # sqrt(1 - beta2^t)
+    eps: np.floating
+
+
+def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+              dtype: np.dtype) -> AdamConstants:
+    """Compute the step-``step`` constants in double, then round each to ``dtype``."""
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    lr, eps, weight_decay = float(lr), float(eps), float(weight_decay)
+    bias_correction1 = 1.0 - math.pow(beta1, step)
+    bias_correction2 = 1.0 - math.pow(beta2, step)
+    as_dtype = np.dtype(dtype).type
+    return AdamConstants(
+        beta1=as_dtype(beta1),
+        one_minus_beta1=as_dtype(1.0 - beta1),
+        beta2=as_dtype(beta2),
+        one_minus_beta2=as_dtype(1.0 - beta2),
+        weight_decay=as_dtype(weight_decay),
+        decay_factor=as_dtype(1.0 - lr * weight_decay),
+        step_size=as_dtype(lr / bias_correction1),
+        bias_correction2_sqrt=as_dtype(math.sqrt(bias_correction2)),
+        eps=as_dtype(eps),
+    )
+
+
+def _as_list(x: Optional[ArrayOrList]) -> list:
+    if x is None:
+        return []
+    return [x] if isinstance(x, np.ndarray) else list(x)
+
+
+def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, exp_avg_sqs: ArrayOrList, *,
+              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
+              max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False) -> None:
+    """One Adam/AdamW step, in place, written as NumPy array expressions.
+
+    Same arguments and semantics as :func:`fastadam.adam_step` (see the module
+    docstring for the formula); no argument checking beyond NumPy's own.
+    """
+    params_l, grads_l = _as_list(params), _as_list(grads)
+    exp_avgs_l, exp_avg_sqs_l = _as_list(exp_avgs), _as_list(exp_avg_sqs)
+    max_l = _as_list(max_exp_avg_sqs) if amsgrad else [None] * len(params_l)
+    for p, g, m, v, v_max in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l):
+        c = constants(step, lr, betas, eps, weight_decay, p.dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = g + c.weight_decay * p
+        new_p = p * c.decay_factor if weight_decay != 0 and decoupled_weight_decay else p
+
+        m[...] = c.beta1 * m + c.one_minus_beta1 * g
+        v[...] = c.beta2 * v + (c.one_minus_beta2 * g) * g
+        second_moment = v
+        if amsgrad:
+            v_max[...] = np.maximum(v_max, v)  # NaN-propagating, like torch.maximum
+            second_moment = v_max
+        denom = np.sqrt(second_moment) / c.bias_correction2_sqrt + c.eps
+        p[...] = new_p - (c.step_size * m) / denom
