@@ -24,7 +24,7 @@ void require(bool ok, const char* name, const char* rule, double value) {
 }
 
 template <class T>
-AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double bias_correction2_sqrt) {
+AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double inv_bias_correction2_sqrt) {
     return AdamConstants<T>{static_cast<T>(h.beta1),
                             static_cast<T>(1.0 - h.beta1),
                             static_cast<T>(h.beta2),
@@ -32,7 +32,7 @@ AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double bi
                             static_cast<T>(h.weight_decay),
                             static_cast<T>(1.0 - h.lr * h.weight_decay),
                             static_cast<T>(step_size),
-                            static_cast<T>(bias_correction2_sqrt),
+                            static_cast<T>(inv_bias_correction2_sqrt),
                             static_cast<T>(h.eps)};
 }
 
@@ -83,9 +83,9 @@ AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step) {
     const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
     const double step_size = h.lr / bias_correction1;
-    const double bias_correction2_sqrt = std::sqrt(bias_correction2);
-    return {round_constants<float>(h, step_size, bias_correction2_sqrt),
-            round_constants<double>(h, step_size, bias_correction2_sqrt)};
+    const double inv_bias_correction2_sqrt = 1.0 / std::sqrt(bias_correction2);
+    return {round_constants<float>(h, step_size, inv_bias_correction2_sqrt),
+            round_constants<double>(h, step_size, inv_bias_correction2_sqrt)};
 }
 
 std::uint8_t variant_of(const AdamHyper& h) {

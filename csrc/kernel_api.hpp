@@ -33,7 +33,7 @@ struct AdamConstants {
     T weight_decay;           // used by the L2 form only
     T decay_factor;           // 1 - lr * weight_decay, used by the decoupled form only
     T step_size;              // lr / (1 - beta1^t)
-    T bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+    T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
     T eps;
 };
 

@@ -18,7 +18,7 @@ namespace {
 template <class V>
 struct Coefficients {
     V beta1, one_minus_beta1, beta2, one_minus_beta2;
-    V weight_decay, decay_factor, step_size, bias_correction2_sqrt, eps;
+    V weight_decay, decay_factor, step_size, inv_bias_correction2_sqrt, eps;
 };
 
 template <class Broadcast, class T>
@@ -27,7 +27,7 @@ inline auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcas
     return Coefficients<V>{broadcast(k.beta1),        broadcast(k.one_minus_beta1),
                            broadcast(k.beta2),        broadcast(k.one_minus_beta2),
                            broadcast(k.weight_decay), broadcast(k.decay_factor),
-                           broadcast(k.step_size),    broadcast(k.bias_correction2_sqrt),
+                           broadcast(k.step_size),    broadcast(k.inv_bias_correction2_sqrt),
                            broadcast(k.eps)};
 }
 
@@ -45,8 +45,12 @@ inline V maximum_propagating_nan(V a, V b) {
 //   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + ((1 - beta2) * g) * g
 //   v' = max(v_max, v); v_max = v'            if amsgrad, else v' = v
-//   p  = p - (step_size * m) / (sqrt(v') / sqrt(1 - beta2^t) + eps)
-// with step_size = lr / (1 - beta1^t).
+//   p  = p - (step_size * m) / (sqrt(v') * inv_bias_correction2_sqrt + eps)
+// with step_size = lr / (1 - beta1^t) and inv_bias_correction2_sqrt =
+// 1 / sqrt(1 - beta2^t).  Multiplying by that reciprocal (rounded once on the
+// host) instead of dividing by sqrt(1 - beta2^t) leaves one division and one
+// square root per element, the two slow instructions: it is what keeps the
+// in-cache step close to the memory-bound probe.
 template <unsigned Variant, class V, class Sqrt>
 inline void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
                         const Coefficients<V>& c, Sqrt sqrt) {
@@ -62,7 +66,7 @@ inline void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_
         max_exp_avg_sq = maximum_propagating_nan(max_exp_avg_sq, exp_avg_sq);
         second_moment = max_exp_avg_sq;
     }
-    const V denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+    const V denom = sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
     param = param - (c.step_size * exp_avg) / denom;
 }
 

@@ -13,10 +13,14 @@ Optimization* (ICLR 2015), with the options of ``torch.optim.Adam``:
     v'_t = max(v'_{t-1}, v_t)                     if amsgrad, else v'_t = v_t
     p_t = p - lr / (1 - beta1^t) * m_t / (sqrt(v'_t) / sqrt(1 - beta2^t) + eps)
 
+evaluated as ``p - (step_size * m_t) / (sqrt(v'_t) * inv_bias_correction2_sqrt + eps)``
+with ``step_size = lr / (1 - beta1^t)`` and ``inv_bias_correction2_sqrt = 1 / sqrt(1 - beta2^t)``.
+
 ``m_t / (1 - beta1^t)`` and ``v_t / (1 - beta2^t)`` are the paper's
 bias-corrected moments; folding the corrections into the step size and the
 denominator, as PyTorch does, costs two scalar operations per step instead of
-two array passes.
+two array passes; multiplying by the reciprocal of ``sqrt(1 - beta2^t)``
+leaves one division and one square root per element, the slow instructions.
 
 This module fixes *which* IEEE operations are done and in which order: every
 line below is one NumPy ufunc on arrays of the parameter's dtype, with float
@@ -51,7 +55,7 @@ class AdamConstants:
     weight_decay: np.floating
     decay_factor: np.floating  # 1 - lr * weight_decay
     step_size: np.floating  # lr / (1 - beta1^t)
-    bias_correction2_sqrt: np.floating  # sqrt(1 - beta2^t)
+    inv_bias_correction2_sqrt: np.floating  # 1 / sqrt(1 - beta2^t)
     eps: np.floating
 
 
@@ -71,7 +75,7 @@ def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weig
         weight_decay=as_dtype(weight_decay),
         decay_factor=as_dtype(1.0 - lr * weight_decay),
         step_size=as_dtype(lr / bias_correction1),
-        bias_correction2_sqrt=as_dtype(math.sqrt(bias_correction2)),
+        inv_bias_correction2_sqrt=as_dtype(1.0 / math.sqrt(bias_correction2)),
         eps=as_dtype(eps),
     )
 
@@ -108,5 +112,5 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         if amsgrad:
             v_max[...] = np.maximum(v_max, v)  # NaN-propagating, like torch.maximum
             second_moment = v_max
-        denom = np.sqrt(second_moment) / c.bias_correction2_sqrt + c.eps
+        denom = np.sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps
         p[...] = new_p - (c.step_size * m) / denom
