@@ -99,18 +99,28 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
     exp_avgs_l, exp_avg_sqs_l = _as_list(exp_avgs), _as_list(exp_avg_sqs)
     max_l = _as_list(max_exp_avg_sqs) if amsgrad else [None] * len(params_l)
     for p, g, m, v, v_max in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l):
-        c = constants(step, lr, betas, eps, weight_decay, p.dtype)
-        if maximize:
-            g = -g
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = g + c.weight_decay * p
-        new_p = p * c.decay_factor if weight_decay != 0 and decoupled_weight_decay else p
+        _step_one(p, g, m, v, v_max, constants(step, lr, betas, eps, weight_decay, p.dtype), maximize=maximize,
+                  l2=weight_decay != 0 and not decoupled_weight_decay,
+                  decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
 
-        m[...] = c.beta1 * m + c.one_minus_beta1 * g
-        v[...] = c.beta2 * v + (c.one_minus_beta2 * g) * g
-        second_moment = v
-        if amsgrad:
-            v_max[...] = np.maximum(v_max, v)  # NaN-propagating, like torch.maximum
-            second_moment = v_max
-        denom = np.sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps
-        p[...] = new_p - (c.step_size * m) / denom
+
+# NaN and inf in a gradient are not errors: they propagate, silently, as in
+# fastadam's kernel and in PyTorch.
+@np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore")
+def _step_one(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, v_max: Optional[np.ndarray],
+              c: AdamConstants, *, maximize: bool, l2: bool, decoupled: bool, amsgrad: bool) -> None:
+    """The update of one parameter array: each line one ufunc, in the kernel's order."""
+    if maximize:
+        g = -g
+    if l2:
+        g = g + c.weight_decay * p
+    new_p = p * c.decay_factor if decoupled else p
+
+    m[...] = c.beta1 * m + c.one_minus_beta1 * g
+    v[...] = c.beta2 * v + (c.one_minus_beta2 * g) * g
+    second_moment = v
+    if amsgrad:
+        v_max[...] = np.maximum(v_max, v)  # NaN-propagating, like torch.maximum
+        second_moment = v_max
+    denom = np.sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps
+    p[...] = new_p - (c.step_size * m) / denom

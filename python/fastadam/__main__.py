@@ -1,0 +1,56 @@
+"""``python -m fastadam``: the command-line entry point.
+
+Commands:
+
+``python -m fastadam [train] [--epochs N] [--batch-size N] [--hidden N] [--lr LR] [--seed S]``
+``[--dataset {digits,synthetic}] [--threads N]``
+    The default.  Trains a small NumPy network twice side by side, stepped by
+    fastadam.Adam and by the NumPy reference, checks that both copies stay
+    bitwise identical and times the optimizer steps (see ``fastadam._demo``).
+
+``python -m fastadam bench [args...]``
+    The optimizer-step benchmark; the arguments go to ``fastadam._bench.main``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ("train", "bench")
+
+
+def _bench(args: list[str]) -> Optional[int]:
+    # Imported here, not at the top, so that the default command works in an
+    # installation without the benchmark module (or its dependencies).
+    name = f"{__package__}._bench"
+    try:
+        bench = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise  # the module exists but one of *its* imports failed: show that
+        print(f"python -m fastadam bench: this installation has no {name}", file=sys.stderr)
+        return 2
+    return bench.main(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
+    """Dispatch ``argv`` (default: ``sys.argv[1:]``) to a command; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = "train"
+    if args and not args[0].startswith("-"):
+        command = args.pop(0)
+        if command not in COMMANDS:
+            print(f"python -m fastadam: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
+                  file=sys.stderr)
+            return 2
+    if command == "bench":
+        return _bench(args)
+    from . import _demo
+
+    return _demo.main(args, prog="python -m fastadam [train]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
