@@ -58,6 +58,49 @@ class KeepAlive {
 
 constexpr const char* kNames[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
 
+std::int64_t check_step(PyObject* step_obj) {
+    const std::int64_t step = to_int64(step_obj, "step");
+    if (step < 1)
+        throw ArgValueError{"step must be >= 1 (the number of this step, 1 on the first), got " +
+                            std::to_string(step)};
+    return step;
+}
+
+// The number of rows of a table and the elements per row.
+void table_geometry(const CheckedArray& p, const ArgName& name, std::int64_t& rows, std::int64_t& row_size) {
+    if (PyArray_NDIM(p.array) < 1)
+        throw ArgValueError{name.str() + ": a row-sparse gradient needs a parameter with at least one axis"};
+    rows = PyArray_DIM(p.array, 0);
+    row_size = rows == 0 ? 0 : p.size / rows;
+}
+
+// values must have shape (len(indices),) + param.shape[1:] and param's dtype.
+CheckedArray check_row_values(PyObject* values, const ArgName& values_name, PyObject* indices,
+                              const ArgName& indices_name, const CheckedArray& p, const ArgName& p_name) {
+    if (!PyArray_Check(indices))
+        throw ArgTypeError{indices_name.str() + ": expected a numpy.ndarray of integers, got " +
+                           Py_TYPE(indices)->tp_name};
+    const CheckedArray val = check_float_array(values, values_name, Access::read);
+    if (val.dtype != p.dtype)
+        throw ArgTypeError{values_name.str() + ": dtype " + dtype_name(val.dtype) + " does not match " +
+                           p_name.str() + "'s dtype " + dtype_name(p.dtype)};
+    auto* idx = reinterpret_cast<PyArrayObject*>(indices);
+    const int nd = PyArray_NDIM(p.array);
+    bool ok = PyArray_NDIM(val.array) == nd && PyArray_NDIM(idx) == 1 && PyArray_DIM(val.array, 0) == PyArray_DIM(idx, 0);
+    for (int d = 1; ok && d < nd; ++d) ok = PyArray_DIM(val.array, d) == PyArray_DIM(p.array, d);
+    if (!ok)
+        throw ArgValueError{values_name.str() + ": shape must be (len(indices),) + " + p_name.str() +
+                            ".shape[1:]" + " for 1-D indices"};
+    return val;
+}
+
+AdamTensor row_tensor(const AdamTensor& table, std::int64_t row, std::int64_t row_size, const void* grad) {
+    const std::size_t bytes = static_cast<std::size_t>(row * row_size) * (table.dtype == DType::float32 ? 4u : 8u);
+    auto at = [bytes](void* base) { return base == nullptr ? nullptr : static_cast<char*>(base) + bytes; };
+    return {at(table.param), grad, at(table.exp_avg), at(table.exp_avg_sq), at(table.max_exp_avg_sq), row_size,
+            table.constants, table.dtype, table.variant};
+}
+
 }  // namespace
 
 AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
@@ -78,12 +121,15 @@ AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* 
     return h;
 }
 
-AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step) {
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps) {
     const double t = static_cast<double>(step);
     const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
-    const double step_size = h.lr / bias_correction1;
-    const double inv_bias_correction2_sqrt = 1.0 / std::sqrt(bias_correction2);
+    // SparseAdam's sqrt(v) + eps is the kernel's sqrt(v) * 1 + eps: the
+    // multiplication by one is exact, so one formula serves both.
+    const bool sparse = eps == EpsPlacement::sparse_adam;
+    const double step_size = sparse ? h.lr * std::sqrt(bias_correction2) / bias_correction1 : h.lr / bias_correction1;
+    const double inv_bias_correction2_sqrt = sparse ? 1.0 : 1.0 / std::sqrt(bias_correction2);
     return {round_constants<float>(h, step_size, inv_bias_correction2_sqrt),
             round_constants<double>(h, step_size, inv_bias_correction2_sqrt)};
 }
@@ -98,9 +144,7 @@ std::uint8_t variant_of(const AdamHyper& h) {
 
 void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
                PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
-    const std::int64_t step = to_int64(step_obj, "step");
-    if (step < 1) throw ArgValueError{"step must be >= 1 (the number of this step, 1 on the first), got " +
-                                      std::to_string(step)};
+    const std::int64_t step = check_step(step_obj);
     const bool has_max = max_exp_avg_sqs != Py_None;
     if (hyper.amsgrad && !has_max) throw ArgValueError{"max_exp_avg_sqs is required when amsgrad=True"};
     if (!hyper.amsgrad && has_max) throw ArgValueError{"max_exp_avg_sqs is given but amsgrad=False"};
@@ -156,6 +200,43 @@ void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
     run_adam(tensors.data(), tensors.size(), num_threads);
 }
 
+void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
+                      PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
+    const std::int64_t step = check_step(step_obj);
+    const ArgName p_name{"param", -1}, m_name{"exp_avg", -1}, v_name{"exp_avg_sq", -1};
+    const ArgName i_name{"indices", -1}, g_name{"values", -1};
+    const CheckedArray p = check_float_array(param, p_name, Access::write);
+    const CheckedArray m = check_float_array(exp_avg, m_name, Access::write);
+    const CheckedArray v = check_float_array(exp_avg_sq, v_name, Access::write);
+    check_same_layout(m, m_name, p, p_name);
+    check_same_layout(v, v_name, p, p_name);
+    std::int64_t rows = 0, row_size = 0;
+    table_geometry(p, p_name, rows, row_size);
+    const CheckedArray g = check_row_values(values, g_name, indices, i_name, p, p_name);
+
+    thread_local OverlapCheck overlap;
+    overlap.clear();
+    overlap.add(p, p_name, Access::write);
+    overlap.add(m, m_name, Access::write);
+    overlap.add(v, v_name, Access::write);
+    overlap.add(g, g_name, Access::read);
+    overlap.add(reinterpret_cast<PyArrayObject*>(indices), i_name, Access::read);
+    overlap.check();
+
+    thread_local RowCoalescer coalescer;
+    coalescer.clear();
+    const auto unique = coalescer.add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, g.data, row_size, g.dtype);
+    coalescer.sum_repeats(num_threads);
+
+    const AdamConstantsPair constants = make_constants(hyper, step, EpsPlacement::sparse_adam);
+    const AdamTensor table{p.data, nullptr, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant_of(hyper)};
+    thread_local std::vector<AdamTensor> tensors;
+    tensors.clear();
+    for (std::size_t k = unique.first; k < unique.first + unique.count; ++k)
+        tensors.push_back(row_tensor(table, coalescer.row(k), row_size, coalescer.grad(k)));
+    run_adam(tensors.data(), tensors.size(), num_threads);
+}
+
 void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads) {
     const bool single = is_single_array(a);
     const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single}};
@@ -176,8 +257,8 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_thre
 }
 
 AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-                   std::vector<std::int64_t> group_of, std::int64_t group_count)
-    : group_of_(std::move(group_of)), group_count_(group_count) {
+                   std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps)
+    : group_of_(std::move(group_of)), group_count_(group_count), eps_(eps) {
     const ArrayList p_list(params, kNames[0], false), m_list(exp_avgs, kNames[2], false),
         v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false);
     const std::size_t count = p_list.size();
@@ -285,28 +366,40 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
     for (PyArrayObject* a : written_)
         if (!PyArray_ISWRITEABLE(a))
             throw ArgValueError{"a parameter or state array became read-only after the optimizer was built"};
+    // Row-sparse gradients: coalesced here, into the coalescer's own scratch.
+    thread_local RowCoalescer coalescer;
+    thread_local std::vector<RowCoalescer::Rows> sparse_rows;  // per param; count == SIZE_MAX: dense
+    coalescer.clear();
+    sparse_rows.assign(tensors_.size(), RowCoalescer::Rows{0, SIZE_MAX});
+    bool any_sparse = false;
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
         const auto& h = hyper_[static_cast<std::size_t>(group_of_[i])];
         if (h.amsgrad && !has_max_[i])
             throw ArgValueError{"param_groups[" + std::to_string(group_of_[i]) +
                                 "]: amsgrad was switched on after the optimizer was built"};
-        const CheckedArray g = check_float_array(g_list[i], g_list.name(i), Access::read);
-        CheckedArray p{params_[i], PyArray_DATA(params_[i]), PyArray_SIZE(params_[i]), tensors_[i].dtype};
-        check_same_layout(g, g_list.name(i), p, ArgName{"params", static_cast<std::ptrdiff_t>(i)});
-        if (g.size > 0) {
-            // The first written span starting at or after the gradient's end
-            // is past it; any overlap is with an earlier one.
-            const auto gb = reinterpret_cast<std::uintptr_t>(g.data);
-            const auto ge = gb + static_cast<std::uintptr_t>(PyArray_NBYTES(g.array));
-            auto it = std::lower_bound(written_spans_.begin(), written_spans_.end(), ge,
-                                       [](const Span& s, std::uintptr_t x) { return s.begin < x; });
-            // Written spans are disjoint, so only the last one starting
-            // before the gradient's end can reach into it.
-            if (it != written_spans_.begin() && std::prev(it)->end > gb)
-                throw ArgValueError{g_list.name(i).str() +
-                                    " shares memory with the parameter or state of params[" +
-                                    std::to_string(std::prev(it)->tensor) + "]"};
+        const ArgName p_name{"params", static_cast<std::ptrdiff_t>(i)};
+        const CheckedArray p{params_[i], PyArray_DATA(params_[i]), PyArray_SIZE(params_[i]), tensors_[i].dtype};
+        PyObject* item = g_list[i];
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2) {
+            // (indices, values): a RowSparseGrad
+            const std::string where = g_list.name(i).str();
+            const std::string i_str = where + ".indices", v_str = where + ".values";
+            const ArgName i_name{i_str.c_str(), -1}, v_name{v_str.c_str(), -1};
+            PyObject* indices = PyTuple_GET_ITEM(item, 0);
+            const CheckedArray val = check_row_values(PyTuple_GET_ITEM(item, 1), v_name, indices, i_name, p, p_name);
+            check_not_written(reinterpret_cast<std::uintptr_t>(val.data),
+                              static_cast<std::size_t>(PyArray_NBYTES(val.array)), v_name);
+            std::int64_t rows = 0, row_size = 0;
+            table_geometry(p, p_name, rows, row_size);
+            sparse_rows[i] = coalescer.add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
+                                           row_size, val.dtype);
+            any_sparse = true;
+            continue;
         }
+        const CheckedArray g = check_float_array(item, g_list.name(i), Access::read);
+        check_same_layout(g, g_list.name(i), p, p_name);
+        check_not_written(reinterpret_cast<std::uintptr_t>(g.data), static_cast<std::size_t>(PyArray_NBYTES(g.array)),
+                          g_list.name(i));
         tensors_[i].grad = g.data;
     }
 
@@ -318,7 +411,7 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
         if (last != SIZE_MAX && group_of_[last] == group_of_[i] && steps_[last] == steps_[i]) {
             tensors_[i].constants = tensors_[last].constants;
         } else {
-            constants_[i] = make_constants(h, t);
+            constants_[i] = make_constants(h, t, eps_);
             tensors_[i].constants = &constants_[i];
             last = i;
         }
@@ -328,8 +421,38 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
     thread_local std::vector<PyObject*> held;
     KeepAlive keep(held);
     for (std::size_t i = 0; i < g_list.size(); ++i) keep.hold(g_list[i]);
-    run_adam(tensors_.data(), tensors_.size(), num_threads);
+    if (!any_sparse) {
+        run_adam(tensors_.data(), tensors_.size(), num_threads);
+    } else {
+        // Dense params as they are; a sparse one as one tensor per present row.
+        coalescer.sum_repeats(num_threads);
+        thread_local std::vector<AdamTensor> jobs;
+        jobs.clear();
+        for (std::size_t i = 0; i < tensors_.size(); ++i) {
+            if (sparse_rows[i].count == SIZE_MAX) {
+                jobs.push_back(tensors_[i]);
+                continue;
+            }
+            const std::int64_t rows = PyArray_NDIM(params_[i]) > 0 ? PyArray_DIM(params_[i], 0) : 1;
+            const std::int64_t row_size = rows == 0 ? 0 : tensors_[i].size / rows;
+            for (std::size_t k = sparse_rows[i].first; k < sparse_rows[i].first + sparse_rows[i].count; ++k)
+                jobs.push_back(row_tensor(tensors_[i], coalescer.row(k), row_size, coalescer.grad(k)));
+        }
+        run_adam(jobs.data(), jobs.size(), num_threads);
+    }
     for (auto& s : steps_) ++s;
+}
+
+void AdamPlan::check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const {
+    if (bytes == 0) return;
+    // The first written span starting at or after the end is past it; spans
+    // are disjoint, so only the last one starting before the end can overlap.
+    const std::uintptr_t end = begin + bytes;
+    auto it = std::lower_bound(written_spans_.begin(), written_spans_.end(), end,
+                               [](const Span& s, std::uintptr_t x) { return s.begin < x; });
+    if (it != written_spans_.begin() && std::prev(it)->end > begin)
+        throw ArgValueError{name.str() + " shares memory with the parameter or state of params[" +
+                            std::to_string(std::prev(it)->tensor) + "]"};
 }
 
 }  // namespace fastadam

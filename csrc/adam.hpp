@@ -9,6 +9,7 @@
 
 #include "arrays.hpp"
 #include "kernel_api.hpp"
+#include "rows.hpp"
 
 namespace fastadam {
 
@@ -21,14 +22,25 @@ struct AdamHyper {
 AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
                       PyObject* decoupled, PyObject* amsgrad, PyObject* maximize);
 
+// Where eps enters the denominator.  Adam (and fastadam's lazy row update):
+// sqrt(v) / sqrt(1 - beta2^t) + eps.  torch.optim.SparseAdam: sqrt(v) + eps,
+// with the step size lr * sqrt(1 - beta2^t) / (1 - beta1^t) instead.  Both are
+// the same kernel formula with different constants (see make_constants).
+enum class EpsPlacement : std::uint8_t { adam, sparse_adam };
+
 // The constants of step t, computed in double and rounded once to each dtype.
-AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step);
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps = EpsPlacement::adam);
 std::uint8_t variant_of(const AdamHyper& h);
 
 // fastadam.adam_step: params..max_exp_avg_sqs are arrays, or equal-length
 // sequences of arrays (max_exp_avg_sqs is None unless amsgrad).
 void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
                PyObject* max_exp_avg_sqs, PyObject* step, const AdamHyper& hyper, int num_threads);
+
+// fastadam.sparse_adam_step: torch.optim.SparseAdam's lazy update of the rows
+// of `param` named by `indices` (repeats summed first).
+void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
+                      PyObject* step, const AdamHyper& hyper, int num_threads);
 
 // The probe over (a, b, c, d) lists: same access pattern as the step.
 void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads);
@@ -41,12 +53,14 @@ class AdamPlan {
     // group_of[i] is the param group of params[i]; max_exp_avg_sqs[i] is None
     // for params whose group does not use amsgrad.
     AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-             std::vector<std::int64_t> group_of, std::int64_t group_count);
+             std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps);
     ~AdamPlan();
     AdamPlan(const AdamPlan&) = delete;
     AdamPlan& operator=(const AdamPlan&) = delete;
 
-    // groups: one (lr, (beta1, beta2), eps, weight_decay, decoupled, amsgrad,
+    // grads: one per param, an array or an (indices, values) row-sparse
+    // gradient, which updates only those rows (the lazy update).
+    // groups: one (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
     // maximize) tuple per group.
     void step(PyObject* grads, PyObject* groups, int num_threads);
 
@@ -55,6 +69,8 @@ class AdamPlan {
     void set_steps(const std::vector<std::int64_t>& steps);
 
    private:
+    void check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const;
+
     std::vector<PyObject*> owned_;      // strong references to every array we point into
     std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step
     std::vector<std::int64_t> steps_;   // steps taken by each param
@@ -70,6 +86,7 @@ class AdamPlan {
     std::vector<AdamHyper> hyper_;      // per group, scratch for each step
     std::vector<AdamConstantsPair> constants_;  // per tensor, scratch for each step
     std::int64_t group_count_;
+    EpsPlacement eps_;
 };
 
 }  // namespace fastadam

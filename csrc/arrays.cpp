@@ -76,6 +76,18 @@ void OverlapCheck::add(const CheckedArray& a, const ArgName& name, Access access
     spans_.push_back({begin, begin + bytes, name, access});
 }
 
+void OverlapCheck::add(PyArrayObject* a, const ArgName& name, Access access) {
+    if (PyArray_SIZE(a) == 0) return;
+    // The bytes between the lowest and the highest element, whatever the strides.
+    npy_intp lo = 0, hi = 0;
+    for (int d = 0; d < PyArray_NDIM(a); ++d) {
+        const npy_intp extent = (PyArray_DIM(a, d) - 1) * PyArray_STRIDE(a, d);
+        (extent < 0 ? lo : hi) += extent;
+    }
+    const auto base = reinterpret_cast<std::uintptr_t>(PyArray_DATA(a));
+    spans_.push_back({base + lo, base + hi + static_cast<std::uintptr_t>(PyArray_ITEMSIZE(a)), name, access});
+}
+
 void OverlapCheck::check() {
     if (spans_.size() < 2) return;
     std::sort(spans_.begin(), spans_.end(), [](const Span& x, const Span& y) { return x.begin < y.begin; });

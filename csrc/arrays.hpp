@@ -84,6 +84,7 @@ class OverlapCheck {
    public:
     void clear() { spans_.clear(); }
     void add(const CheckedArray& a, const ArgName& name, Access access);
+    void add(PyArrayObject* a, const ArgName& name, Access access);  // any dtype, its whole extent
     void check();  // throws ArgValueError naming both arrays
 
    private:

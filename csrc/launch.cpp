@@ -46,16 +46,19 @@ void run(const Tensor* tensors, std::size_t count, int requested_threads,
     starts.resize(count + 1);
     starts[0] = 0;
     for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + tensors[i].size;
-    const std::int64_t total = starts[count];
-    if (total == 0) return;
-
     RangeCall<Tensor> rc{tensors, range};
-    const int threads = threads_for(total, requested_threads);
-    MaybeReleaseGil gil(total >= kReleaseGilElements);
-    for_each_piece(starts.data(), count, threads, kPieceAlign, PieceFn{&rc, &RangeCall<Tensor>::call});
+    run_in_pieces(starts.data(), count, requested_threads, PieceFn{&rc, &RangeCall<Tensor>::call});
 }
 
 }  // namespace
+
+void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_threads, PieceFn fn) {
+    const std::int64_t total = starts[count];
+    if (total == 0) return;
+    const int threads = threads_for(total, requested_threads);
+    MaybeReleaseGil gil(total >= kReleaseGilElements);
+    for_each_piece(starts, count, threads, kPieceAlign, fn);
+}
 
 int threads_for(std::int64_t total, int requested) {
     const int wanted = requested > 0 ? requested : default_num_threads();

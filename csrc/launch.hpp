@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernel_api.hpp"
+#include "parallel.hpp"
 
 namespace fastadam {
 
@@ -21,6 +22,10 @@ constexpr std::int64_t kReleaseGilElements = std::int64_t(1) << 13;
 
 // The number of threads a call of `total` elements runs on.
 int threads_for(std::int64_t total, int requested);
+
+// for_each_piece with the thread count from threads_for(), the GIL released
+// for large calls.  `starts` as for for_each_piece.
+void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_threads, PieceFn fn);
 
 void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads);
 void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads);

@@ -89,6 +89,20 @@ PYBIND11_MODULE(_core, m) {
         "Positional core of fastadam.adam_step.");
 
     m.def(
+        "sparse_adam_step",
+        [](py::handle param, py::handle indices, py::handle values, py::handle exp_avg, py::handle exp_avg_sq,
+           py::handle step, py::handle lr, py::handle betas, py::handle eps, py::handle maximize,
+           py::handle num_threads) {
+            PyObject *beta1, *beta2;
+            split_betas(betas, beta1, beta2);
+            const AdamHyper h = check_hyper(lr.ptr(), beta1, beta2, eps.ptr(), py::float_(0.0).ptr(), Py_False,
+                                            Py_False, maximize.ptr());
+            sparse_adam_step(param.ptr(), indices.ptr(), values.ptr(), exp_avg.ptr(), exp_avg_sq.ptr(), step.ptr(),
+                             h, to_num_threads(num_threads));
+        },
+        "Positional core of fastadam.sparse_adam_step.");
+
+    m.def(
         "probe_step",
         [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads) {
             probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), to_num_threads(num_threads));
@@ -97,9 +111,11 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
-                         py::handle max_exp_avg_sqs, std::vector<std::int64_t> group_of, std::int64_t groups) {
+                         py::handle max_exp_avg_sqs, std::vector<std::int64_t> group_of, std::int64_t groups,
+                         bool sparse_adam_eps) {
             return new AdamPlan(params.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
-                                std::move(group_of), groups);
+                                std::move(group_of), groups,
+                                sparse_adam_eps ? EpsPlacement::sparse_adam : EpsPlacement::adam);
         }))
         .def("step",
              [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle num_threads) {

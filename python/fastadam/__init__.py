@@ -14,8 +14,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from typing import Any, Optional
 
 from . import _core, reference
-from ._functional import adam_step
-from ._optim import Adam, AdamW
+from ._functional import RowSparseGrad, adam_step, sparse_adam_step
+from ._optim import Adam, AdamW, SparseAdam
 
 try:
     __version__ = _version("fastadam")
@@ -25,12 +25,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Adam",
     "AdamW",
+    "RowSparseGrad",
+    "SparseAdam",
     "adam_step",
     "config",
     "get_num_threads",
     "reference",
     "set_num_threads",
     "show_config",
+    "sparse_adam_step",
     "__version__",
 ]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -55,3 +55,45 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
     """
     _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps, weight_decay,
                     decoupled_weight_decay, amsgrad, maximize, num_threads)
+
+
+class RowSparseGrad(NamedTuple):
+    """A row-sparse gradient: ``values[i]`` is the gradient of row ``indices[i]`` of a parameter.
+
+    ``indices`` is a 1-D integer array of row numbers into the parameter's
+    first axis (repeats allowed: they are summed, as PyTorch coalesces a sparse
+    gradient); ``values`` has shape ``(len(indices),) + param.shape[1:]`` and
+    the parameter's dtype.  Pass one to :meth:`fastadam.Adam.step` in place of
+    a dense gradient to update only those rows (the "lazy" update), or to
+    :class:`fastadam.SparseAdam`.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+
+
+def sparse_adam_step(param: np.ndarray, indices: np.ndarray, values: np.ndarray, exp_avg: np.ndarray,
+                     exp_avg_sq: np.ndarray, *, step: int, lr: float = 1e-3,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, maximize: bool = False,
+                     num_threads: Optional[int] = None) -> None:
+    r"""One lazy Adam step on the rows of ``param`` named by ``indices``, like ``torch.optim.SparseAdam``.
+
+    Repeated indices are first summed, in the order they appear.  Then for
+    each row ``r`` present, with ``g`` its summed gradient and ``t = step``::
+
+        g = -g                                       if maximize
+        m[r] = beta1 * m[r] + (1 - beta1) * g
+        v[r] = beta2 * v[r] + (1 - beta2) * g * g
+        p[r] = p[r] - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m[r] / (sqrt(v[r]) + eps)
+
+    Rows not in ``indices`` are untouched: their moments are not decayed.
+    Note that eps is added before the bias correction here, as in PyTorch's
+    SparseAdam (Adam adds it after).  The cost follows the number of indices,
+    not the size of the table.  Bitwise equal to
+    :func:`fastadam.reference.sparse_adam_step`.
+
+    Raises TypeError / ValueError before anything is written for a bad
+    argument, naming the first out-of-range or negative index.
+    """
+    _core.sparse_adam_step(param, indices, values, exp_avg, exp_avg_sq, step, lr, betas, eps, maximize,
+                           num_threads)

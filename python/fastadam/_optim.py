@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from ._functional import RowSparseGrad
 
 _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -41,6 +42,11 @@ class Adam:
     updates every parameter in place in one pass over memory, with the formula
     of :func:`fastadam.adam_step`.
 
+    A gradient may be a :class:`fastadam.RowSparseGrad` ``(indices, values)``
+    instead of an array: then only the rows named by ``indices`` (repeats
+    summed) are updated, with the same formula, and the moments of the other
+    rows are left as they are -- the "lazy" update of embedding tables.
+
     Parameters
     ----------
     params
@@ -59,6 +65,9 @@ class Adam:
     >>> opt.param_groups[0]["lr"] = 5e-4         # schedules change hyperparameters between steps
     """
 
+
+    #: Where eps enters: after the bias correction (Adam) or before it (torch.optim.SparseAdam).
+    _sparse_adam_eps = False
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
@@ -103,7 +112,7 @@ class Adam:
         self._plan = _core.AdamPlan(self._params, [s["exp_avg"] for s in self.state],
                                     [s["exp_avg_sq"] for s in self.state],
                                     [s.get("max_exp_avg_sq") for s in self.state], group_of,
-                                    len(self.param_groups))
+                                    len(self.param_groups), self._sparse_adam_eps)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -117,11 +126,12 @@ class Adam:
         """The number of steps taken by each parameter array, in the order of all params."""
         return list(self._plan.steps)
 
-    def step(self, grads: Sequence[np.ndarray]) -> None:
+    def step(self, grads: Sequence[Union[np.ndarray, RowSparseGrad]]) -> None:
         """Apply one step to every parameter, in place.
 
-        ``grads`` is a list with one gradient array per parameter, in the order
-        the parameters were given (across all groups).  Only the gradients and
+        ``grads`` is a list with one gradient per parameter, in the order the
+        parameters were given (across all groups): an array of the parameter's
+        shape, or a :class:`fastadam.RowSparseGrad` to update only some rows.  Only the gradients and
         the groups' current hyperparameters are checked; a bad one raises
         before anything is written.
         """
@@ -232,3 +242,21 @@ class AdamW(Adam):
                  num_threads: Optional[int] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, num_threads=num_threads)
+
+
+class SparseAdam(Adam):
+    """Lazy Adam for embedding tables, like ``torch.optim.SparseAdam``.
+
+    Each step takes one :class:`fastadam.RowSparseGrad` per parameter and
+    updates only the rows it names (repeats summed), leaving the moments of
+    the other rows undecayed; see :func:`fastadam.sparse_adam_step` for the
+    formula, which adds eps before the bias correction as PyTorch's
+    SparseAdam does.  A dense array is also accepted, as a gradient for every
+    row.
+    """
+
+    _sparse_adam_eps = True
+
+    def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, *, maximize: bool = False, num_threads: Optional[int] = None) -> None:
+        super().__init__(params, lr, betas, eps, maximize=maximize, num_threads=num_threads)

@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["AdamConstants", "constants", "adam_step"]
+__all__ = ["AdamConstants", "constants", "adam_step", "coalesce_rows", "sparse_adam_step"]
 
 ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -60,8 +60,14 @@ class AdamConstants:
 
 
 def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-              dtype: np.dtype) -> AdamConstants:
-    """Compute the step-``step`` constants in double, then round each to ``dtype``."""
+              dtype: np.dtype, eps_before_bias_correction: bool = False) -> AdamConstants:
+    """Compute the step-``step`` constants in double, then round each to ``dtype``.
+
+    With ``eps_before_bias_correction`` (``torch.optim.SparseAdam``'s form,
+    ``p - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``) the
+    step size absorbs the second bias correction and its reciprocal becomes
+    1, so that ``sqrt(v) * 1 + eps`` -- exact -- is SparseAdam's denominator.
+    """
     beta1, beta2 = float(betas[0]), float(betas[1])
     lr, eps, weight_decay = float(lr), float(eps), float(weight_decay)
     bias_correction1 = 1.0 - math.pow(beta1, step)
@@ -74,8 +80,9 @@ def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weig
         one_minus_beta2=as_dtype(1.0 - beta2),
         weight_decay=as_dtype(weight_decay),
         decay_factor=as_dtype(1.0 - lr * weight_decay),
-        step_size=as_dtype(lr / bias_correction1),
-        inv_bias_correction2_sqrt=as_dtype(1.0 / math.sqrt(bias_correction2)),
+        step_size=as_dtype(lr * math.sqrt(bias_correction2) / bias_correction1 if eps_before_bias_correction
+                           else lr / bias_correction1),
+        inv_bias_correction2_sqrt=as_dtype(1.0 if eps_before_bias_correction else 1.0 / math.sqrt(bias_correction2)),
         eps=as_dtype(eps),
     )
 
@@ -124,3 +131,31 @@ def _step_one(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, v_max:
         second_moment = v_max
     denom = np.sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps
     p[...] = new_p - (c.step_size * m) / denom
+
+
+def coalesce_rows(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge repeated row indices of a row-sparse gradient: ``(unique rows, summed values)``.
+
+    Each sum starts from the row's first occurrence and adds the others in the
+    order they appear in ``indices`` -- the order fastadam's kernel uses, so
+    the sums are bitwise equal.
+    """
+    rows, first, inverse = np.unique(indices, return_index=True, return_inverse=True)
+    summed = values[first].copy()
+    is_first = np.zeros(len(indices), bool)
+    is_first[first] = True
+    for i in np.flatnonzero(~is_first):
+        summed[inverse[i]] += values[i]
+    return rows, summed
+
+
+def sparse_adam_step(param: np.ndarray, indices: np.ndarray, values: np.ndarray, exp_avg: np.ndarray,
+                     exp_avg_sq: np.ndarray, *, step: int, lr: float = 1e-3,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, maximize: bool = False) -> None:
+    """``torch.optim.SparseAdam``'s lazy step: only the rows in ``indices`` change (see
+    :func:`fastadam.sparse_adam_step`)."""
+    rows, grad = coalesce_rows(np.asarray(indices), values)
+    c = constants(step, lr, betas, eps, 0.0, param.dtype, eps_before_bias_correction=True)
+    p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]  # copies of the present rows
+    _step_one(p, grad, m, v, None, c, maximize=maximize, l2=False, decoupled=False, amsgrad=False)
+    param[rows], exp_avg[rows], exp_avg_sq[rows] = p, m, v
