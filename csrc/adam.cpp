@@ -94,11 +94,18 @@ CheckedArray check_row_values(PyObject* values, const ArgName& values_name, PyOb
     return val;
 }
 
-AdamTensor row_tensor(const AdamTensor& table, std::int64_t row, std::int64_t row_size, const void* grad) {
-    const std::size_t bytes = static_cast<std::size_t>(row * row_size) * (table.dtype == DType::float32 ? 4u : 8u);
-    auto at = [bytes](void* base) { return base == nullptr ? nullptr : static_cast<char*>(base) + bytes; };
-    return {at(table.param), grad, at(table.exp_avg), at(table.exp_avg_sq), at(table.max_exp_avg_sq), row_size,
-            table.constants, table.dtype, table.variant};
+// The rows of `table` that a coalesced row-sparse gradient names, as one
+// gather tensor (see AdamTensor::rows).
+AdamTensor gather_tensor(const AdamTensor& table, const RowCoalescer& coalescer, const RowCoalescer::Rows& rows,
+                         std::int64_t row_size) {
+    AdamTensor t = table;
+    t.grad = nullptr;
+    t.rows = coalescer.rows(rows.first);
+    t.grad_rows = coalescer.grads(rows.first);
+    t.row_size = row_size;
+    t.size = row_size == 0 ? 0 : static_cast<std::int64_t>(rows.count) * row_size;
+    if (t.size == 0) t.rows = nullptr;  // nothing to gather: an empty dense tensor
+    return t;
 }
 
 }  // namespace
@@ -230,11 +237,8 @@ void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyOb
 
     const AdamConstantsPair constants = make_constants(hyper, step, EpsPlacement::sparse_adam);
     const AdamTensor table{p.data, nullptr, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant_of(hyper)};
-    thread_local std::vector<AdamTensor> tensors;
-    tensors.clear();
-    for (std::size_t k = unique.first; k < unique.first + unique.count; ++k)
-        tensors.push_back(row_tensor(table, coalescer.row(k), row_size, coalescer.grad(k)));
-    run_adam(tensors.data(), tensors.size(), num_threads);
+    const AdamTensor rows_of_table = gather_tensor(table, coalescer, unique, row_size);
+    run_adam(&rows_of_table, 1, num_threads);
 }
 
 void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads) {
@@ -424,7 +428,7 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
     if (!any_sparse) {
         run_adam(tensors_.data(), tensors_.size(), num_threads);
     } else {
-        // Dense params as they are; a sparse one as one tensor per present row.
+        // Dense params as they are; a sparse one as the gather of its present rows.
         coalescer.sum_repeats(num_threads);
         thread_local std::vector<AdamTensor> jobs;
         jobs.clear();
@@ -433,10 +437,9 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
                 jobs.push_back(tensors_[i]);
                 continue;
             }
-            const std::int64_t rows = PyArray_NDIM(params_[i]) > 0 ? PyArray_DIM(params_[i], 0) : 1;
+            const std::int64_t rows = PyArray_DIM(params_[i], 0);
             const std::int64_t row_size = rows == 0 ? 0 : tensors_[i].size / rows;
-            for (std::size_t k = sparse_rows[i].first; k < sparse_rows[i].first + sparse_rows[i].count; ++k)
-                jobs.push_back(row_tensor(tensors_[i], coalescer.row(k), row_size, coalescer.grad(k)));
+            jobs.push_back(gather_tensor(tensors_[i], coalescer, sparse_rows[i], row_size));
         }
         run_adam(jobs.data(), jobs.size(), num_threads);
     }

@@ -40,8 +40,11 @@ CheckedArray check_float_array(PyObject* obj, const ArgName& name, Access access
         throw ArgTypeError{name.str() + ": dtype must be float32 or float64, got " + describe_dtype(a)};
     if (!PyArray_IS_C_CONTIGUOUS(a))
         throw ArgValueError{name.str() +
-                            ": must be C-contiguous (fastadam updates arrays in place and never works on a "
-                            "copy; pass np.ascontiguousarray(x) and keep that array)"};
+                            (access == Access::write
+                                 ? ": must be C-contiguous (fastadam updates arrays in place and never works on a "
+                                   "copy; pass np.ascontiguousarray(x) and keep that array)"
+                                 : ": must be C-contiguous (fastadam reads it where it is, without a copy; pass "
+                                   "np.ascontiguousarray(x))")};
     if (access == Access::write && !PyArray_ISWRITEABLE(a))
         throw ArgValueError{name.str() + ": array is read-only, but it is updated in place"};
     return {a, PyArray_DATA(a), static_cast<std::int64_t>(PyArray_SIZE(a)),

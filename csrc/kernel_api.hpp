@@ -46,6 +46,12 @@ struct AdamConstantsPair {
 
 // One parameter's buffers.  All five are contiguous and hold `size` elements
 // of `dtype`; max_exp_avg_sq is null unless the variant has kAmsgrad.
+//
+// With `rows` set, the tensor is instead a gather of rows from a table whose
+// rows hold `row_size` elements (param, exp_avg, ... point at the table):
+// element e is column e % row_size of row rows[e / row_size], and that row's
+// gradient is grad_rows[e / row_size]; size = row count * row_size.  This is
+// how a row-sparse gradient updates only the rows it names.
 struct AdamTensor {
     void* param;
     const void* grad;
@@ -56,6 +62,9 @@ struct AdamTensor {
     const AdamConstantsPair* constants;
     DType dtype;
     std::uint8_t variant;
+    const std::int64_t* rows = nullptr;
+    const void* const* grad_rows = nullptr;
+    std::int64_t row_size = 0;
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,

@@ -83,7 +83,10 @@ RowCoalescer::Rows RowCoalescer::add(PyArrayObject* indices, const ArgName& name
     const std::size_t row_bytes = static_cast<std::size_t>(row_size) * dtype_size(dtype);
     index_slots_.resize(static_cast<std::size_t>(n));
     counts_.clear();
+    constexpr npy_intp kPrefetchDistance = 16;  // the table is large and the rows random: hide the misses
     for (npy_intp i = 0; i < n; ++i) {
+        if (i + kPrefetchDistance < n)
+            __builtin_prefetch(&slot_of_row_[static_cast<std::size_t>(index_rows_[static_cast<std::size_t>(i + kPrefetchDistance)])]);
         const std::int64_t r = index_rows_[static_cast<std::size_t>(i)];
         std::int32_t s = slot_of_row_[static_cast<std::size_t>(r)];
         if (s < 0) {

@@ -33,8 +33,9 @@ class RowCoalescer {
     // gradient of row(k): the values row itself when the row appears once.
     void sum_repeats(int threads);
 
-    std::int64_t row(std::size_t k) const { return rows_[k]; }
-    const void* grad(std::size_t k) const { return grads_[k]; }
+    // The row numbers and coalesced gradient rows from position k on.
+    const std::int64_t* rows(std::size_t k) const { return rows_.data() + k; }
+    const void* const* grads(std::size_t k) const { return grads_.data() + k; }
     std::size_t size() const { return rows_.size(); }
 
    private:

@@ -91,12 +91,9 @@ inline void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& blo
 }
 
 template <class T, unsigned Variant>
-void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+inline void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
+                      const Coefficients<typename Simd<T>::V>& c) {
     constexpr int width = Simd<T>::width;
-    const auto c = broadcast_coefficients(constants_for<T>(*t.constants), Simd<T>::broadcast);
-    const AdamBuffers<T> b{static_cast<T*>(t.param), static_cast<const T*>(t.grad), static_cast<T*>(t.exp_avg),
-                           static_cast<T*>(t.exp_avg_sq), static_cast<T*>(t.max_exp_avg_sq)};
-    std::int64_t i = begin;
     // Two registers per iteration give the divider two independent chains.
     for (; i + 2 * width <= end; i += 2 * width) {
         adam_block<T, Variant>(b, i, FullBlock<T>{}, c);
@@ -104,6 +101,50 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
     }
     for (; i + width <= end; i += width) adam_block<T, Variant>(b, i, FullBlock<T>{}, c);
     if (i < end) adam_block<T, Variant>(b, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
+}
+
+template <class T>
+AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
+    auto at = [offset](void* p) { return p == nullptr ? nullptr : static_cast<T*>(p) + offset; };
+    return {at(t.param), static_cast<const T*>(grad), at(t.exp_avg), at(t.exp_avg_sq), at(t.max_exp_avg_sq)};
+}
+
+// Rows this far ahead are prefetched: table rows are scattered, so the
+// hardware prefetcher cannot guess them, and each one would otherwise wait
+// for its own memory round trip.
+constexpr std::int64_t kPrefetchRows = 8;
+
+template <class T>
+inline void prefetch_row(const AdamTensor& t, std::int64_t row) {
+    const std::int64_t offset = row * t.row_size;
+    const std::int64_t bytes = t.row_size * static_cast<std::int64_t>(sizeof(T));
+    void* const tables[] = {t.param, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq};
+    for (void* base : tables) {
+        if (base == nullptr) continue;
+        const char* p = reinterpret_cast<const char*>(static_cast<T*>(base) + offset);
+        for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1, 3);
+    }
+}
+
+template <class T, unsigned Variant>
+void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+    const auto c = broadcast_coefficients(constants_for<T>(*t.constants), Simd<T>::broadcast);
+    if (t.rows == nullptr) {
+        adam_loop<T, Variant>(buffers_at<T>(t, 0, t.grad), begin, end, c);
+        return;
+    }
+    // A row gather: walk the rows that [begin, end) covers.
+    std::int64_t k = begin / t.row_size;
+    std::int64_t column = begin % t.row_size;
+    const std::int64_t row_count = t.size / t.row_size;
+    for (std::int64_t e = begin; e < end; ++k, column = 0) {
+        if (k + kPrefetchRows < row_count) prefetch_row<T>(t, t.rows[k + kPrefetchRows]);
+        const std::int64_t rest = t.row_size - column;  // (no std::min: see VariantTable)
+        const std::int64_t stop = column + (rest < end - e ? rest : end - e);
+        const AdamBuffers<T> row = buffers_at<T>(t, t.rows[k] * t.row_size, t.grad_rows[k]);
+        adam_loop<T, Variant>(row, column, stop, c);
+        e += stop - column;
+    }
 }
 
 using AdamRangeFn = void (*)(const AdamTensor&, std::int64_t, std::int64_t);
