@@ -33,7 +33,8 @@ AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double in
                             static_cast<T>(1.0 - h.lr * h.weight_decay),
                             static_cast<T>(step_size),
                             static_cast<T>(inv_bias_correction2_sqrt),
-                            static_cast<T>(h.eps)};
+                            static_cast<T>(h.eps),
+                            static_cast<T>(1.0)};
 }
 
 // Keeps the Python objects of one call alive while the GIL is released: a
@@ -149,10 +150,24 @@ std::uint8_t variant_of(const AdamHyper& h) {
     return static_cast<std::uint8_t>(v);
 }
 
-void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
-               PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
+void set_grad_scale(AdamConstantsPair& constants, double grad_scale) {
+    const double inv = grad_scale > 0.0 ? 1.0 / grad_scale : 1.0;
+    constants.f32.inv_grad_scale = static_cast<float>(inv);
+    constants.f64.inv_grad_scale = inv;
+}
+
+bool launch_step(const AdamTensor* tensors, std::size_t count, int num_threads, bool skip_if_nonfinite) {
+    if (skip_if_nonfinite && any_nonfinite_grad(tensors, count, num_threads)) return false;
+    run_adam(tensors, count, num_threads);
+    return true;
+}
+
+bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
+               PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, PyObject* model_params,
+               const LossScaling& scaling, int num_threads) {
     const std::int64_t step = check_step(step_obj);
     const bool has_max = max_exp_avg_sqs != Py_None;
+    const bool has_model = model_params != Py_None;
     if (hyper.amsgrad && !has_max) throw ArgValueError{"max_exp_avg_sqs is required when amsgrad=True"};
     if (!hyper.amsgrad && has_max) throw ArgValueError{"max_exp_avg_sqs is given but amsgrad=False"};
 
@@ -161,12 +176,13 @@ void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
                                {grads, kNames[1], single},
                                {exp_avgs, kNames[2], single},
                                {exp_avg_sqs, kNames[3], single},
-                               {has_max ? max_exp_avg_sqs : params, kNames[4], single}};
+                               {has_max ? max_exp_avg_sqs : params, kNames[4], single},
+                               {has_model ? model_params : params, "model_params", single}};
     const std::size_t count = lists[0].size();
-    for (std::size_t k = 1; k < (has_max ? 5u : 4u); ++k)
-        if (lists[k].size() != count)
-            throw ArgValueError{std::string(kNames[k]) + " has " + std::to_string(lists[k].size()) +
-                                " arrays but params has " + std::to_string(count)};
+    for (std::size_t k = 1; k < 6; ++k)
+        if (lists[k].size() != count && (k != 4 || has_max) && (k != 5 || has_model))
+            throw ArgValueError{std::string(k == 5 ? "model_params" : kNames[k]) + " has " +
+                                std::to_string(lists[k].size()) + " arrays but params has " + std::to_string(count)};
 
     // Scratch reused between calls on this thread: no allocation once warm.
     thread_local std::vector<AdamTensor> tensors;
@@ -176,35 +192,49 @@ void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
     overlap.clear();
     KeepAlive keep(held);
 
-    const AdamConstantsPair constants = make_constants(hyper, step);
+    AdamConstantsPair constants = make_constants(hyper, step);
+    set_grad_scale(constants, scaling.grad_scale);
     const std::uint8_t variant = variant_of(hyper);
     for (std::size_t i = 0; i < count; ++i) {
-        const CheckedArray p = check_float_array(lists[0][i], lists[0].name(i), Access::write);
-        const CheckedArray g = check_float_array(lists[1][i], lists[1].name(i), Access::read);
+        const ArgName p_name = lists[0].name(i);
+        const CheckedArray p = check_float_array(lists[0][i], p_name, Access::write);
+        const void* grad = nullptr;
+        PyArrayObject* grad_array = nullptr;
+        const Storage grad_storage = check_grad(lists[1][i], lists[1].name(i), p, p_name, grad, grad_array);
         const CheckedArray m = check_float_array(lists[2][i], lists[2].name(i), Access::write);
         const CheckedArray v = check_float_array(lists[3][i], lists[3].name(i), Access::write);
-        check_same_layout(g, lists[1].name(i), p, lists[0].name(i));
-        check_same_layout(m, lists[2].name(i), p, lists[0].name(i));
-        check_same_layout(v, lists[3].name(i), p, lists[0].name(i));
-        overlap.add(p, lists[0].name(i), Access::write);
-        overlap.add(g, lists[1].name(i), Access::read);
+        check_same_layout(m, lists[2].name(i), p, p_name);
+        check_same_layout(v, lists[3].name(i), p, p_name);
+        overlap.add(p, p_name, Access::write);
+        overlap.add(grad_array, lists[1].name(i), Access::read);
         overlap.add(m, lists[2].name(i), Access::write);
         overlap.add(v, lists[3].name(i), Access::write);
-        void* max_data = nullptr;
+        AdamTensor t{p.data, grad, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant};
         if (has_max) {
             const CheckedArray x = check_float_array(lists[4][i], lists[4].name(i), Access::write);
-            check_same_layout(x, lists[4].name(i), p, lists[0].name(i));
+            check_same_layout(x, lists[4].name(i), p, p_name);
             overlap.add(x, lists[4].name(i), Access::write);
-            max_data = x.data;
+            t.max_exp_avg_sq = x.data;
         }
-        tensors.push_back({p.data, g.data, m.data, v.data, max_data, p.size, &constants, p.dtype, variant});
+        if (has_model) {
+            if (p.dtype != DType::float32)
+                throw ArgTypeError{p_name.str() + ": the master copy of a model param must be float32, got float64"};
+            PyArrayObject* model = check_16bit_array(lists[5][i], lists[5].name(i), Access::write, t.model_storage);
+            check_same_shape(model, lists[5].name(i), p.array, p_name);
+            overlap.add(model, lists[5].name(i), Access::write);
+            t.model = PyArray_DATA(model);
+        }
+        t.grad_storage = grad_storage;
+        t.scale_grad = scaling.grad_scale > 0.0;
+        tensors.push_back(t);
     }
     overlap.check();
 
     if (!single)
-        for (std::size_t k = 0; k < (has_max ? 5u : 4u); ++k)
-            for (std::size_t i = 0; i < count; ++i) keep.hold(lists[k][i]);
-    run_adam(tensors.data(), tensors.size(), num_threads);
+        for (std::size_t k = 0; k < 6; ++k)
+            if ((k != 4 || has_max) && (k != 5 || has_model))
+                for (std::size_t i = 0; i < count; ++i) keep.hold(lists[k][i]);
+    return launch_step(tensors.data(), tensors.size(), num_threads, scaling.skip_if_nonfinite);
 }
 
 void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
@@ -241,32 +271,50 @@ void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyOb
     run_adam(&rows_of_table, 1, num_threads);
 }
 
-void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads) {
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, int num_threads) {
     const bool single = is_single_array(a);
-    const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single}};
+    const bool has_e = e != Py_None;
+    const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single},
+                               {has_e ? e : a, "e", single}};
     const std::size_t count = lists[0].size();
     for (const auto& l : lists)
-        if (l.size() != count) throw ArgValueError{"probe: the four lists must have equal lengths"};
+        if (l.size() != count) throw ArgValueError{"probe: the lists must have equal lengths"};
     thread_local std::vector<ProbeTensor> tensors;
     tensors.clear();
     for (std::size_t i = 0; i < count; ++i) {
         CheckedArray x[4];
-        for (int k = 0; k < 4; ++k) {
-            x[k] = check_float_array(lists[k][i], lists[k].name(i), k == 1 ? Access::read : Access::write);
-            if (k > 0) check_same_layout(x[k], lists[k].name(i), x[0], lists[0].name(i));
+        for (int k : {0, 2, 3}) {
+            x[k] = check_float_array(lists[k][i], lists[k].name(i), Access::write);
+            check_same_layout(x[k], lists[k].name(i), x[0], lists[0].name(i));
         }
-        tensors.push_back({x[0].data, x[1].data, x[2].data, x[3].data, x[0].size, x[0].dtype});
+        const void* b_data = nullptr;
+        PyArrayObject* b_array = nullptr;
+        const Storage b_storage = check_grad(lists[1][i], lists[1].name(i), x[0], lists[0].name(i), b_data, b_array);
+        if (b_storage == Storage::float16) throw ArgTypeError{"probe: b must be float32, float64 or bfloat16"};
+        ProbeTensor t{x[0].data, b_data, x[2].data, x[3].data, x[0].size, x[0].dtype};
+        t.bf16_b = b_storage == Storage::bfloat16;
+        if (has_e) {
+            Storage e_storage = Storage::same;
+            PyArrayObject* e_array = check_16bit_array(lists[4][i], lists[4].name(i), Access::write, e_storage);
+            if (!t.bf16_b || e_storage != Storage::bfloat16) throw ArgTypeError{"probe: e needs bfloat16 b and e"};
+            check_same_shape(e_array, lists[4].name(i), x[0].array, lists[0].name(i));
+            t.e = PyArray_DATA(e_array);
+        }
+        tensors.push_back(t);
     }
     run_probe(tensors.data(), tensors.size(), num_threads);
 }
 
 AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-                   std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps)
+                   PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count,
+                   EpsPlacement eps)
     : group_of_(std::move(group_of)), group_count_(group_count), eps_(eps) {
     const ArrayList p_list(params, kNames[0], false), m_list(exp_avgs, kNames[2], false),
-        v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false);
+        v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false),
+        model_list(model_params, "model_params", false);
     const std::size_t count = p_list.size();
-    if (m_list.size() != count || v_list.size() != count || x_list.size() != count || group_of_.size() != count)
+    if (m_list.size() != count || v_list.size() != count || x_list.size() != count ||
+        model_list.size() != count || group_of_.size() != count)
         throw ArgValueError{"AdamPlan: params, state lists and group indices must have equal lengths"};
     OverlapCheck overlap;
     try {
@@ -312,6 +360,21 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
             params_.push_back(p.array);
             has_max_.push_back(has_max);
             tensors_.push_back({p.data, nullptr, m.data, v.data, max_data, p.size, nullptr, p.dtype, 0});
+            if (model_list[i] != Py_None) {
+                if (p.dtype != DType::float32)
+                    throw ArgTypeError{p_list.name(i).str() + ": the master copy of a model param must be float32"};
+                PyArrayObject* model = check_16bit_array(model_list[i], model_list.name(i), Access::write,
+                                                         tensors_.back().model_storage);
+                check_same_shape(model, model_list.name(i), p.array, p_list.name(i));
+                overlap.add(model, model_list.name(i), Access::write);
+                owned_.push_back(model_list[i]);
+                Py_INCREF(model_list[i]);
+                written_.push_back(model);
+                const auto b = reinterpret_cast<std::uintptr_t>(PyArray_DATA(model));
+                if (PyArray_SIZE(model) > 0)
+                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(model)), i});
+                tensors_.back().model = PyArray_DATA(model);
+            }
         }
         overlap.check();
     } catch (...) {
@@ -339,7 +402,7 @@ void AdamPlan::set_steps(const std::vector<std::int64_t>& steps) {
     steps_ = steps;
 }
 
-void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
+bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads) {
     // The hyperparameters of every group, checked first.
     if (!PyList_Check(groups) || PyList_GET_SIZE(groups) != group_count_)
         throw ArgValueError{"AdamPlan.step: expected a list of one hyperparameter tuple per group"};
@@ -390,6 +453,9 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
             const std::string i_str = where + ".indices", v_str = where + ".values";
             const ArgName i_name{i_str.c_str(), -1}, v_name{v_str.c_str(), -1};
             PyObject* indices = PyTuple_GET_ITEM(item, 0);
+            if (tensors_[i].model != nullptr)
+                throw ArgTypeError{where + ": row-sparse gradients are not supported for params with a "
+                                           "float16/bfloat16 model copy"};
             const CheckedArray val = check_row_values(PyTuple_GET_ITEM(item, 1), v_name, indices, i_name, p, p_name);
             check_not_written(reinterpret_cast<std::uintptr_t>(val.data),
                               static_cast<std::size_t>(PyArray_NBYTES(val.array)), v_name);
@@ -397,14 +463,14 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
             table_geometry(p, p_name, rows, row_size);
             sparse_rows[i] = coalescer.add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
                                            row_size, val.dtype);
+            tensors_[i].grad_storage = Storage::same;
             any_sparse = true;
             continue;
         }
-        const CheckedArray g = check_float_array(item, g_list.name(i), Access::read);
-        check_same_layout(g, g_list.name(i), p, p_name);
-        check_not_written(reinterpret_cast<std::uintptr_t>(g.data), static_cast<std::size_t>(PyArray_NBYTES(g.array)),
-                          g_list.name(i));
-        tensors_[i].grad = g.data;
+        PyArrayObject* g_array = nullptr;
+        tensors_[i].grad_storage = check_grad(item, g_list.name(i), p, p_name, tensors_[i].grad, g_array);
+        check_not_written(reinterpret_cast<std::uintptr_t>(PyArray_DATA(g_array)),
+                          static_cast<std::size_t>(PyArray_NBYTES(g_array)), g_list.name(i));
     }
 
     // Constants per (group, step), reusing the previous tensor's when equal.
@@ -416,17 +482,19 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
             tensors_[i].constants = tensors_[last].constants;
         } else {
             constants_[i] = make_constants(h, t, eps_);
+            set_grad_scale(constants_[i], scaling.grad_scale);
             tensors_[i].constants = &constants_[i];
             last = i;
         }
         tensors_[i].variant = variant_of(h);
+        tensors_[i].scale_grad = scaling.grad_scale > 0.0;
     }
     // Hold the gradients while the GIL may be released.
     thread_local std::vector<PyObject*> held;
     KeepAlive keep(held);
     for (std::size_t i = 0; i < g_list.size(); ++i) keep.hold(g_list[i]);
     if (!any_sparse) {
-        run_adam(tensors_.data(), tensors_.size(), num_threads);
+        if (!launch_step(tensors_.data(), tensors_.size(), num_threads, scaling.skip_if_nonfinite)) return false;
     } else {
         // Dense params as they are; a sparse one as the gather of its present rows.
         coalescer.sum_repeats(num_threads);
@@ -441,9 +509,10 @@ void AdamPlan::step(PyObject* grads, PyObject* groups, int num_threads) {
             const std::int64_t row_size = rows == 0 ? 0 : tensors_[i].size / rows;
             jobs.push_back(gather_tensor(tensors_[i], coalescer, sparse_rows[i], row_size));
         }
-        run_adam(jobs.data(), jobs.size(), num_threads);
+        if (!launch_step(jobs.data(), jobs.size(), num_threads, scaling.skip_if_nonfinite)) return false;
     }
     for (auto& s : steps_) ++s;
+    return true;
 }
 
 void AdamPlan::check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const {

@@ -32,10 +32,21 @@ enum class EpsPlacement : std::uint8_t { adam, sparse_adam };
 AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps = EpsPlacement::adam);
 std::uint8_t variant_of(const AdamHyper& h);
 
+// Loss scaling: gradients are multiplied by 1 / grad_scale (0: no scaling);
+// with skip_if_nonfinite, a step whose scaled gradients hold a NaN or inf is
+// skipped whole, before anything is written.
+struct LossScaling {
+    double grad_scale = 0.0;
+    bool skip_if_nonfinite = false;
+};
+
 // fastadam.adam_step: params..max_exp_avg_sqs are arrays, or equal-length
-// sequences of arrays (max_exp_avg_sqs is None unless amsgrad).
-void adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
-               PyObject* max_exp_avg_sqs, PyObject* step, const AdamHyper& hyper, int num_threads);
+// sequences of arrays (max_exp_avg_sqs is None unless amsgrad; model_params
+// is None or the float16/bfloat16 copies of float32 params).  Returns false
+// when the step was skipped.
+bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
+               PyObject* max_exp_avg_sqs, PyObject* step, const AdamHyper& hyper, PyObject* model_params,
+               const LossScaling& scaling, int num_threads);
 
 // fastadam.sparse_adam_step: torch.optim.SparseAdam's lazy update of the rows
 // of `param` named by `indices` (repeats summed first).
@@ -43,7 +54,7 @@ void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyOb
                       PyObject* step, const AdamHyper& hyper, int num_threads);
 
 // The probe over (a, b, c, d) lists: same access pattern as the step.
-void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, int num_threads);
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, int num_threads);
 
 // The prepared step of fastadam.Adam: params and state are checked once, when
 // the optimizer is built; each step checks only the gradients and the
@@ -52,8 +63,10 @@ class AdamPlan {
    public:
     // group_of[i] is the param group of params[i]; max_exp_avg_sqs[i] is None
     // for params whose group does not use amsgrad.
+    // model_params[i] is None, or the float16/bfloat16 copy that params[i]
+    // (then a float32 master) is rounded into after each step.
     AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-             std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps);
+             PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps);
     ~AdamPlan();
     AdamPlan(const AdamPlan&) = delete;
     AdamPlan& operator=(const AdamPlan&) = delete;
@@ -62,7 +75,7 @@ class AdamPlan {
     // gradient, which updates only those rows (the lazy update).
     // groups: one (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
     // maximize) tuple per group.
-    void step(PyObject* grads, PyObject* groups, int num_threads);
+    bool step(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads);
 
     std::size_t size() const { return tensors_.size(); }
     const std::vector<std::int64_t>& steps() const { return steps_; }

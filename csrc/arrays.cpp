@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace fastadam {
 
@@ -58,18 +59,65 @@ static std::string describe_shape(PyArrayObject* a) {
     return s + (nd == 1 ? ",)" : ")");
 }
 
+void check_same_shape(PyArrayObject* other, const ArgName& name, PyArrayObject* param, const ArgName& param_name) {
+    const int nd = PyArray_NDIM(param);
+    const bool same_shape =
+        PyArray_NDIM(other) == nd && std::equal(PyArray_DIMS(param), PyArray_DIMS(param) + nd, PyArray_DIMS(other));
+    if (!same_shape)
+        throw ArgValueError{name.str() + ": shape " + describe_shape(other) + " does not match " + param_name.str() +
+                            "'s shape " + describe_shape(param)};
+}
+
 void check_same_layout(const CheckedArray& other, const ArgName& name, const CheckedArray& param,
                        const ArgName& param_name) {
     if (other.dtype != param.dtype)
         throw ArgTypeError{name.str() + ": dtype " + dtype_name(other.dtype) + " does not match " +
                            param_name.str() + "'s dtype " + dtype_name(param.dtype)};
-    const int nd = PyArray_NDIM(param.array);
-    const bool same_shape = PyArray_NDIM(other.array) == nd &&
-                            std::equal(PyArray_DIMS(param.array), PyArray_DIMS(param.array) + nd,
-                                       PyArray_DIMS(other.array));
-    if (!same_shape)
-        throw ArgValueError{name.str() + ": shape " + describe_shape(other.array) + " does not match " +
-                            param_name.str() + "'s shape " + describe_shape(param.array)};
+    check_same_shape(other.array, name, param.array, param_name);
+}
+
+// float16, or ml_dtypes' bfloat16 (a user dtype, recognised by its scalar type).
+static bool storage_of(PyArrayObject* a, Storage& storage) {
+    if (PyArray_TYPE(a) == NPY_FLOAT16 && PyArray_ISNOTSWAPPED(a)) {
+        storage = Storage::float16;
+        return true;
+    }
+    const char* type_name = PyArray_DESCR(a)->typeobj->tp_name;
+    const char* dot = std::strrchr(type_name, '.');
+    if (PyArray_ITEMSIZE(a) == 2 && std::strcmp(dot ? dot + 1 : type_name, "bfloat16") == 0) {
+        storage = Storage::bfloat16;
+        return true;
+    }
+    return false;
+}
+
+PyArrayObject* check_16bit_array(PyObject* obj, const ArgName& name, Access access, Storage& storage) {
+    if (!PyArray_Check(obj))
+        throw ArgTypeError{name.str() + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name};
+    auto* a = reinterpret_cast<PyArrayObject*>(obj);
+    if (!storage_of(a, storage))
+        throw ArgTypeError{name.str() + ": dtype must be float16 or bfloat16, got " + describe_dtype(a)};
+    if (!PyArray_IS_C_CONTIGUOUS(a))
+        throw ArgValueError{name.str() + ": must be C-contiguous (fastadam never works on a copy)"};
+    if (access == Access::write && !PyArray_ISWRITEABLE(a))
+        throw ArgValueError{name.str() + ": array is read-only, but it is updated in place"};
+    return a;
+}
+
+Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
+                   const void*& data, PyArrayObject*& array) {
+    Storage storage = Storage::same;
+    if (PyArray_Check(obj) && param.dtype == DType::float32 &&
+        storage_of(reinterpret_cast<PyArrayObject*>(obj), storage)) {
+        array = check_16bit_array(obj, name, Access::read, storage);
+        check_same_shape(array, name, param.array, param_name);
+    } else {
+        const CheckedArray g = check_float_array(obj, name, Access::read);
+        check_same_layout(g, name, param, param_name);
+        array = g.array;
+    }
+    data = PyArray_DATA(array);
+    return storage;
 }
 
 void OverlapCheck::add(const CheckedArray& a, const ArgName& name, Access access) {

@@ -77,6 +77,16 @@ CheckedArray check_float_array(PyObject* obj, const ArgName& name, Access access
 // `other` has the dtype and shape of `param` (whose name is `param_name`).
 void check_same_layout(const CheckedArray& other, const ArgName& name, const CheckedArray& param,
                        const ArgName& param_name);
+void check_same_shape(PyArrayObject* other, const ArgName& name, PyArrayObject* param, const ArgName& param_name);
+
+// A float16 or bfloat16 (ml_dtypes) array, C-contiguous, writeable when
+// `access` is write; its storage is returned in `storage`.
+PyArrayObject* check_16bit_array(PyObject* obj, const ArgName& name, Access access, Storage& storage);
+
+// A gradient for `param`: the param's dtype, or float16 / bfloat16 when the
+// param is float32 (mixed precision); returns its storage.
+Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
+                   const void*& data, PyArrayObject*& array);
 
 // Detects arrays that share memory where one of them is written.  Intervals
 // are collected, then check() sorts and sweeps them in O(n log n).

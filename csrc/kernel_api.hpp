@@ -20,7 +20,11 @@ enum AdamVariant : std::uint8_t {
     kDecoupledDecay = 1u << 2,   // p = p * (1 - lr * weight_decay)   (AdamW)
     kAmsgrad = 1u << 3,          // v_used = max(v_max, v)
     kVariantCount = 1u << 4,
+    kScaleGrad = 1u << 4,        // g = g * (1 / grad_scale), first; implied by the mixed-precision kernels
 };
+
+// How a gradient or a model copy is stored when it is not the working dtype.
+enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2 };
 
 // The per-element constants, rounded from double to the working dtype once on
 // the host.  fastadam.reference derives exactly the same values.
@@ -35,6 +39,7 @@ struct AdamConstants {
     T step_size;              // lr / (1 - beta1^t)
     T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
     T eps;
+    T inv_grad_scale;  // 1 / grad_scale (1 without loss scaling)
 };
 
 // The same constants in both working dtypes, so one set serves a call that
@@ -65,17 +70,30 @@ struct AdamTensor {
     const std::int64_t* rows = nullptr;
     const void* const* grad_rows = nullptr;
     std::int64_t row_size = 0;
+    // Mixed precision (float32 params only): the gradient may be float16 or
+    // bfloat16, and `model` (if set) receives the updated param rounded to
+    // nearest-even in `model_storage`.  A tensor with any of these, or with
+    // `scale_grad`, runs the mixed-precision kernels, which multiply the
+    // gradient by constants->inv_grad_scale first.
+    void* model = nullptr;
+    Storage grad_storage = Storage::same;
+    Storage model_storage = Storage::same;  // same: no model copy
+    bool scale_grad = false;
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,
 // with trivial arithmetic.  It is the benchmark's speed limit.
 struct ProbeTensor {
     void* a;        // read and written
-    const void* b;  // read only
+    const void* b;  // read only (bfloat16 when bf16_b)
     void* c;        // read and written
     void* d;        // read and written
     std::int64_t size;
     DType dtype;
+    // The mixed-precision pattern (float32 only): b is bfloat16, and e (a
+    // bfloat16 array, when set) receives a's new value truncated to bfloat16.
+    bool bf16_b = false;
+    void* e = nullptr;
 };
 
 // What one instruction-set level provides.  Each function updates the
@@ -84,6 +102,9 @@ struct KernelTable {
     const char* isa_name;
     void (*adam_range)(const AdamTensor& tensor, std::int64_t begin, std::int64_t end);
     void (*probe_range)(const ProbeTensor& tensor, std::int64_t begin, std::int64_t end);
+    // Whether any gradient element of [begin, end), times inv_grad_scale, is
+    // NaN or infinite (the check of skip_if_nonfinite).
+    bool (*nonfinite_range)(const AdamTensor& tensor, std::int64_t begin, std::int64_t end);
     int vector_bytes;  // SIMD register width used by this level
 };
 

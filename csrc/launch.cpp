@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "dispatch.hpp"
@@ -69,6 +70,24 @@ int threads_for(std::int64_t total, int requested) {
 
 void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads) {
     run(tensors, count, requested_threads, kernels().adam_range);
+}
+
+bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int requested_threads) {
+    thread_local std::vector<std::int64_t> starts;
+    starts.resize(count + 1);
+    starts[0] = 0;
+    for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + tensors[i].size;
+    struct Context {
+        const AdamTensor* tensors;
+        std::atomic<bool> found{false};
+    } context{tensors};
+    auto piece = [](void* ctx, std::size_t k, std::int64_t begin, std::int64_t end) {
+        auto* c = static_cast<Context*>(ctx);
+        if (!c->found.load(std::memory_order_relaxed) && kernels().nonfinite_range(c->tensors[k], begin, end))
+            c->found.store(true, std::memory_order_relaxed);
+    };
+    run_in_pieces(starts.data(), count, requested_threads, PieceFn{&context, piece});
+    return context.found.load();
 }
 
 void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads) {

@@ -28,6 +28,8 @@ int threads_for(std::int64_t total, int requested);
 void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_threads, PieceFn fn);
 
 void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads);
+// Whether any gradient element times inv_grad_scale is NaN or infinite.
+bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int requested_threads);
 void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads);
 
 }  // namespace fastadam

@@ -27,6 +27,17 @@ int to_num_threads(py::handle obj) {
     return static_cast<int>(std::min<std::int64_t>(n, 1 << 16));
 }
 
+LossScaling to_loss_scaling(py::handle grad_scale, py::handle skip_if_nonfinite) {
+    LossScaling scaling;
+    if (!grad_scale.is_none()) {
+        scaling.grad_scale = to_double(grad_scale.ptr(), "grad_scale");
+        if (!(scaling.grad_scale > 0.0))
+            throw ArgValueError{"grad_scale must be None or > 0, got " + std::to_string(scaling.grad_scale)};
+    }
+    scaling.skip_if_nonfinite = to_bool(skip_if_nonfinite.ptr(), "skip_if_nonfinite");
+    return scaling;
+}
+
 // betas as a pair of numbers.
 void split_betas(py::handle betas, PyObject*& beta1, PyObject*& beta2) {
     if (!(PyTuple_Check(betas.ptr()) || PyList_Check(betas.ptr())) || PySequence_Size(betas.ptr()) != 2)
@@ -78,13 +89,14 @@ PYBIND11_MODULE(_core, m) {
         [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
            py::handle max_exp_avg_sqs, py::handle step, py::handle lr, py::handle betas, py::handle eps,
            py::handle weight_decay, py::handle decoupled, py::handle amsgrad, py::handle maximize,
-           py::handle num_threads) {
+           py::handle model_params, py::handle grad_scale, py::handle skip_if_nonfinite, py::handle num_threads) {
             PyObject *beta1, *beta2;
             split_betas(betas, beta1, beta2);
             const AdamHyper h = check_hyper(lr.ptr(), beta1, beta2, eps.ptr(), weight_decay.ptr(),
                                             decoupled.ptr(), amsgrad.ptr(), maximize.ptr());
-            adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
-                      step.ptr(), h, to_num_threads(num_threads));
+            return adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
+                             step.ptr(), h, model_params.ptr(), to_loss_scaling(grad_scale, skip_if_nonfinite),
+                             to_num_threads(num_threads));
         },
         "Positional core of fastadam.adam_step.");
 
@@ -104,22 +116,28 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "probe_step",
-        [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads) {
-            probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), to_num_threads(num_threads));
+        [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads, py::handle e) {
+            probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), e.ptr(), to_num_threads(num_threads));
         },
-        "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).");
+        py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("num_threads") = py::none(),
+        py::arg("e") = py::none(),
+        "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).\n"
+        "With float32 a, c, d and a bfloat16 b (and optionally a bfloat16 e, which receives a), the traffic of\n"
+        "the mixed-precision step.");
 
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
-                         py::handle max_exp_avg_sqs, std::vector<std::int64_t> group_of, std::int64_t groups,
-                         bool sparse_adam_eps) {
+                         py::handle max_exp_avg_sqs, py::handle model_params, std::vector<std::int64_t> group_of,
+                         std::int64_t groups, bool sparse_adam_eps) {
             return new AdamPlan(params.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
-                                std::move(group_of), groups,
+                                model_params.ptr(), std::move(group_of), groups,
                                 sparse_adam_eps ? EpsPlacement::sparse_adam : EpsPlacement::adam);
         }))
         .def("step",
-             [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle num_threads) {
-                 plan.step(grads.ptr(), groups.ptr(), to_num_threads(num_threads));
+             [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle grad_scale,
+                py::handle skip_if_nonfinite, py::handle num_threads) {
+                 return plan.step(grads.ptr(), groups.ptr(), to_loss_scaling(grad_scale, skip_if_nonfinite),
+                                  to_num_threads(num_threads));
              })
         .def_property("steps", &AdamPlan::steps, &AdamPlan::set_steps)
         .def("__len__", &AdamPlan::size);

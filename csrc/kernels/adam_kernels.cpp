@@ -36,11 +36,22 @@ namespace {
 // How a block of elements is moved between memory and registers: a whole
 // register, or only its first `count` lanes for the tail of a range.  The
 // update itself does not know which one it got, so body and tail round alike.
+// load16/store16 move float16/bfloat16 storage (float registers only).
 template <class T>
 struct FullBlock {
     using V = typename Simd<T>::V;
     V load(const T* p) const { return load_full<T>(p); }
     void store(T* p, V x) const { store_full<T>(p, x); }
+    template <Storage S>
+    V load16(const std::uint16_t* p) const {
+        if constexpr (S == Storage::float16) return load_f16(p);
+        else return load_bf16(p);
+    }
+    template <Storage S>
+    void store16(std::uint16_t* p, V x) const {
+        if constexpr (S == Storage::float16) store_f16(p, x);
+        else store_bf16(p, x);
+    }
 };
 
 template <class T>
@@ -49,6 +60,19 @@ struct PartialBlock {
     int count;
     V load(const T* p) const { return Simd<T>::load_first(p, count); }
     void store(T* p, V x) const { Simd<T>::store_first(p, x, count); }
+    // Staged through a zeroed register's worth of 16-bit values.
+    template <Storage S>
+    V load16(const std::uint16_t* p) const {
+        std::uint16_t staged[Simd<T>::width] = {};
+        std::memcpy(staged, p, sizeof(std::uint16_t) * static_cast<unsigned>(count));
+        return FullBlock<T>{}.template load16<S>(staged);
+    }
+    template <Storage S>
+    void store16(std::uint16_t* p, V x) const {
+        std::uint16_t staged[Simd<T>::width];
+        FullBlock<T>{}.template store16<S>(staged, x);
+        std::memcpy(p, staged, sizeof(std::uint16_t) * static_cast<unsigned>(count));
+    }
 };
 
 template <class T>
@@ -61,17 +85,26 @@ const AdamConstants<T>& constants_for(const AdamConstantsPair& pair) {
 }
 
 // The tensor's buffers as typed locals: held in registers for the whole
-// range rather than re-read from the AdamTensor after every store.
+// range rather than re-read from the AdamTensor after every store.  The
+// gradient is a T or a 16-bit value (per Grad); `model` is the optional
+// 16-bit copy of the params.
 template <class T>
 struct AdamBuffers {
     T* param;
-    const T* grad;
+    const void* grad;
     T* exp_avg;
     T* exp_avg_sq;
     T* max_exp_avg_sq;
+    std::uint16_t* model;
 };
 
-template <class T, unsigned Variant, class Block>
+template <class T, Storage S, class Block>
+inline typename Simd<T>::V load_grad(const void* grad, std::int64_t i, const Block& block) {
+    if constexpr (S == Storage::same) return block.load(static_cast<const T*>(grad) + i);
+    else return block.template load16<S>(static_cast<const std::uint16_t*>(grad) + i);
+}
+
+template <class T, unsigned Variant, Storage Grad, Storage Model, class Block>
 inline void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& block,
                        const Coefficients<typename Simd<T>::V>& c) {
     using V = typename Simd<T>::V;
@@ -82,31 +115,33 @@ inline void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& blo
     V v_max = p;  // unused unless amsgrad; any initialised value will do
     if constexpr (amsgrad) v_max = block.load(b.max_exp_avg_sq + i);
 
-    adam_update<Variant>(p, block.load(b.grad + i), m, v, v_max, c, Simd<T>::sqrt);
+    adam_update<Variant>(p, load_grad<T, Grad>(b.grad, i, block), m, v, v_max, c, Simd<T>::sqrt);
 
     block.store(b.param + i, p);
     block.store(b.exp_avg + i, m);
     block.store(b.exp_avg_sq + i, v);
     if constexpr (amsgrad) block.store(b.max_exp_avg_sq + i, v_max);
+    if constexpr (Model != Storage::same) block.template store16<Model>(b.model + i, p);
 }
 
-template <class T, unsigned Variant>
+template <class T, unsigned Variant, Storage Grad, Storage Model>
 inline void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
                       const Coefficients<typename Simd<T>::V>& c) {
     constexpr int width = Simd<T>::width;
     // Two registers per iteration give the divider two independent chains.
     for (; i + 2 * width <= end; i += 2 * width) {
-        adam_block<T, Variant>(b, i, FullBlock<T>{}, c);
-        adam_block<T, Variant>(b, i + width, FullBlock<T>{}, c);
+        adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
+        adam_block<T, Variant, Grad, Model>(b, i + width, FullBlock<T>{}, c);
     }
-    for (; i + width <= end; i += width) adam_block<T, Variant>(b, i, FullBlock<T>{}, c);
-    if (i < end) adam_block<T, Variant>(b, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
+    for (; i + width <= end; i += width) adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
+    if (i < end) adam_block<T, Variant, Grad, Model>(b, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
 }
 
 template <class T>
 AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
     auto at = [offset](void* p) { return p == nullptr ? nullptr : static_cast<T*>(p) + offset; };
-    return {at(t.param), static_cast<const T*>(grad), at(t.exp_avg), at(t.exp_avg_sq), at(t.max_exp_avg_sq)};
+    auto* model = t.model == nullptr ? nullptr : static_cast<std::uint16_t*>(t.model) + offset;
+    return {at(t.param), grad, at(t.exp_avg), at(t.exp_avg_sq), at(t.max_exp_avg_sq), model};
 }
 
 // Rows this far ahead are prefetched: table rows are scattered, so the
@@ -126,11 +161,11 @@ inline void prefetch_row(const AdamTensor& t, std::int64_t row) {
     }
 }
 
-template <class T, unsigned Variant>
+template <class T, unsigned Variant, Storage Grad, Storage Model>
 void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
     const auto c = broadcast_coefficients(constants_for<T>(*t.constants), Simd<T>::broadcast);
     if (t.rows == nullptr) {
-        adam_loop<T, Variant>(buffers_at<T>(t, 0, t.grad), begin, end, c);
+        adam_loop<T, Variant, Grad, Model>(buffers_at<T>(t, 0, t.grad), begin, end, c);
         return;
     }
     // A row gather: walk the rows that [begin, end) covers.
@@ -142,7 +177,7 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
         const std::int64_t rest = t.row_size - column;  // (no std::min: see VariantTable)
         const std::int64_t stop = column + (rest < end - e ? rest : end - e);
         const AdamBuffers<T> row = buffers_at<T>(t, t.rows[k] * t.row_size, t.grad_rows[k]);
-        adam_loop<T, Variant>(row, column, stop, c);
+        adam_loop<T, Variant, Grad, Model>(row, column, stop, c);
         e += stop - column;
     }
 }
@@ -156,46 +191,113 @@ struct VariantTable {
     AdamRangeFn fn[kVariantCount];
 };
 
-template <class T, std::size_t... Variant>
+// One kernel per option combination of a family; `Extra` adds kScaleGrad.
+template <class T, Storage Grad, Storage Model, unsigned Extra, std::size_t... Variant>
 constexpr VariantTable make_variant_table(std::index_sequence<Variant...>) {
-    return VariantTable{{&adam_range_typed<T, Variant>...}};
+    return VariantTable{{&adam_range_typed<T, Variant | Extra, Grad, Model>...}};
 }
 
+template <class T, Storage Grad, Storage Model, unsigned Extra>
+constexpr VariantTable variants = make_variant_table<T, Grad, Model, Extra>(std::make_index_sequence<kVariantCount>{});
+
+constexpr Storage kSame = Storage::same, kHalf = Storage::float16, kBf16 = Storage::bfloat16;
+
+// The mixed-precision kernels of float32 params, by [grad storage][model storage].
+constexpr const VariantTable* kMixedFloat32[3][3] = {
+    {&variants<float, kSame, kSame, kScaleGrad>, &variants<float, kSame, kHalf, kScaleGrad>,
+     &variants<float, kSame, kBf16, kScaleGrad>},
+    {&variants<float, kHalf, kSame, kScaleGrad>, &variants<float, kHalf, kHalf, kScaleGrad>,
+     &variants<float, kHalf, kBf16, kScaleGrad>},
+    {&variants<float, kBf16, kSame, kScaleGrad>, &variants<float, kBf16, kHalf, kScaleGrad>,
+     &variants<float, kBf16, kBf16, kScaleGrad>},
+};
+
 void adam_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
-    static constexpr auto float32_variants = make_variant_table<float>(std::make_index_sequence<kVariantCount>{});
-    static constexpr auto float64_variants = make_variant_table<double>(std::make_index_sequence<kVariantCount>{});
-    const auto& table = t.dtype == DType::float32 ? float32_variants : float64_variants;
-    table.fn[t.variant](t, begin, end);
+    const bool mixed = t.scale_grad || t.grad_storage != Storage::same || t.model_storage != Storage::same;
+    const VariantTable* table;
+    if (t.dtype == DType::float32) {
+        table = mixed ? kMixedFloat32[static_cast<int>(t.grad_storage)][static_cast<int>(t.model_storage)]
+                      : &variants<float, kSame, kSame, 0>;
+    } else {
+        table = mixed ? &variants<double, kSame, kSame, kScaleGrad> : &variants<double, kSame, kSame, 0>;
+    }
+    table->fn[t.variant](t, begin, end);
+}
+
+// skip_if_nonfinite's check: is any g * inv_grad_scale NaN or infinite?
+template <class T, Storage Grad>
+bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+    using V = typename Simd<T>::V;
+    constexpr int width = Simd<T>::width;
+    const V scale = Simd<T>::broadcast(constants_for<T>(*t.constants).inv_grad_scale);
+    const V zero = Simd<T>::broadcast(T(0));
+    auto found = zero != zero;  // all lanes false
+    auto check = [&](V g) {
+        const V d = g * scale - g * scale;  // 0 when finite, NaN for NaN and inf
+        found = found | (d != d);
+    };
+    auto check_span = [&](const void* grad, std::int64_t i, std::int64_t stop) {
+        for (; i + width <= stop; i += width) check(load_grad<T, Grad>(grad, i, FullBlock<T>{}));
+        if (i < stop) check(load_grad<T, Grad>(grad, i, PartialBlock<T>{static_cast<int>(stop - i)}));
+    };
+    if (t.rows == nullptr) {
+        check_span(t.grad, begin, end);
+    } else {
+        for (std::int64_t e = begin; e < end;) {  // a row gather: each row's gradient is its own buffer
+            const std::int64_t k = e / t.row_size, column = e % t.row_size;
+            const std::int64_t stop = column + (t.row_size - column < end - e ? t.row_size - column : end - e);
+            check_span(t.grad_rows[k], column, stop);
+            e += stop - column;
+        }
+    }
+    for (int lane = 0; lane < width; ++lane)
+        if (found[lane]) return true;
+    return false;
+}
+
+bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
+    if (t.dtype == DType::float64) return nonfinite_range_typed<double, kSame>(t, begin, end);
+    switch (t.grad_storage) {
+        case Storage::float16: return nonfinite_range_typed<float, kHalf>(t, begin, end);
+        case Storage::bfloat16: return nonfinite_range_typed<float, kBf16>(t, begin, end);
+        default: return nonfinite_range_typed<float, kSame>(t, begin, end);
+    }
 }
 
 // The speed limit: the Adam step's memory traffic (read a, b, c, d; write a,
-// c, d) with one multiply-add per array instead of the update formula.
-template <class T, class Block>
+// c, d) with one multiply-add per array instead of the update formula.  The
+// mixed-precision pattern reads b as bfloat16 and also writes e.
+template <class T, bool Bf16, class Block>
 inline void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
     T* a = static_cast<T*>(t.a) + i;
-    const T* b = static_cast<const T*>(t.b) + i;
     T* c = static_cast<T*>(t.c) + i;
     T* d = static_cast<T*>(t.d) + i;
-    const auto bv = block.load(b);
-    block.store(a, block.load(a) * half + bv);
+    const auto bv = load_grad<T, Bf16 ? kBf16 : kSame>(t.b, i, block);
+    const auto av = block.load(a) * half + bv;
+    block.store(a, av);
     block.store(c, block.load(c) * half + bv);
     block.store(d, block.load(d) * half + bv);
+    if constexpr (Bf16) {
+        if (t.e != nullptr) block.template store16<kBf16>(static_cast<std::uint16_t*>(t.e) + i, av);
+    }
 }
 
-template <class T>
+template <class T, bool Bf16>
 void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     constexpr int width = Simd<T>::width;
     const auto half = Simd<T>::broadcast(T(0.5));
     std::int64_t i = begin;
-    for (; i + width <= end; i += width) probe_block<T>(t, i, FullBlock<T>{}, half);
-    if (i < end) probe_block<T>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, half);
+    for (; i + width <= end; i += width) probe_block<T, Bf16>(t, i, FullBlock<T>{}, half);
+    if (i < end) probe_block<T, Bf16>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, half);
 }
 
 void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
-    if (t.dtype == DType::float32) {
-        probe_range_typed<float>(t, begin, end);
+    if (t.dtype == DType::float64) {
+        probe_range_typed<double, false>(t, begin, end);
+    } else if (t.bf16_b) {
+        probe_range_typed<float, true>(t, begin, end);
     } else {
-        probe_range_typed<double>(t, begin, end);
+        probe_range_typed<float, false>(t, begin, end);
     }
 }
 
@@ -205,6 +307,7 @@ extern const KernelTable FASTADAM_CONCAT(kernel_table_, FASTADAM_ISA_NAME) = {
     FASTADAM_STRINGIFY(FASTADAM_ISA_NAME),
     &adam_range,
     &probe_range,
+    &nonfinite_range,
     static_cast<int>(sizeof(typename Simd<float>::V)),
 };
 

@@ -18,7 +18,7 @@ namespace {
 template <class V>
 struct Coefficients {
     V beta1, one_minus_beta1, beta2, one_minus_beta2;
-    V weight_decay, decay_factor, step_size, inv_bias_correction2_sqrt, eps;
+    V weight_decay, decay_factor, step_size, inv_bias_correction2_sqrt, eps, inv_grad_scale;
 };
 
 template <class Broadcast, class T>
@@ -28,7 +28,7 @@ inline auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcas
                            broadcast(k.beta2),        broadcast(k.one_minus_beta2),
                            broadcast(k.weight_decay), broadcast(k.decay_factor),
                            broadcast(k.step_size),    broadcast(k.inv_bias_correction2_sqrt),
-                           broadcast(k.eps)};
+                           broadcast(k.eps),          broadcast(k.inv_grad_scale)};
 }
 
 // max(a, b) that returns NaN when either input is NaN, like torch.maximum and
@@ -39,6 +39,7 @@ inline V maximum_propagating_nan(V a, V b) {
     return take_b ? b : a;
 }
 
+//   g  = g * (1 / grad_scale)                 if loss scaling (kScaleGrad)
 //   g  = -g                                   if maximize
 //   g  = g + weight_decay * p                 if L2 weight decay (Adam)
 //   p  = p * (1 - lr * weight_decay)          if decoupled weight decay (AdamW)
@@ -54,6 +55,7 @@ inline V maximum_propagating_nan(V a, V b) {
 template <unsigned Variant, class V, class Sqrt>
 inline void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
                         const Coefficients<V>& c, Sqrt sqrt) {
+    if constexpr ((Variant & kScaleGrad) != 0) grad = grad * c.inv_grad_scale;
     if constexpr ((Variant & kMaximize) != 0) grad = -grad;
     if constexpr ((Variant & kL2WeightDecay) != 0) grad = grad + c.weight_decay * param;
     if constexpr ((Variant & kDecoupledDecay) != 0) param = param * c.decay_factor;

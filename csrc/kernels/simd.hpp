@@ -13,6 +13,7 @@
 // into the baseline path (the one-definition-rule hazard of multi-ISA builds).
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -134,6 +135,123 @@ template <class T>
 inline void store_full(T* p, typename Simd<T>::V x) {
     std::memcpy(p, &x, sizeof x);
 }
+
+
+// ---- 16-bit float storage (mixed precision) ----------------------------------------------------------------
+// The scalar functions are the definition; each level's register versions
+// give the same bits.  Rounding is to nearest, ties to even; subnormals are
+// kept; NaN stays NaN (quiet) and inf stays inf.  bfloat16 is converted with
+// integer arithmetic on every level: AVX-512 BF16's vcvtneps2bf16 would be
+// faster but flushes subnormal inputs to zero.
+
+inline float bits_to_float(std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline std::uint32_t float_to_bits(float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+inline float bf16_to_float(std::uint16_t h) { return bits_to_float(std::uint32_t(h) << 16); }
+
+inline std::uint16_t float_to_bf16(float f) {
+    const std::uint32_t u = float_to_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+    return static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // ties to even; overflow -> inf
+}
+
+inline float f16_to_float(std::uint16_t h) {
+    const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+    const std::uint32_t exponent = (h >> 10) & 0x1Fu;
+    const std::uint32_t mantissa = h & 0x3FFu;
+    if (exponent == 0x1Fu) return bits_to_float(sign | 0x7F800000u | (mantissa << 13) | (mantissa ? 0x400000u : 0u));
+    if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+    // Subnormal (or zero): mantissa * 2^-24, exact in float.
+    return bits_to_float(sign | float_to_bits(static_cast<float>(mantissa) * 0x1p-24f));
+}
+
+inline std::uint16_t float_to_f16(float f) {
+    const std::uint32_t u = float_to_bits(f);
+    const std::uint32_t sign = (u >> 16) & 0x8000u;
+    std::uint32_t a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u)  // inf, or NaN (made quiet)
+        return static_cast<std::uint16_t>(sign | (a > 0x7F800000u ? 0x7E00u | ((a >> 13) & 0x3FFu) : 0x7C00u));
+    if (a >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to inf
+    if (a < 0x38800000u) {
+        // Below 2^-14: a float16 subnormal.  Adding 0.5 makes the float's last
+        // mantissa bit weigh 2^-24, the float16 subnormal step, so the float
+        // addition itself rounds to nearest even.
+        const float shifted = bits_to_float(a) + 0.5f;
+        return static_cast<std::uint16_t>(sign | (float_to_bits(shifted) - 0x3F000000u));
+    }
+    // Normal: rebias the exponent (15 - 127) and round the 13 dropped bits to nearest even.
+    a += 0xC8000FFFu + ((a >> 13) & 1u);
+    return static_cast<std::uint16_t>(sign | (a >> 13));
+}
+
+// Whole registers of Simd<float>::width values to and from 16-bit storage.
+#if defined(__AVX512F__)
+inline __m512 load_bf16(const std::uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store_bf16(std::uint16_t* p, __m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i high = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), high, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+inline __m512 load_f16(const std::uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store_f16(std::uint16_t* p, __m512 x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(__AVX2__)
+inline __m256 load_bf16(const std::uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store_bf16(std::uint16_t* p, __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i high = _mm256_srli_epi32(u, 16);
+    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(high, _mm256_set1_epi32(1)));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+    const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    // Every lane is <= 0xFFFF, so the saturating pack is a plain narrowing.
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline __m256 load_f16(const std::uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_f16(std::uint16_t* p, __m256 x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+inline Simd<float>::V load_bf16(const std::uint16_t* p) {
+    Simd<float>::V r;
+    for (int i = 0; i < Simd<float>::width; ++i) r[i] = bf16_to_float(p[i]);
+    return r;
+}
+inline void store_bf16(std::uint16_t* p, Simd<float>::V x) {
+    for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_bf16(x[i]);
+}
+inline Simd<float>::V load_f16(const std::uint16_t* p) {
+    Simd<float>::V r;
+    for (int i = 0; i < Simd<float>::width; ++i) r[i] = f16_to_float(p[i]);
+    return r;
+}
+inline void store_f16(std::uint16_t* p, Simd<float>::V x) {
+    for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_f16(x[i]);
+}
+#endif
 
 }  // namespace
 }  // namespace fastadam

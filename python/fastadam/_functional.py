@@ -15,11 +15,13 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
               max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
-              num_threads: Optional[int] = None) -> None:
+              model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
+              skip_if_nonfinite: bool = False, num_threads: Optional[int] = None) -> bool:
     r"""Apply one Adam (or AdamW) step in place, in a single pass over memory.
 
     For every element, with ``t = step`` (1 on the first step)::
 
+        g  = g * (1 / grad_scale)                if grad_scale (loss scaling)
         g  = -g                                  if maximize
         g  = g + weight_decay * p                if weight_decay and not decoupled_weight_decay
         p  = p * (1 - lr * weight_decay)         if weight_decay and decoupled_weight_decay (AdamW)
@@ -42,10 +44,29 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         The number of this step, counted from 1; it sets the bias corrections.
     max_exp_avg_sqs
         The running maximum of ``exp_avg_sqs``; required with ``amsgrad=True``.
+    model_params
+        Mixed precision: float16 or bfloat16 (``ml_dtypes.bfloat16``) copies of
+        the parameters, one per param.  ``params`` are then the float32 master
+        weights; in the same pass, each updated master value is rounded to
+        nearest-even into the model copy.  The gradients of float32 params may
+        be float16 or bfloat16 too.
+    grad_scale
+        Loss scaling: the gradients are multiplied by ``1 / grad_scale`` (rounded
+        once to the dtype) before anything else, as ``torch.amp.GradScaler``
+        unscales them.
+    skip_if_nonfinite
+        First check every (scaled) gradient; if one holds a NaN or an inf, skip
+        the whole step -- no array changes -- and return False.  This reads the
+        gradients twice.
     num_threads
         The most threads to use; by default OpenMP's setting (``OMP_NUM_THREADS``,
         ``threadpoolctl``) or :func:`fastadam.set_num_threads`.  Calls with
         fewer than ~32k elements in all run on the calling thread.
+
+    Returns
+    -------
+    bool
+        True if the step was applied, False if ``skip_if_nonfinite`` skipped it.
 
     Raises
     ------
@@ -53,8 +74,9 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         For a bad argument, named in the message with its list index.  Every
         check happens before the first write: a failing call changes nothing.
     """
-    _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps, weight_decay,
-                    decoupled_weight_decay, amsgrad, maximize, num_threads)
+    return _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps,
+                           weight_decay, decoupled_weight_decay, amsgrad, maximize, model_params, grad_scale,
+                           skip_if_nonfinite, num_threads)
 
 
 class RowSparseGrad(NamedTuple):

@@ -12,7 +12,9 @@ from . import _core
 from ._functional import RowSparseGrad
 
 _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+def _is_16bit_float(a: np.ndarray) -> bool:
+    """float16, or ml_dtypes' bfloat16 (NumPy has no bfloat16 of its own)."""
+    return a.dtype == np.float16 or (a.dtype.itemsize == 2 and a.dtype.name == "bfloat16")
 
 ParamsOrGroups = Union[Iterable[np.ndarray], Iterable[dict]]
 
@@ -27,7 +29,7 @@ def _check_group_hyperparameters(group: dict, where: str) -> None:
         # A zero-size step checks every hyperparameter and writes nothing.
         _core.adam_step(probe, probe, probe, probe, probe if group["amsgrad"] else None, 1, group["lr"], betas,
                         group["eps"], group["weight_decay"], group["decoupled_weight_decay"], group["amsgrad"],
-                        group["maximize"], None)
+                        group["maximize"], None, None, False, None)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
 
@@ -57,6 +59,12 @@ class Adam:
         As in ``torch.optim.Adam``; ``decoupled_weight_decay=True`` is AdamW.
     num_threads
         The most threads a step uses (default: OpenMP's setting).
+    master_weights
+        For float16 / bfloat16 params (bfloat16 from ``ml_dtypes``): keep a
+        float32 master copy of each (``state[i]["master_param"]``) and float32
+        moments; each step updates the master and, in the same pass, writes it
+        rounded to nearest-even into the param.  Without it such params are
+        refused.
 
     Examples
     --------
@@ -71,7 +79,9 @@ class Adam:
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 decoupled_weight_decay: bool = False, num_threads: Optional[int] = None) -> None:
+                 decoupled_weight_decay: bool = False, num_threads: Optional[int] = None,
+                 master_weights: bool = False) -> None:
+        self.master_weights = master_weights
         self.defaults: dict[str, Any] = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                              decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                                              maximize=maximize)
@@ -101,18 +111,28 @@ class Adam:
             if not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}]: expected a numpy.ndarray, got {type(p).__name__}")
         group_of = [k for k, g in enumerate(self.param_groups) for _ in g["params"]]
-        # Zero-initialised state in the parameter's dtype; the core checks
-        # dtypes, contiguity, writeability and aliasing of all of it at once.
+        # Zero-initialised state in the parameter's dtype (float32 with a
+        # master copy); the core checks dtypes, contiguity, writeability and
+        # aliasing of all of it at once.
         self.state: list[dict[str, np.ndarray]] = []
-        for p, k in zip(self._params, group_of):
-            s = {"exp_avg": np.zeros(p.shape, p.dtype), "exp_avg_sq": np.zeros(p.shape, p.dtype)}
+        for i, (p, k) in enumerate(zip(self._params, group_of)):
+            s: dict[str, np.ndarray] = {}
+            if _is_16bit_float(p):
+                if not master_weights:
+                    raise TypeError(f"params[{i}]: dtype {p.dtype} needs master_weights=True "
+                                    "(a float32 master copy is kept and rounded into it)")
+                s["master_param"] = np.ascontiguousarray(p, dtype=np.float32)
+            work_dtype = np.float32 if "master_param" in s else p.dtype
+            s["exp_avg"] = np.zeros(p.shape, work_dtype)
+            s["exp_avg_sq"] = np.zeros(p.shape, work_dtype)
             if self.param_groups[k]["amsgrad"]:
-                s["max_exp_avg_sq"] = np.zeros(p.shape, p.dtype)
+                s["max_exp_avg_sq"] = np.zeros(p.shape, work_dtype)
             self.state.append(s)
-        self._plan = _core.AdamPlan(self._params, [s["exp_avg"] for s in self.state],
-                                    [s["exp_avg_sq"] for s in self.state],
-                                    [s.get("max_exp_avg_sq") for s in self.state], group_of,
-                                    len(self.param_groups), self._sparse_adam_eps)
+        self._plan = _core.AdamPlan([s.get("master_param", p) for s, p in zip(self.state, self._params)],
+                                    [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state],
+                                    [s.get("max_exp_avg_sq") for s in self.state],
+                                    [p if "master_param" in s else None for s, p in zip(self.state, self._params)],
+                                    group_of, len(self.param_groups), self._sparse_adam_eps)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -126,12 +146,18 @@ class Adam:
         """The number of steps taken by each parameter array, in the order of all params."""
         return list(self._plan.steps)
 
-    def step(self, grads: Sequence[Union[np.ndarray, RowSparseGrad]]) -> None:
-        """Apply one step to every parameter, in place.
+    def step(self, grads: Sequence[Union[np.ndarray, RowSparseGrad]], *, grad_scale: Optional[float] = None,
+             skip_if_nonfinite: bool = False) -> bool:
+        """Apply one step to every parameter, in place; returns False if it was skipped.
 
         ``grads`` is a list with one gradient per parameter, in the order the
         parameters were given (across all groups): an array of the parameter's
-        shape, or a :class:`fastadam.RowSparseGrad` to update only some rows.  Only the gradients and
+        shape, or a :class:`fastadam.RowSparseGrad` to update only some rows.
+        The gradient of a float32 (or master-weighted) param may be float16 or
+        bfloat16.  ``grad_scale`` divides every gradient (loss scaling, applied
+        as a multiplication by its reciprocal); with ``skip_if_nonfinite`` a
+        NaN or inf in any scaled gradient skips the whole step: no array and
+        no step count changes (like ``torch.amp.GradScaler``).  Only the gradients and
         the groups' current hyperparameters are checked; a bad one raises
         before anything is written.
         """
@@ -142,14 +168,15 @@ class Adam:
                 raise TypeError(f"param_groups[{k}]: betas must be a pair (beta1, beta2), got {betas!r}")
             hyper.append((g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
                           g["amsgrad"], g["maximize"]))
-        self._plan.step(grads, hyper, self.num_threads)
+        return self._plan.step(grads, hyper, grad_scale, skip_if_nonfinite, self.num_threads)
 
     # -- saving and restoring --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot of the optimizer: copies of the state arrays, the step counts and the groups.
 
-        ``{"state": {i: {"step": int, "exp_avg": array, "exp_avg_sq": array[, "max_exp_avg_sq": array]}},
+        ``{"state": {i: {"step": int, "exp_avg": array, "exp_avg_sq": array[, "max_exp_avg_sq": array]
+        [, "master_param": array]}},
         "param_groups": [{hyperparameters..., "params": [indices]}]}`` with ``i``
         the position of the parameter across all groups, as in PyTorch.  The
         parameters themselves are not included.
@@ -206,6 +233,8 @@ class Adam:
             saved = state.get(i, state.get(str(i)))
             for key, a in mine.items():
                 np.copyto(a, saved[key])
+            if "master_param" in mine:  # the model copy follows its restored master
+                self._params[i][...] = mine["master_param"].astype(self._params[i].dtype)
         self._plan.steps = steps
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -239,9 +268,9 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 num_threads: Optional[int] = None) -> None:
+                 num_threads: Optional[int] = None, master_weights: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, num_threads=num_threads)
+                         decoupled_weight_decay=True, num_threads=num_threads, master_weights=master_weights)
 
 
 class SparseAdam(Adam):

@@ -57,10 +57,12 @@ class AdamConstants:
     step_size: np.floating  # lr / (1 - beta1^t)
     inv_bias_correction2_sqrt: np.floating  # 1 / sqrt(1 - beta2^t)
     eps: np.floating
+    inv_grad_scale: np.floating  # 1 / grad_scale
 
 
 def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-              dtype: np.dtype, eps_before_bias_correction: bool = False) -> AdamConstants:
+              dtype: np.dtype, eps_before_bias_correction: bool = False,
+              grad_scale: Optional[float] = None) -> AdamConstants:
     """Compute the step-``step`` constants in double, then round each to ``dtype``.
 
     With ``eps_before_bias_correction`` (``torch.optim.SparseAdam``'s form,
@@ -84,6 +86,7 @@ def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weig
                            else lr / bias_correction1),
         inv_bias_correction2_sqrt=as_dtype(1.0 if eps_before_bias_correction else 1.0 / math.sqrt(bias_correction2)),
         eps=as_dtype(eps),
+        inv_grad_scale=as_dtype(1.0 / grad_scale if grad_scale else 1.0),
     )
 
 
@@ -96,19 +99,33 @@ def _as_list(x: Optional[ArrayOrList]) -> list:
 def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, exp_avg_sqs: ArrayOrList, *,
               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
-              max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False) -> None:
+              max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
+              model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
+              skip_if_nonfinite: bool = False) -> bool:
     """One Adam/AdamW step, in place, written as NumPy array expressions.
 
     Same arguments and semantics as :func:`fastadam.adam_step` (see the module
     docstring for the formula); no argument checking beyond NumPy's own.
+    Mixed precision: float16/bfloat16 gradients are widened (exactly) to the
+    param's float32, multiplied by ``1 / grad_scale`` when given, and each
+    updated param is rounded into its ``model_params`` copy by NumPy's (or
+    ml_dtypes') round-to-nearest-even ``astype``.
     """
-    params_l, grads_l = _as_list(params), _as_list(grads)
-    exp_avgs_l, exp_avg_sqs_l = _as_list(exp_avgs), _as_list(exp_avg_sqs)
+    params_l, exp_avgs_l, exp_avg_sqs_l = _as_list(params), _as_list(exp_avgs), _as_list(exp_avg_sqs)
     max_l = _as_list(max_exp_avg_sqs) if amsgrad else [None] * len(params_l)
-    for p, g, m, v, v_max in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l):
-        _step_one(p, g, m, v, v_max, constants(step, lr, betas, eps, weight_decay, p.dtype), maximize=maximize,
-                  l2=weight_decay != 0 and not decoupled_weight_decay,
+    models_l = _as_list(model_params) if model_params is not None else [None] * len(params_l)
+    cs = [constants(step, lr, betas, eps, weight_decay, p.dtype, grad_scale=grad_scale) for p in params_l]
+    with np.errstate(invalid="ignore", over="ignore"):
+        grads_l = [g.astype(p.dtype) * c.inv_grad_scale if grad_scale else g.astype(p.dtype, copy=False)
+                   for p, g, c in zip(params_l, _as_list(grads), cs)]
+    if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads_l):
+        return False
+    for p, g, m, v, v_max, model, c in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l, models_l, cs):
+        _step_one(p, g, m, v, v_max, c, maximize=maximize, l2=weight_decay != 0 and not decoupled_weight_decay,
                   decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
+        if model is not None:
+            model[...] = p.astype(model.dtype)
+    return True
 
 
 # NaN and inf in a gradient are not errors: they propagate, silently, as in
