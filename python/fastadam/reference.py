@@ -124,7 +124,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         _step_one(p, g, m, v, v_max, c, maximize=maximize, l2=weight_decay != 0 and not decoupled_weight_decay,
                   decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
         if model is not None:
-            model[...] = p.astype(model.dtype)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN and overflow round like the kernel's
+                model[...] = p.astype(model.dtype)
     return True
 
 
