@@ -850,9 +850,10 @@ def format_threshold(sweep: dict[str, Any]) -> str:
         lines += ["", f"{dtype}", f"{'elements':>10}{'1 thread':>13}{'2 threads':>13}{'speedup':>9}  (min-max)"]
         for row in result["rows"]:
             sp = row["speedup"]
+            note = "  serial: below the cut-off" if row["serial_both"] else ""
             lines.append(f"{row['elements']:>10,}{_format_seconds(row['one_thread_s']['median']):>13}"
                          f"{_format_seconds(row['two_threads_s']['median']):>13}{sp['median']:>8.2f}x"
-                         f"  ({sp['min']:.2f}-{sp['max']:.2f}){'  serial: below the cut-off' if row['serial_both'] else ''}")
+                         f"  ({sp['min']:.2f}-{sp['max']:.2f}){note}")
         win = result["two_threads_win_from"]
         lines.append(f"{dtype}: two threads win from {win:,} elements on" if win is not None
                      else f"{dtype}: two threads do not win at the largest size swept")
@@ -978,7 +979,8 @@ def machine_info(peers: Peers) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return {"cpu": cpu, "cores": available_cores(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__,
-            "torch": getattr(peers.torch, "__version__", None), "deepspeed": getattr(peers.deepspeed, "__version__", None)}
+            "torch": getattr(peers.torch, "__version__", None),
+            "deepspeed": getattr(peers.deepspeed, "__version__", None)}
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -1065,7 +1067,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where to write all results (default {DEFAULT_JSON}; with --threshold "
                              f"{DEFAULT_THRESHOLD_JSON})")
     parser.add_argument("--plot", type=Path, metavar="PATH", default=DEFAULT_PLOT,
-                        help=f"the PNG of GB/s against size, drawn when matplotlib is installed (default {DEFAULT_PLOT})")
+                        help=f"the PNG of GB/s against size, drawn when matplotlib is installed "
+                             f"(default {DEFAULT_PLOT})")
     parser.add_argument("--no-plot", action="store_true", help="draw no plot")
     return parser
 
