@@ -40,15 +40,15 @@ namespace {
 template <class T>
 struct FullBlock {
     using V = typename Simd<T>::V;
-    V load(const T* p) const { return load_full<T>(p); }
-    void store(T* p, V x) const { store_full<T>(p, x); }
+    FASTADAM_INLINE V load(const T* p) const { return load_full<T>(p); }
+    FASTADAM_INLINE void store(T* p, V x) const { store_full<T>(p, x); }
     template <Storage S>
-    V load16(const std::uint16_t* p) const {
+    FASTADAM_INLINE V load16(const std::uint16_t* p) const {
         if constexpr (S == Storage::float16) return load_f16(p);
         else return load_bf16(p);
     }
     template <Storage S>
-    void store16(std::uint16_t* p, V x) const {
+    FASTADAM_INLINE void store16(std::uint16_t* p, V x) const {
         if constexpr (S == Storage::float16) store_f16(p, x);
         else store_bf16(p, x);
     }
@@ -58,17 +58,17 @@ template <class T>
 struct PartialBlock {
     using V = typename Simd<T>::V;
     int count;
-    V load(const T* p) const { return Simd<T>::load_first(p, count); }
-    void store(T* p, V x) const { Simd<T>::store_first(p, x, count); }
+    FASTADAM_INLINE V load(const T* p) const { return Simd<T>::load_first(p, count); }
+    FASTADAM_INLINE void store(T* p, V x) const { Simd<T>::store_first(p, x, count); }
     // Staged through a zeroed register's worth of 16-bit values.
     template <Storage S>
-    V load16(const std::uint16_t* p) const {
+    FASTADAM_INLINE V load16(const std::uint16_t* p) const {
         std::uint16_t staged[Simd<T>::width] = {};
         std::memcpy(staged, p, sizeof(std::uint16_t) * static_cast<unsigned>(count));
         return FullBlock<T>{}.template load16<S>(staged);
     }
     template <Storage S>
-    void store16(std::uint16_t* p, V x) const {
+    FASTADAM_INLINE void store16(std::uint16_t* p, V x) const {
         std::uint16_t staged[Simd<T>::width];
         FullBlock<T>{}.template store16<S>(staged, x);
         std::memcpy(p, staged, sizeof(std::uint16_t) * static_cast<unsigned>(count));
@@ -99,13 +99,13 @@ struct AdamBuffers {
 };
 
 template <class T, Storage S, class Block>
-inline typename Simd<T>::V load_grad(const void* grad, std::int64_t i, const Block& block) {
+FASTADAM_INLINE typename Simd<T>::V load_grad(const void* grad, std::int64_t i, const Block& block) {
     if constexpr (S == Storage::same) return block.load(static_cast<const T*>(grad) + i);
     else return block.template load16<S>(static_cast<const std::uint16_t*>(grad) + i);
 }
 
 template <class T, unsigned Variant, Storage Grad, Storage Model, class Block>
-inline void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& block,
+FASTADAM_INLINE void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& block,
                        const Coefficients<typename Simd<T>::V>& c) {
     using V = typename Simd<T>::V;
     constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
@@ -125,7 +125,7 @@ inline void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& blo
 }
 
 template <class T, unsigned Variant, Storage Grad, Storage Model>
-inline void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
+FASTADAM_INLINE void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
                       const Coefficients<typename Simd<T>::V>& c) {
     constexpr int width = Simd<T>::width;
     // Two registers per iteration give the divider two independent chains.
@@ -138,7 +138,7 @@ inline void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
 }
 
 template <class T>
-AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
+FASTADAM_INLINE AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
     auto at = [offset](void* p) { return p == nullptr ? nullptr : static_cast<T*>(p) + offset; };
     auto* model = t.model == nullptr ? nullptr : static_cast<std::uint16_t*>(t.model) + offset;
     return {at(t.param), grad, at(t.exp_avg), at(t.exp_avg_sq), at(t.max_exp_avg_sq), model};
@@ -150,7 +150,7 @@ AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* 
 constexpr std::int64_t kPrefetchRows = 8;
 
 template <class T>
-inline void prefetch_row(const AdamTensor& t, std::int64_t row) {
+FASTADAM_INLINE void prefetch_row(const AdamTensor& t, std::int64_t row) {
     const std::int64_t offset = row * t.row_size;
     const std::int64_t bytes = t.row_size * static_cast<std::int64_t>(sizeof(T));
     void* const tables[] = {t.param, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq};
@@ -268,7 +268,7 @@ bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) 
 // c, d) with one multiply-add per array instead of the update formula.  The
 // mixed-precision pattern reads b as bfloat16 and also writes e.
 template <class T, bool Bf16, class Block>
-inline void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
+FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
     T* a = static_cast<T*>(t.a) + i;
     T* c = static_cast<T*>(t.c) + i;
     T* d = static_cast<T*>(t.d) + i;

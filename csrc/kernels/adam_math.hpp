@@ -9,6 +9,7 @@
 #pragma once
 
 #include "../kernel_api.hpp"
+#include "simd.hpp"
 
 namespace fastadam {
 namespace {
@@ -22,7 +23,7 @@ struct Coefficients {
 };
 
 template <class Broadcast, class T>
-inline auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcast) {
+FASTADAM_INLINE auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcast) {
     using V = decltype(broadcast(k.beta1));
     return Coefficients<V>{broadcast(k.beta1),        broadcast(k.one_minus_beta1),
                            broadcast(k.beta2),        broadcast(k.one_minus_beta2),
@@ -34,7 +35,7 @@ inline auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast broadcas
 // max(a, b) that returns NaN when either input is NaN, like torch.maximum and
 // np.maximum (the bare maxps instruction would silently drop a NaN in `a`).
 template <class V>
-inline V maximum_propagating_nan(V a, V b) {
+FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
     const auto take_b = (a < b) | (b != b);
     return take_b ? b : a;
 }
@@ -53,7 +54,7 @@ inline V maximum_propagating_nan(V a, V b) {
 // square root per element, the two slow instructions: it is what keeps the
 // in-cache step close to the memory-bound probe.
 template <unsigned Variant, class V, class Sqrt>
-inline void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
+FASTADAM_INLINE void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
                         const Coefficients<V>& c, Sqrt sqrt) {
     if constexpr ((Variant & kScaleGrad) != 0) grad = grad * c.inv_grad_scale;
     if constexpr ((Variant & kMaximize) != 0) grad = -grad;

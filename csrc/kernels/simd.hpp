@@ -20,6 +20,15 @@
 #include <immintrin.h>
 #endif
 
+// Everything here is forced inline: a kernel file instantiates a few hundred
+// variants, enough to exhaust GCC's inlining budget for the unit, and a call
+// per register would cost more than the arithmetic it wraps.
+#if defined(__GNUC__)
+#define FASTADAM_INLINE inline __attribute__((always_inline))
+#else
+#define FASTADAM_INLINE inline
+#endif
+
 namespace fastadam {
 namespace {
 
@@ -32,22 +41,22 @@ template <>
 struct Simd<float> {
     using V = __m512;
     static constexpr int width = 16;
-    static V broadcast(float x) { return _mm512_set1_ps(x); }
-    static V sqrt(V x) { return _mm512_sqrt_ps(x); }
-    static __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-    static V load_first(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
-    static void store_first(float* p, V x, int n) { _mm512_mask_storeu_ps(p, first(n), x); }
+    static FASTADAM_INLINE V broadcast(float x) { return _mm512_set1_ps(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return _mm512_sqrt_ps(x); }
+    static FASTADAM_INLINE __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+    static FASTADAM_INLINE V load_first(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
+    static FASTADAM_INLINE void store_first(float* p, V x, int n) { _mm512_mask_storeu_ps(p, first(n), x); }
 };
 
 template <>
 struct Simd<double> {
     using V = __m512d;
     static constexpr int width = 8;
-    static V broadcast(double x) { return _mm512_set1_pd(x); }
-    static V sqrt(V x) { return _mm512_sqrt_pd(x); }
-    static __mmask8 first(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
-    static V load_first(const double* p, int n) { return _mm512_maskz_loadu_pd(first(n), p); }
-    static void store_first(double* p, V x, int n) { _mm512_mask_storeu_pd(p, first(n), x); }
+    static FASTADAM_INLINE V broadcast(double x) { return _mm512_set1_pd(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return _mm512_sqrt_pd(x); }
+    static FASTADAM_INLINE __mmask8 first(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
+    static FASTADAM_INLINE V load_first(const double* p, int n) { return _mm512_maskz_loadu_pd(first(n), p); }
+    static FASTADAM_INLINE void store_first(double* p, V x, int n) { _mm512_mask_storeu_pd(p, first(n), x); }
 };
 
 #elif defined(__AVX2__)
@@ -56,26 +65,26 @@ template <>
 struct Simd<float> {
     using V = __m256;
     static constexpr int width = 8;
-    static V broadcast(float x) { return _mm256_set1_ps(x); }
-    static V sqrt(V x) { return _mm256_sqrt_ps(x); }
-    static __m256i first(int n) {
+    static FASTADAM_INLINE V broadcast(float x) { return _mm256_set1_ps(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return _mm256_sqrt_ps(x); }
+    static FASTADAM_INLINE __m256i first(int n) {
         return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
-    static V load_first(const float* p, int n) { return _mm256_maskload_ps(p, first(n)); }
-    static void store_first(float* p, V x, int n) { _mm256_maskstore_ps(p, first(n), x); }
+    static FASTADAM_INLINE V load_first(const float* p, int n) { return _mm256_maskload_ps(p, first(n)); }
+    static FASTADAM_INLINE void store_first(float* p, V x, int n) { _mm256_maskstore_ps(p, first(n), x); }
 };
 
 template <>
 struct Simd<double> {
     using V = __m256d;
     static constexpr int width = 4;
-    static V broadcast(double x) { return _mm256_set1_pd(x); }
-    static V sqrt(V x) { return _mm256_sqrt_pd(x); }
-    static __m256i first(int n) {
+    static FASTADAM_INLINE V broadcast(double x) { return _mm256_set1_pd(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return _mm256_sqrt_pd(x); }
+    static FASTADAM_INLINE __m256i first(int n) {
         return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
     }
-    static V load_first(const double* p, int n) { return _mm256_maskload_pd(p, first(n)); }
-    static void store_first(double* p, V x, int n) { _mm256_maskstore_pd(p, first(n), x); }
+    static FASTADAM_INLINE V load_first(const double* p, int n) { return _mm256_maskload_pd(p, first(n)); }
+    static FASTADAM_INLINE void store_first(double* p, V x, int n) { _mm256_maskstore_pd(p, first(n), x); }
 };
 
 #else  // baseline: 16-byte vectors (SSE2 on x86-64, the compiler's choice elsewhere)
@@ -84,27 +93,27 @@ template <class T>
 struct BaselineSimd {
     typedef T V __attribute__((vector_size(16)));
     static constexpr int width = 16 / sizeof(T);
-    static V broadcast(T x) {
+    static FASTADAM_INLINE V broadcast(T x) {
         V r;
         for (int i = 0; i < width; ++i) r[i] = x;
         return r;
     }
-    static V sqrt(V x) {
+    static FASTADAM_INLINE V sqrt(V x) {
         for (int i = 0; i < width; ++i) x[i] = __builtin_sqrt(x[i]);  // correctly rounded, like sqrtps/sqrtpd
         return x;
     }
     // No masked moves before AVX: stage the tail through a zeroed register.
-    static V load_first(const T* p, int n) {
+    static FASTADAM_INLINE V load_first(const T* p, int n) {
         V r = broadcast(T(0));
         std::memcpy(&r, p, sizeof(T) * static_cast<unsigned>(n));
         return r;
     }
-    static void store_first(T* p, V x, int n) { std::memcpy(p, &x, sizeof(T) * static_cast<unsigned>(n)); }
+    static FASTADAM_INLINE void store_first(T* p, V x, int n) { std::memcpy(p, &x, sizeof(T) * static_cast<unsigned>(n)); }
 };
 
 template <>
 struct Simd<float> : BaselineSimd<float> {
-    static V sqrt(V x) {
+    static FASTADAM_INLINE V sqrt(V x) {
 #if defined(__SSE2__)
         return reinterpret_cast<V>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
 #else
@@ -116,7 +125,7 @@ struct Simd<float> : BaselineSimd<float> {
 template <>
 struct Simd<double> : BaselineSimd<double> {
 #if defined(__SSE2__)
-    static V sqrt(V x) { return reinterpret_cast<V>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x))); }
+    static FASTADAM_INLINE V sqrt(V x) { return reinterpret_cast<V>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x))); }
 #endif
 };
 
@@ -125,14 +134,14 @@ struct Simd<double> : BaselineSimd<double> {
 // Full-width unaligned moves are the same on every level: memcpy of one
 // register, which the compiler lowers to a single (v)movups/(v)movupd.
 template <class T>
-inline typename Simd<T>::V load_full(const T* p) {
+FASTADAM_INLINE typename Simd<T>::V load_full(const T* p) {
     typename Simd<T>::V r;
     std::memcpy(&r, p, sizeof r);
     return r;
 }
 
 template <class T>
-inline void store_full(T* p, typename Simd<T>::V x) {
+FASTADAM_INLINE void store_full(T* p, typename Simd<T>::V x) {
     std::memcpy(p, &x, sizeof x);
 }
 
@@ -144,26 +153,26 @@ inline void store_full(T* p, typename Simd<T>::V x) {
 // integer arithmetic on every level: AVX-512 BF16's vcvtneps2bf16 would be
 // faster but flushes subnormal inputs to zero.
 
-inline float bits_to_float(std::uint32_t u) {
+FASTADAM_INLINE float bits_to_float(std::uint32_t u) {
     float f;
     std::memcpy(&f, &u, sizeof f);
     return f;
 }
-inline std::uint32_t float_to_bits(float f) {
+FASTADAM_INLINE std::uint32_t float_to_bits(float f) {
     std::uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     return u;
 }
 
-inline float bf16_to_float(std::uint16_t h) { return bits_to_float(std::uint32_t(h) << 16); }
+FASTADAM_INLINE float bf16_to_float(std::uint16_t h) { return bits_to_float(std::uint32_t(h) << 16); }
 
-inline std::uint16_t float_to_bf16(float f) {
+FASTADAM_INLINE std::uint16_t float_to_bf16(float f) {
     const std::uint32_t u = float_to_bits(f);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
     return static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // ties to even; overflow -> inf
 }
 
-inline float f16_to_float(std::uint16_t h) {
+FASTADAM_INLINE float f16_to_float(std::uint16_t h) {
     const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
     const std::uint32_t exponent = (h >> 10) & 0x1Fu;
     const std::uint32_t mantissa = h & 0x3FFu;
@@ -173,7 +182,7 @@ inline float f16_to_float(std::uint16_t h) {
     return bits_to_float(sign | float_to_bits(static_cast<float>(mantissa) * 0x1p-24f));
 }
 
-inline std::uint16_t float_to_f16(float f) {
+FASTADAM_INLINE std::uint16_t float_to_f16(float f) {
     const std::uint32_t u = float_to_bits(f);
     const std::uint32_t sign = (u >> 16) & 0x8000u;
     std::uint32_t a = u & 0x7FFFFFFFu;
@@ -194,11 +203,11 @@ inline std::uint16_t float_to_f16(float f) {
 
 // Whole registers of Simd<float>::width values to and from 16-bit storage.
 #if defined(__AVX512F__)
-inline __m512 load_bf16(const std::uint16_t* p) {
+FASTADAM_INLINE __m512 load_bf16(const std::uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline void store_bf16(std::uint16_t* p, __m512 x) {
+FASTADAM_INLINE void store_bf16(std::uint16_t* p, __m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i high = _mm512_srli_epi32(u, 16);
     const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(high, _mm512_set1_epi32(1)));
@@ -206,18 +215,18 @@ inline void store_bf16(std::uint16_t* p, __m512 x) {
     r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), high, _mm512_set1_epi32(0x40));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
-inline __m512 load_f16(const std::uint16_t* p) {
+FASTADAM_INLINE __m512 load_f16(const std::uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline void store_f16(std::uint16_t* p, __m512 x) {
+FASTADAM_INLINE void store_f16(std::uint16_t* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #elif defined(__AVX2__)
-inline __m256 load_bf16(const std::uint16_t* p) {
+FASTADAM_INLINE __m256 load_bf16(const std::uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline void store_bf16(std::uint16_t* p, __m256 x) {
+FASTADAM_INLINE void store_bf16(std::uint16_t* p, __m256 x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i high = _mm256_srli_epi32(u, 16);
     const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(high, _mm256_set1_epi32(1)));
@@ -228,27 +237,27 @@ inline void store_bf16(std::uint16_t* p, __m256 x) {
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
-inline __m256 load_f16(const std::uint16_t* p) {
+FASTADAM_INLINE __m256 load_f16(const std::uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline void store_f16(std::uint16_t* p, __m256 x) {
+FASTADAM_INLINE void store_f16(std::uint16_t* p, __m256 x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #else
-inline Simd<float>::V load_bf16(const std::uint16_t* p) {
+FASTADAM_INLINE Simd<float>::V load_bf16(const std::uint16_t* p) {
     Simd<float>::V r;
     for (int i = 0; i < Simd<float>::width; ++i) r[i] = bf16_to_float(p[i]);
     return r;
 }
-inline void store_bf16(std::uint16_t* p, Simd<float>::V x) {
+FASTADAM_INLINE void store_bf16(std::uint16_t* p, Simd<float>::V x) {
     for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_bf16(x[i]);
 }
-inline Simd<float>::V load_f16(const std::uint16_t* p) {
+FASTADAM_INLINE Simd<float>::V load_f16(const std::uint16_t* p) {
     Simd<float>::V r;
     for (int i = 0; i < Simd<float>::width; ++i) r[i] = f16_to_float(p[i]);
     return r;
 }
-inline void store_f16(std::uint16_t* p, Simd<float>::V x) {
+FASTADAM_INLINE void store_f16(std::uint16_t* p, Simd<float>::V x) {
     for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_f16(x[i]);
 }
 #endif
