@@ -609,6 +609,41 @@ def interleaved_samples(steps: dict[str, Step], numbers: dict[str, int], repeats
     return samples
 
 
+class OtherLoad:
+    """How many cores other processes (and the hypervisor's steal) kept busy while it was open.
+
+    On a shared machine a busy neighbour is the main source of bad samples,
+    multi-threaded ones above all: a thread that loses its core stalls the
+    whole parallel step.  Measured from /proc/stat's busy time less this
+    process's own CPU time; None where there is no /proc/stat.
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (self._busy_seconds(), time.process_time(), time.perf_counter())
+        self.cores: Optional[float] = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self._busy_seconds(), time.process_time(), time.perf_counter()
+        busy0, own0, wall0 = self._start
+        if busy is not None and busy0 is not None and wall > wall0:
+            self.cores = max(0.0, ((busy - busy0) - (own - own0)) / (wall - wall0))
+
+    @staticmethod
+    def _busy_seconds() -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal: all but idle and iowait were busy.
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+#: Cases timed while other processes kept more cores than this busy are marked in the tables.
+BUSY_NEIGHBOUR_CORES = 0.25
+
+
 def _spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -671,7 +706,8 @@ def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffer
 
     steps = {c.name: c.bind(buffers, variant, threads).step for c in present}
     numbers = {name: calls_per_sample(step, settings.sample_seconds) for name, step in steps.items()}
-    samples = interleaved_samples(steps, numbers, settings.repeats)
+    with OtherLoad() as other:
+        samples = interleaved_samples(steps, numbers, settings.repeats)
 
     elements = case.elements
     traffic = bytes_per_element(dtype, variant.amsgrad) * elements
@@ -694,7 +730,8 @@ def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffer
         }
     return {"case": case.family, "label": case.label, "elements": elements, "tensors": len(case.shapes),
             "dtype": dtype.name, "variant": variant.name, "threads": threads,
-            "bytes_per_element": bytes_per_element(dtype, variant.amsgrad), "contenders": results}
+            "bytes_per_element": bytes_per_element(dtype, variant.amsgrad), "other_load_cores": other.cores,
+            "contenders": results}
 
 
 def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
@@ -797,6 +834,10 @@ def _row_label(r: dict[str, Any]) -> str:
     return r["label"] if r["case"] == "single" else f"{r['label']} ({r['tensors']} tensors)"
 
 
+def _disturbed(r: dict[str, Any]) -> bool:
+    return (r["other_load_cores"] or 0.0) > BUSY_NEIGHBOUR_CORES
+
+
 def _where(r: dict[str, Any]) -> str:
     return f"{_row_label(r)} {r['dtype']} {r['variant']}, {r['threads']} thread(s)"
 
@@ -819,7 +860,8 @@ def format_tables(results: list[dict[str, Any]], everyone: list[Contender]) -> s
     for (dtype, variant), rows in groups.items():
         lines += ["", f"{dtype} {variant}: fastadam.adam_step's throughput, then each contender's time over "
                       f"fastadam.adam_step's (>1: fastadam faster).  Medians; ~: max/min of the repeats over "
-                      f"{NOISY_SPREAD:g} (all in the JSON)"]
+                      f"{NOISY_SPREAD:g} (all in the JSON); !: other processes kept over "
+                      f"{BUSY_NEIGHBOUR_CORES:g} cores busy"]
         header = (f"{'case':<30}{'thr':>4}{'Melem/s':>9}{'GB/s':>7}{'probe':>7}{'%probe':>9}"
                   + "".join(f"{c.column:>11}" for c in others))
         lines += [header, "-" * len(header)]
@@ -827,7 +869,8 @@ def format_tables(results: list[dict[str, Any]], everyone: list[Contender]) -> s
             fa, probe = r["contenders"][FASTADAM], r["contenders"][PROBE]
             cells = [_cell(r["contenders"][c.name]["ratio"], f"{r['contenders'][c.name]['ratio']['median']:>9.2f}x")
                      if c.name in r["contenders"] else f"{'-':>10} " for c in others]
-            lines.append(f"{_row_label(r):<30}{r['threads']:>4}{fa['elements_per_s'] / 1e6:>9.0f}"
+            label = _row_label(r) + (" !" if _disturbed(r) else "")
+            lines.append(f"{label:<30}{r['threads']:>4}{fa['elements_per_s'] / 1e6:>9.0f}"
                          f"{fa['gb_per_s']:>7.1f}{probe['gb_per_s']:>7.1f}"
                          + _cell(fa["percent_of_probe"], f"{fa['percent_of_probe']['median']:>7.1f}%")
                          + "".join(cells))
@@ -1132,6 +1175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     targets = evaluate_targets(results, latency)
     print("\nTargets")
     print("\n".join(t.line() for t in targets))
+    disturbed = sum(map(_disturbed, results))
+    if disturbed:
+        print(f"\n{disturbed} of {len(results)} cases ran while other processes kept over "
+              f"{BUSY_NEIGHBOUR_CORES:g} cores busy (marked !): their figures, thread scaling above all, "
+              f"are not the kernel's; rerun them on a quiet machine (--sizes, --cases, --threads).")
 
     path = args.json or DEFAULT_JSON
     write_json(path, {"created": created, "machine": machine_info(peers), "fastadam": cfg,
