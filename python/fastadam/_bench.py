@@ -74,8 +74,8 @@ TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
 
 #: Exponents k of the default single-array sizes 2^k.  2^26 elements is the
 #: largest that keeps a float64 AMSGrad case (five 512 MiB arrays, fastadam.Adam's
-#: own state and the NumPy reference's temporaries: about 6 GiB) well inside a
-#: 24 GiB machine, and the whole suite near ten minutes on two cores.
+#: own state and the NumPy reference's temporaries: about 7 GiB) well inside a
+#: 24 GiB machine, and the whole suite near a quarter of an hour on two cores.
 DEFAULT_SIZE_EXPONENTS = tuple(range(10, 27))
 QUICK_SIZE_EXPONENTS = (12, 16, 20)
 DEFAULT_REPEATS = 5
