@@ -150,6 +150,8 @@ std::uint8_t variant_of(const AdamHyper& h) {
     return static_cast<std::uint8_t>(v);
 }
 
+namespace {
+
 void set_grad_scale(AdamConstantsPair& constants, double grad_scale) {
     const double inv = grad_scale > 0.0 ? 1.0 / grad_scale : 1.0;
     constants.f32.inv_grad_scale = static_cast<float>(inv);
@@ -161,6 +163,8 @@ bool launch_step(const AdamTensor* tensors, std::size_t count, int num_threads, 
     run_adam(tensors, count, num_threads);
     return true;
 }
+
+}  // namespace
 
 bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
                PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, PyObject* model_params,
