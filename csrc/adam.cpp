@@ -333,7 +333,6 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
             overlap.add(p, p_list.name(i), Access::write);
             overlap.add(m, m_list.name(i), Access::write);
             overlap.add(v, v_list.name(i), Access::write);
-            const CheckedArray* parts[] = {&p, &m, &v};
             void* max_data = nullptr;
             CheckedArray x{};
             const bool has_max = x_list[i] != Py_None;
@@ -343,24 +342,8 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                 overlap.add(x, x_list.name(i), Access::write);
                 max_data = x.data;
             }
-            for (const auto* part : parts) {
-                owned_.push_back(reinterpret_cast<PyObject*>(part->array));
-                Py_INCREF(owned_.back());
-                written_.push_back(part->array);
-                if (part->size > 0) {
-                    const auto b = reinterpret_cast<std::uintptr_t>(part->data);
-                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(part->array)), i});
-                }
-            }
-            if (has_max) {
-                owned_.push_back(x_list[i]);
-                Py_INCREF(x_list[i]);
-                written_.push_back(x.array);
-                if (x.size > 0) {
-                    const auto b = reinterpret_cast<std::uintptr_t>(x.data);
-                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(x.array)), i});
-                }
-            }
+            for (PyArrayObject* a : {p.array, m.array, v.array}) hold_written(a, i);
+            if (has_max) hold_written(x.array, i);
             params_.push_back(p.array);
             has_max_.push_back(has_max);
             tensors_.push_back({p.data, nullptr, m.data, v.data, max_data, p.size, nullptr, p.dtype, 0});
@@ -371,12 +354,7 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                                                          tensors_.back().model_storage);
                 check_same_shape(model, model_list.name(i), p.array, p_list.name(i));
                 overlap.add(model, model_list.name(i), Access::write);
-                owned_.push_back(model_list[i]);
-                Py_INCREF(model_list[i]);
-                written_.push_back(model);
-                const auto b = reinterpret_cast<std::uintptr_t>(PyArray_DATA(model));
-                if (PyArray_SIZE(model) > 0)
-                    written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(model)), i});
+                hold_written(model, i);
                 tensors_.back().model = PyArray_DATA(model);
             }
         }
@@ -391,6 +369,16 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     steps_.assign(count, 0);
     constants_.resize(count);
     hyper_.resize(static_cast<std::size_t>(group_count));
+}
+
+void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor) {
+    Py_INCREF(a);
+    owned_.push_back(reinterpret_cast<PyObject*>(a));
+    written_.push_back(a);
+    if (PyArray_SIZE(a) > 0) {
+        const auto b = reinterpret_cast<std::uintptr_t>(PyArray_DATA(a));
+        written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(a)), tensor});
+    }
 }
 
 AdamPlan::~AdamPlan() {

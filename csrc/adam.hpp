@@ -83,6 +83,8 @@ class AdamPlan {
 
    private:
     void check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const;
+    // Keeps a reference to an array the step writes, for the aliasing and read-only checks.
+    void hold_written(PyArrayObject* a, std::size_t tensor);
 
     std::vector<PyObject*> owned_;      // strong references to every array we point into
     std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step

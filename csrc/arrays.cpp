@@ -163,8 +163,7 @@ void OverlapCheck::check() {
 }
 
 double to_double(PyObject* obj, const char* name) {
-    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj)) ||
-        PyComplex_Check(obj))
+    if (PyBool_Check(obj) || PyComplex_Check(obj) || !PyNumber_Check(obj))
         throw ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name};
     const double x = PyFloat_AsDouble(obj);
     if (x == -1.0 && PyErr_Occurred()) {

@@ -39,16 +39,22 @@ class MaybeReleaseGil {
     PyThreadState* state_;
 };
 
+// The count + 1 prefix sums of the tensors' sizes, in storage reused between
+// calls (a step allocates nothing once warmed up).
 template <class Tensor>
-void run(const Tensor* tensors, std::size_t count, int requested_threads,
-         void (*range)(const Tensor&, std::int64_t, std::int64_t)) {
-    // Reused between calls: a step allocates nothing once warmed up.
+const std::int64_t* prefix_sizes(const Tensor* tensors, std::size_t count) {
     thread_local std::vector<std::int64_t> starts;
     starts.resize(count + 1);
     starts[0] = 0;
     for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + tensors[i].size;
+    return starts.data();
+}
+
+template <class Tensor>
+void run(const Tensor* tensors, std::size_t count, int requested_threads,
+         void (*range)(const Tensor&, std::int64_t, std::int64_t)) {
     RangeCall<Tensor> rc{tensors, range};
-    run_in_pieces(starts.data(), count, requested_threads, PieceFn{&rc, &RangeCall<Tensor>::call});
+    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&rc, &RangeCall<Tensor>::call});
 }
 
 }  // namespace
@@ -73,10 +79,6 @@ void run_adam(const AdamTensor* tensors, std::size_t count, int requested_thread
 }
 
 bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int requested_threads) {
-    thread_local std::vector<std::int64_t> starts;
-    starts.resize(count + 1);
-    starts[0] = 0;
-    for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + tensors[i].size;
     struct Context {
         const AdamTensor* tensors;
         std::atomic<bool> found{false};
@@ -86,7 +88,7 @@ bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int reques
         if (!c->found.load(std::memory_order_relaxed) && kernels().nonfinite_range(c->tensors[k], begin, end))
             c->found.store(true, std::memory_order_relaxed);
     };
-    run_in_pieces(starts.data(), count, requested_threads, PieceFn{&context, piece});
+    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&context, piece});
     return context.found.load();
 }
 
