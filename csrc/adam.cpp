@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <limits>
 #include <string>
 
+#include "fpmode.hpp"
 #include "launch.hpp"
+#include "scratch.hpp"
 
 namespace fastadam {
 namespace {
@@ -30,32 +33,12 @@ AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double in
                             static_cast<T>(h.beta2),
                             static_cast<T>(1.0 - h.beta2),
                             static_cast<T>(h.weight_decay),
-                            static_cast<T>(1.0 - h.lr * h.weight_decay),
+                            static_cast<T>(h.lr * h.weight_decay),
                             static_cast<T>(step_size),
                             static_cast<T>(inv_bias_correction2_sqrt),
                             static_cast<T>(h.eps),
                             static_cast<T>(1.0)};
 }
-
-// Keeps the Python objects of one call alive while the GIL is released: a
-// list argument could otherwise be emptied by another thread mid-step.
-class KeepAlive {
-   public:
-    void hold(PyObject* o) {
-        Py_INCREF(o);
-        objects_.push_back(o);
-    }
-    ~KeepAlive() {
-        for (PyObject* o : objects_) Py_DECREF(o);
-        objects_.clear();
-    }
-    explicit KeepAlive(std::vector<PyObject*>& storage) : objects_(storage) { objects_.clear(); }
-    KeepAlive(const KeepAlive&) = delete;
-    KeepAlive& operator=(const KeepAlive&) = delete;
-
-   private:
-    std::vector<PyObject*>& objects_;
-};
 
 constexpr const char* kNames[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
 
@@ -81,6 +64,8 @@ CheckedArray check_row_values(PyObject* values, const ArgName& values_name, PyOb
     if (!PyArray_Check(indices))
         throw ArgTypeError{indices_name.str() + ": expected a numpy.ndarray of integers, got " +
                            Py_TYPE(indices)->tp_name};
+    if (!PyArray_ISNOTSWAPPED(reinterpret_cast<PyArrayObject*>(indices)))
+        throw ArgTypeError{indices_name.str() + ": indices in non-native byte order; pass indices.astype(int)"};
     const CheckedArray val = check_float_array(values, values_name, Access::read);
     if (val.dtype != p.dtype)
         throw ArgTypeError{values_name.str() + ": dtype " + dtype_name(val.dtype) + " does not match " +
@@ -130,6 +115,7 @@ AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* 
 }
 
 AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps) {
+    const DefaultFloatingPointMode fp_mode;  // the caller's rounding mode must not change a constant
     const double t = static_cast<double>(step);
     const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
@@ -189,12 +175,12 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
                                 std::to_string(lists[k].size()) + " arrays but params has " + std::to_string(count)};
 
     // Scratch reused between calls on this thread: no allocation once warm.
-    thread_local std::vector<AdamTensor> tensors;
-    thread_local std::vector<PyObject*> held;
-    thread_local OverlapCheck overlap;
-    tensors.clear();
-    overlap.clear();
-    KeepAlive keep(held);
+    // The lists hold their items until the call returns (ArrayList).
+    struct Tag;
+    const ScratchLease<std::vector<AdamTensor>, Tag> tensors;
+    const ScratchLease<OverlapCheck, Tag> overlap;
+    tensors->clear();
+    overlap->clear();
 
     AdamConstantsPair constants = make_constants(hyper, step);
     set_grad_scale(constants, scaling.grad_scale);
@@ -209,15 +195,15 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
         const CheckedArray v = check_float_array(lists[3][i], lists[3].name(i), Access::write);
         check_same_layout(m, lists[2].name(i), p, p_name);
         check_same_layout(v, lists[3].name(i), p, p_name);
-        overlap.add(p, p_name, Access::write);
-        overlap.add(grad_array, lists[1].name(i), Access::read);
-        overlap.add(m, lists[2].name(i), Access::write);
-        overlap.add(v, lists[3].name(i), Access::write);
+        overlap->add(p, p_name, Access::write);
+        overlap->add(grad_array, lists[1].name(i), Access::read);
+        overlap->add(m, lists[2].name(i), Access::write);
+        overlap->add(v, lists[3].name(i), Access::write);
         AdamTensor t{p.data, grad, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant};
         if (has_max) {
             const CheckedArray x = check_float_array(lists[4][i], lists[4].name(i), Access::write);
             check_same_layout(x, lists[4].name(i), p, p_name);
-            overlap.add(x, lists[4].name(i), Access::write);
+            overlap->add(x, lists[4].name(i), Access::write);
             t.max_exp_avg_sq = x.data;
         }
         if (has_model) {
@@ -225,20 +211,15 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
                 throw ArgTypeError{p_name.str() + ": the master copy of a model param must be float32, got float64"};
             PyArrayObject* model = check_16bit_array(lists[5][i], lists[5].name(i), Access::write, t.model_storage);
             check_same_shape(model, lists[5].name(i), p.array, p_name);
-            overlap.add(model, lists[5].name(i), Access::write);
+            overlap->add(model, lists[5].name(i), Access::write);
             t.model = PyArray_DATA(model);
         }
         t.grad_storage = grad_storage;
         t.scale_grad = scaling.grad_scale > 0.0;
-        tensors.push_back(t);
+        tensors->push_back(t);
     }
-    overlap.check();
-
-    if (!single)
-        for (std::size_t k = 0; k < 6; ++k)
-            if ((k != 4 || has_max) && (k != 5 || has_model))
-                for (std::size_t i = 0; i < count; ++i) keep.hold(lists[k][i]);
-    return launch_step(tensors.data(), tensors.size(), num_threads, scaling.skip_if_nonfinite);
+    overlap->check();
+    return launch_step(tensors->data(), tensors->size(), num_threads, scaling.skip_if_nonfinite);
 }
 
 void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
@@ -255,23 +236,24 @@ void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyOb
     table_geometry(p, p_name, rows, row_size);
     const CheckedArray g = check_row_values(values, g_name, indices, i_name, p, p_name);
 
-    thread_local OverlapCheck overlap;
-    overlap.clear();
-    overlap.add(p, p_name, Access::write);
-    overlap.add(m, m_name, Access::write);
-    overlap.add(v, v_name, Access::write);
-    overlap.add(g, g_name, Access::read);
-    overlap.add(reinterpret_cast<PyArrayObject*>(indices), i_name, Access::read);
-    overlap.check();
+    struct Tag;
+    const ScratchLease<OverlapCheck, Tag> overlap;
+    overlap->clear();
+    overlap->add(p, p_name, Access::write);
+    overlap->add(m, m_name, Access::write);
+    overlap->add(v, v_name, Access::write);
+    overlap->add(g, g_name, Access::read);
+    overlap->add(reinterpret_cast<PyArrayObject*>(indices), i_name, Access::read);
+    overlap->check();
 
-    thread_local RowCoalescer coalescer;
-    coalescer.clear();
-    const auto unique = coalescer.add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, g.data, row_size, g.dtype);
-    coalescer.sum_repeats(num_threads);
+    const ScratchLease<RowCoalescer, Tag> coalescer;
+    coalescer->clear();
+    const auto unique = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, g.data, row_size, g.dtype);
+    coalescer->sum_repeats(num_threads);
 
     const AdamConstantsPair constants = make_constants(hyper, step, EpsPlacement::sparse_adam);
     const AdamTensor table{p.data, nullptr, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant_of(hyper)};
-    const AdamTensor rows_of_table = gather_tensor(table, coalescer, unique, row_size);
+    const AdamTensor rows_of_table = gather_tensor(table, *coalescer, unique, row_size);
     run_adam(&rows_of_table, 1, num_threads);
 }
 
@@ -283,8 +265,9 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
     const std::size_t count = lists[0].size();
     for (const auto& l : lists)
         if (l.size() != count) throw ArgValueError{"probe: the lists must have equal lengths"};
-    thread_local std::vector<ProbeTensor> tensors;
-    tensors.clear();
+    struct Tag;
+    const ScratchLease<std::vector<ProbeTensor>, Tag> tensors;
+    tensors->clear();
     for (std::size_t i = 0; i < count; ++i) {
         CheckedArray x[4];
         for (int k : {0, 2, 3}) {
@@ -304,9 +287,9 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
             check_same_shape(e_array, lists[4].name(i), x[0].array, lists[0].name(i));
             t.e = PyArray_DATA(e_array);
         }
-        tensors.push_back(t);
+        tensors->push_back(t);
     }
-    run_probe(tensors.data(), tensors.size(), num_threads);
+    run_probe(tensors->data(), tensors->size(), num_threads);
 }
 
 AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
@@ -342,8 +325,10 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                 overlap.add(x, x_list.name(i), Access::write);
                 max_data = x.data;
             }
-            for (PyArrayObject* a : {p.array, m.array, v.array}) hold_written(a, i);
-            if (has_max) hold_written(x.array, i);
+            hold_written(p.array, i, model_list[i] != Py_None ? "master_param" : "params");
+            hold_written(m.array, i, "exp_avg");
+            hold_written(v.array, i, "exp_avg_sq");
+            if (has_max) hold_written(x.array, i, "max_exp_avg_sq");
             params_.push_back(p.array);
             has_max_.push_back(has_max);
             tensors_.push_back({p.data, nullptr, m.data, v.data, max_data, p.size, nullptr, p.dtype, 0});
@@ -354,7 +339,7 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                                                          tensors_.back().model_storage);
                 check_same_shape(model, model_list.name(i), p.array, p_list.name(i));
                 overlap.add(model, model_list.name(i), Access::write);
-                hold_written(model, i);
+                hold_written(model, i, "params");
                 tensors_.back().model = PyArray_DATA(model);
             }
         }
@@ -362,6 +347,8 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     } catch (...) {
         for (PyObject* o : owned_) Py_DECREF(o);
         owned_.clear();
+        for (const HeldArray& h : written_) Py_DECREF(h.descr);
+        written_.clear();
         throw;
     }
     std::sort(written_spans_.begin(), written_spans_.end(),
@@ -371,10 +358,11 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     hyper_.resize(static_cast<std::size_t>(group_count));
 }
 
-void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor) {
+void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor, const char* role) {
     Py_INCREF(a);
     owned_.push_back(reinterpret_cast<PyObject*>(a));
-    written_.push_back(a);
+    Py_INCREF(PyArray_DESCR(a));
+    written_.push_back({a, PyArray_DATA(a), PyArray_NBYTES(a), PyArray_DESCR(a), tensor, role});
     if (PyArray_SIZE(a) > 0) {
         const auto b = reinterpret_cast<std::uintptr_t>(PyArray_DATA(a));
         written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(a)), tensor});
@@ -382,10 +370,33 @@ void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor) {
 }
 
 AdamPlan::~AdamPlan() {
+    for (const HeldArray& h : written_) Py_DECREF(h.descr);
     for (PyObject* o : owned_) Py_DECREF(o);
 }
 
+void AdamPlan::check_written_unchanged() const {
+    for (const HeldArray& h : written_) {
+        PyArrayObject* a = h.array;
+        const char* change = nullptr;
+        if (PyArray_DATA(a) != h.data)
+            change = "its data buffer was replaced";
+        else if (PyArray_DESCR(a) != h.descr && !PyArray_EquivTypes(PyArray_DESCR(a), h.descr))
+            change = "its dtype was changed";
+        else if (PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a))
+            change = "its shape or strides were changed";
+        else if (!PyArray_ISWRITEABLE(a))
+            change = "it became read-only";
+        if (change == nullptr) continue;
+        const std::string index = "[" + std::to_string(h.tensor) + "]";
+        const std::string what = std::string(h.role) == "params" ? "params" + index
+                                                                  : std::string("the ") + h.role + " of params" + index;
+        throw ArgValueError{what + " changed after the optimizer was built (" + change +
+                            "); the optimizer updates the arrays it was built with, in place: build a new one"};
+    }
+}
+
 void AdamPlan::set_steps(const std::vector<std::int64_t>& steps) {
+    if (busy_.load()) throw UsageError{"steps cannot be set while the optimizer is stepping"};
     if (steps.size() != steps_.size())
         throw ArgValueError{"steps: expected " + std::to_string(steps_.size()) + " values, got " +
                             std::to_string(steps.size())};
@@ -395,6 +406,19 @@ void AdamPlan::set_steps(const std::vector<std::int64_t>& steps) {
 }
 
 bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads) {
+    // The plan's constants and gradient pointers are rewritten by every step:
+    // a second step running at the same time would tear the first one.
+    if (busy_.exchange(true))
+        throw UsageError{"the optimizer is already stepping (called from two threads at once, or re-entered "
+                         "from a callback); an optimizer takes one step at a time"};
+    struct Release {
+        std::atomic<bool>& busy;
+        ~Release() { busy.store(false); }
+    } release{busy_};
+    return step_unguarded(grads, groups, scaling, num_threads);
+}
+
+bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads) {
     // The hyperparameters of every group, checked first.
     if (!PyList_Check(groups) || PyList_GET_SIZE(groups) != group_count_)
         throw ArgValueError{"AdamPlan.step: expected a list of one hyperparameter tuple per group"};
@@ -422,14 +446,16 @@ bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scalin
     if (g_list.size() != tensors_.size())
         throw ArgValueError{"grads has " + std::to_string(g_list.size()) + " arrays but the optimizer has " +
                             std::to_string(tensors_.size()) + " params"};
-    for (PyArrayObject* a : written_)
-        if (!PyArray_ISWRITEABLE(a))
-            throw ArgValueError{"a parameter or state array became read-only after the optimizer was built"};
+    check_written_unchanged();
+    for (std::size_t i = 0; i < steps_.size(); ++i)
+        if (steps_[i] == std::numeric_limits<std::int64_t>::max())
+            throw ArgValueError{"params[" + std::to_string(i) + "] has taken 2^63-1 steps, the most a step count holds"};
     // Row-sparse gradients: coalesced here, into the coalescer's own scratch.
-    thread_local RowCoalescer coalescer;
-    thread_local std::vector<RowCoalescer::Rows> sparse_rows;  // per param; count == SIZE_MAX: dense
-    coalescer.clear();
-    sparse_rows.assign(tensors_.size(), RowCoalescer::Rows{0, SIZE_MAX});
+    struct Tag;
+    const ScratchLease<RowCoalescer, Tag> coalescer;
+    const ScratchLease<std::vector<RowCoalescer::Rows>, Tag> sparse_rows;  // per param; count == SIZE_MAX: dense
+    coalescer->clear();
+    sparse_rows->assign(tensors_.size(), RowCoalescer::Rows{0, SIZE_MAX});
     bool any_sparse = false;
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
         const auto& h = hyper_[static_cast<std::size_t>(group_of_[i])];
@@ -453,7 +479,7 @@ bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scalin
                               static_cast<std::size_t>(PyArray_NBYTES(val.array)), v_name);
             std::int64_t rows = 0, row_size = 0;
             table_geometry(p, p_name, rows, row_size);
-            sparse_rows[i] = coalescer.add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
+            (*sparse_rows)[i] = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
                                            row_size, val.dtype);
             tensors_[i].grad_storage = Storage::same;
             any_sparse = true;
@@ -481,27 +507,24 @@ bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scalin
         tensors_[i].variant = variant_of(h);
         tensors_[i].scale_grad = scaling.grad_scale > 0.0;
     }
-    // Hold the gradients while the GIL may be released.
-    thread_local std::vector<PyObject*> held;
-    KeepAlive keep(held);
-    for (std::size_t i = 0; i < g_list.size(); ++i) keep.hold(g_list[i]);
+    // g_list holds the gradients while the GIL may be released.
     if (!any_sparse) {
         if (!launch_step(tensors_.data(), tensors_.size(), num_threads, scaling.skip_if_nonfinite)) return false;
     } else {
         // Dense params as they are; a sparse one as the gather of its present rows.
-        coalescer.sum_repeats(num_threads);
-        thread_local std::vector<AdamTensor> jobs;
-        jobs.clear();
+        coalescer->sum_repeats(num_threads);
+        const ScratchLease<std::vector<AdamTensor>, Tag> jobs;
+        jobs->clear();
         for (std::size_t i = 0; i < tensors_.size(); ++i) {
-            if (sparse_rows[i].count == SIZE_MAX) {
-                jobs.push_back(tensors_[i]);
+            if ((*sparse_rows)[i].count == SIZE_MAX) {
+                jobs->push_back(tensors_[i]);
                 continue;
             }
             const std::int64_t rows = PyArray_DIM(params_[i], 0);
             const std::int64_t row_size = rows == 0 ? 0 : tensors_[i].size / rows;
-            jobs.push_back(gather_tensor(tensors_[i], coalescer, sparse_rows[i], row_size));
+            jobs->push_back(gather_tensor(tensors_[i], *coalescer, (*sparse_rows)[i], row_size));
         }
-        if (!launch_step(jobs.data(), jobs.size(), num_threads, scaling.skip_if_nonfinite)) return false;
+        if (!launch_step(jobs->data(), jobs->size(), num_threads, scaling.skip_if_nonfinite)) return false;
     }
     for (auto& s : steps_) ++s;
     return true;

@@ -4,7 +4,9 @@
 
 #include <Python.h>
 
+#include <atomic>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "arrays.hpp"
@@ -82,9 +84,26 @@ class AdamPlan {
     void set_steps(const std::vector<std::int64_t>& steps);
 
    private:
+    bool step_unguarded(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads);
     void check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const;
-    // Keeps a reference to an array the step writes, for the aliasing and read-only checks.
-    void hold_written(PyArrayObject* a, std::size_t tensor);
+    // Keeps a reference to an array the step writes, and what the plan
+    // assumed of it, for the per-step checks and the aliasing check.
+    void hold_written(PyArrayObject* a, std::size_t tensor, const char* role);
+    // Each array the plan points into still has the data pointer, dtype,
+    // size and layout it had when the plan was built, and is writeable.
+    void check_written_unchanged() const;
+
+    // An array the step writes, as the plan saw it.  NumPy lets a user
+    // reassign .dtype, .shape or .strides in place; a kernel working from the
+    // old pointers and sizes would then read or write outside the array.
+    struct HeldArray {
+        PyArrayObject* array;
+        void* data;
+        npy_intp nbytes;
+        PyArray_Descr* descr;  // held: compared by identity, then by value
+        std::size_t tensor;
+        const char* role;  // "params", "exp_avg", ... for the message
+    };
 
     std::vector<PyObject*> owned_;      // strong references to every array we point into
     std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step
@@ -92,7 +111,8 @@ class AdamPlan {
     std::vector<std::int64_t> group_of_;
     std::vector<bool> has_max_;
     std::vector<PyArrayObject*> params_;  // for the grads' layout checks
-    std::vector<PyArrayObject*> written_; // for the read-only re-checks
+    std::vector<HeldArray> written_;
+    std::atomic<bool> busy_{false};     // a step is running (from another thread, or re-entered)
     struct Span {
         std::uintptr_t begin, end;
         std::size_t tensor;

@@ -16,19 +16,43 @@ ArrayList::ArrayList(PyObject* obj, const char* name, bool single) : obj_(obj), 
     if (PyArray_Check(obj) || !(PyList_Check(obj) || PyTuple_Check(obj)))
         throw ArgTypeError{std::string(name) + ": expected a list or tuple of numpy arrays (as params is), got " +
                            Py_TYPE(obj)->tp_name};
-    fast_ = PySequence_Fast(obj, name);  // a new reference to the list/tuple itself: no copy
-    if (fast_ == nullptr) throw ArgTypeError{std::string(name) + ": not a sequence"};
-    size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(fast_));
-    items_ = PySequence_Fast_ITEMS(fast_);
+    // The real items, not what an overridden __len__ or __getitem__ claims.
+    if (PyTuple_Check(obj)) {
+        Py_INCREF(obj);
+        items_ = obj;
+    } else {
+        items_ = PyList_AsTuple(obj);
+        if (items_ == nullptr) throw PythonErrorSet{};
+    }
+    size_ = static_cast<std::size_t>(PyTuple_GET_SIZE(items_));
+}
+
+void split_pair(PyObject* obj, const char* name, PyObject*& first, PyObject*& second) {
+    const bool is_list = PyList_Check(obj), is_tuple = PyTuple_Check(obj);
+    const Py_ssize_t size = is_list ? PyList_GET_SIZE(obj) : is_tuple ? PyTuple_GET_SIZE(obj) : -1;
+    if (size != 2)
+        throw ArgTypeError{std::string(name) + ": expected a pair (beta1, beta2), got " +
+                           (size < 0 ? std::string(Py_TYPE(obj)->tp_name)
+                                     : "a " + std::string(Py_TYPE(obj)->tp_name) + " of " + std::to_string(size))};
+    first = is_list ? PyList_GET_ITEM(obj, 0) : PyTuple_GET_ITEM(obj, 0);
+    second = is_list ? PyList_GET_ITEM(obj, 1) : PyTuple_GET_ITEM(obj, 1);
+    Py_INCREF(first);
+    Py_INCREF(second);
 }
 
 const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
 
 static std::string describe_dtype(PyArrayObject* a) {
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        // str() of a swapped user dtype is just its kind (">V2" for bfloat16): name the scalar type.
+        const char* type_name = PyArray_DESCR(a)->typeobj->tp_name;
+        const char* dot = std::strrchr(type_name, '.');
+        return std::string(dot ? dot + 1 : type_name) + " (non-native byte order)";
+    }
     PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(a)));
     std::string out = s ? PyUnicode_AsUTF8(s) : "?";
     Py_XDECREF(s);
-    if (!PyArray_ISNOTSWAPPED(a)) out += " (non-native byte order)";
+    if (s == nullptr) PyErr_Clear();
     return out;
 }
 
@@ -84,7 +108,7 @@ static bool storage_of(PyArrayObject* a, Storage& storage) {
     }
     const char* type_name = PyArray_DESCR(a)->typeobj->tp_name;
     const char* dot = std::strrchr(type_name, '.');
-    if (PyArray_ITEMSIZE(a) == 2 && std::strcmp(dot ? dot + 1 : type_name, "bfloat16") == 0) {
+    if (PyArray_ITEMSIZE(a) == 2 && PyArray_ISNOTSWAPPED(a) && std::strcmp(dot ? dot + 1 : type_name, "bfloat16") == 0) {
         storage = Storage::bfloat16;
         return true;
     }
@@ -162,14 +186,28 @@ void OverlapCheck::check() {
     }
 }
 
+namespace {
+
+// After a failed conversion: a TypeError is replaced by `replacement`; any
+// other exception stays set and propagates.
+template <class Error>
+[[noreturn]] void rethrow_conversion_error(Error replacement) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        throw replacement;
+    }
+    throw PythonErrorSet{};
+}
+
+}  // namespace
+
 double to_double(PyObject* obj, const char* name) {
     if (PyBool_Check(obj) || PyComplex_Check(obj) || !PyNumber_Check(obj))
         throw ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name};
     const double x = PyFloat_AsDouble(obj);
-    if (x == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        throw ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name};
-    }
+    if (x == -1.0 && PyErr_Occurred())
+        rethrow_conversion_error(
+            ArgTypeError{std::string(name) + ": expected a real number, got " + Py_TYPE(obj)->tp_name});
     if (!std::isfinite(x)) throw ArgValueError{std::string(name) + " must be finite, got " + std::to_string(x)};
     return x;
 }
@@ -177,11 +215,11 @@ double to_double(PyObject* obj, const char* name) {
 bool to_bool(PyObject* obj, const char* name) {
     if (obj == Py_True) return true;
     if (obj == Py_False) return false;
-    const int truth = PyObject_IsTrue(obj);
-    if (truth < 0 || !(PyLong_Check(obj) || PyArray_IsScalar(obj, Bool))) {
-        PyErr_Clear();
+    if (!(PyLong_Check(obj) || PyArray_IsScalar(obj, Bool)))
         throw ArgTypeError{std::string(name) + ": expected a bool, got " + Py_TYPE(obj)->tp_name};
-    }
+    const int truth = PyObject_IsTrue(obj);
+    if (truth < 0)
+        rethrow_conversion_error(ArgTypeError{std::string(name) + ": expected a bool, got " + Py_TYPE(obj)->tp_name});
     return truth != 0;
 }
 
@@ -189,15 +227,14 @@ std::int64_t to_int64(PyObject* obj, const char* name) {
     if (PyBool_Check(obj) || PyFloat_Check(obj) || PyArray_IsScalar(obj, Floating))
         throw ArgTypeError{std::string(name) + ": expected an integer, got " + Py_TYPE(obj)->tp_name};
     PyObject* index = PyNumber_Index(obj);
-    if (index == nullptr) {
-        PyErr_Clear();
-        throw ArgTypeError{std::string(name) + ": expected an integer, got " + Py_TYPE(obj)->tp_name};
-    }
+    if (index == nullptr)
+        rethrow_conversion_error(ArgTypeError{std::string(name) + ": expected an integer, got " + Py_TYPE(obj)->tp_name});
     const long long v = PyLong_AsLongLong(index);
     Py_DECREF(index);
     if (v == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw PythonErrorSet{};
         PyErr_Clear();
-        throw ArgValueError{std::string(name) + ": integer out of range"};
+        throw ArgValueError{std::string(name) + ": integer out of range (a 64-bit signed integer is expected)"};
     }
     return v;
 }

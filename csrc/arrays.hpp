@@ -27,6 +27,15 @@ struct ArgTypeError {
 struct ArgValueError {
     std::string message;
 };
+// Raised as RuntimeError: a misuse of an object's state (an optimizer stepped
+// from two threads at once, or re-entered from a callback).
+struct UsageError {
+    std::string message;
+};
+// The Python error indicator is already set and must reach the caller as it
+// is: a KeyboardInterrupt raised inside a number's __float__ must not turn
+// into a TypeError.
+struct PythonErrorSet {};
 
 // "params" or "params[3]"; built only when an error is reported.
 struct ArgName {
@@ -37,21 +46,26 @@ struct ArgName {
     }
 };
 
-// A list argument, or a single array standing for a list of one.
+// A list argument, or a single array standing for a list of one.  It holds
+// its own tuple of the items (the caller's tuple, or a snapshot of the
+// caller's list): whatever the caller's list does meanwhile -- emptied by
+// another thread while the GIL is released, or by a callback -- every item
+// stays alive and in place until the call is over.
 class ArrayList {
    public:
     ArrayList(PyObject* obj, const char* name, bool single);
     ArrayList(const ArrayList&) = delete;
     ArrayList& operator=(const ArrayList&) = delete;
-    ~ArrayList() { Py_XDECREF(fast_); }
+    ~ArrayList() { Py_XDECREF(items_); }
     std::size_t size() const { return size_; }
-    PyObject* operator[](std::size_t i) const { return single_ ? obj_ : items_[i]; }
+    PyObject* operator[](std::size_t i) const {
+        return single_ ? obj_ : PyTuple_GET_ITEM(items_, static_cast<Py_ssize_t>(i));
+    }
     ArgName name(std::size_t i) const { return {name_, single_ ? -1 : static_cast<std::ptrdiff_t>(i)}; }
 
    private:
     PyObject* obj_;
-    PyObject* fast_ = nullptr;
-    PyObject** items_ = nullptr;
+    PyObject* items_ = nullptr;  // a tuple (strong reference)
     std::size_t size_ = 1;
     const char* name_;
     bool single_;
@@ -69,6 +83,10 @@ struct CheckedArray {
     std::int64_t size;
     DType dtype;
 };
+
+// A pair (beta1, beta2) from a list or tuple (any subclass, whatever its
+// __len__ says), as two strong references.
+void split_pair(PyObject* obj, const char* name, PyObject*& first, PyObject*& second);
 
 // An ndarray of float32/float64 in native byte order, C-contiguous, and
 // writeable when `access` is write.
@@ -106,7 +124,9 @@ class OverlapCheck {
     std::vector<Span> spans_;
 };
 
-// A Python number as a finite double, or an error naming the argument.
+// A Python number as a finite double, or an error naming the argument.  A
+// TypeError of the conversion becomes the named one; any other exception the
+// object raises (KeyboardInterrupt, MemoryError, ...) propagates unchanged.
 double to_double(PyObject* obj, const char* name);
 bool to_bool(PyObject* obj, const char* name);
 std::int64_t to_int64(PyObject* obj, const char* name);

@@ -14,14 +14,22 @@ enum class DType : std::uint8_t { float32 = 0, float64 = 1 };
 
 // Compile-time options of the element formula; a kernel is instantiated for
 // every combination so that the inner loop never branches on them.
+// AdamTensor::variant holds these four bits and indexes a table of
+// kVariantCount kernels.
 enum AdamVariant : std::uint8_t {
     kMaximize = 1u << 0,         // g = -g
     kL2WeightDecay = 1u << 1,    // g = g + weight_decay * p          (Adam)
-    kDecoupledDecay = 1u << 2,   // p = p * (1 - lr * weight_decay)   (AdamW)
+    kDecoupledDecay = 1u << 2,   // p = p - (lr * weight_decay) * p   (AdamW)
     kAmsgrad = 1u << 3,          // v_used = max(v_max, v)
-    kVariantCount = 1u << 4,
-    kScaleGrad = 1u << 4,        // g = g * (1 / grad_scale), first; implied by the mixed-precision kernels
 };
+constexpr unsigned kVariantCount = 1u << 4;
+constexpr unsigned kVariantMask = kVariantCount - 1u;
+
+// A fifth option that is never stored in AdamTensor::variant (the tables
+// have no row for it): the kernel families of mixed precision are
+// instantiated with it, and apply g = g * (1 / grad_scale) first.
+constexpr unsigned kScaleGrad = kVariantCount;
+static_assert((kScaleGrad & kVariantMask) == 0, "kScaleGrad must lie outside the variant table's index bits");
 
 // How a gradient or a model copy is stored when it is not the working dtype.
 enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2 };
@@ -35,7 +43,7 @@ struct AdamConstants {
     T beta2;
     T one_minus_beta2;
     T weight_decay;           // used by the L2 form only
-    T decay_factor;           // 1 - lr * weight_decay, used by the decoupled form only
+    T lr_weight_decay;        // lr * weight_decay, used by the decoupled form only
     T step_size;              // lr / (1 - beta1^t)
     T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
     T eps;

@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <numpy/arrayobject.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -38,14 +39,17 @@ LossScaling to_loss_scaling(py::handle grad_scale, py::handle skip_if_nonfinite)
     return scaling;
 }
 
-// betas as a pair of numbers.
-void split_betas(py::handle betas, PyObject*& beta1, PyObject*& beta2) {
-    if (!(PyTuple_Check(betas.ptr()) || PyList_Check(betas.ptr())) || PySequence_Size(betas.ptr()) != 2)
-        throw ArgTypeError{std::string("betas: expected a pair (beta1, beta2), got ") +
-                           Py_TYPE(betas.ptr())->tp_name};
-    beta1 = PySequence_Fast_GET_ITEM(betas.ptr(), 0);
-    beta2 = PySequence_Fast_GET_ITEM(betas.ptr(), 1);
-}
+// betas as a pair of numbers, held: converting beta1 runs its __float__,
+// which could empty the list that holds beta2.
+struct Betas {
+    py::object beta1, beta2;
+    explicit Betas(py::handle betas) {
+        PyObject *first, *second;
+        split_pair(betas.ptr(), "betas", first, second);
+        beta1 = py::reinterpret_steal<py::object>(first);
+        beta2 = py::reinterpret_steal<py::object>(second);
+    }
+};
 
 py::dict runtime_config() {
     py::dict d;
@@ -54,6 +58,8 @@ py::dict runtime_config() {
     d["vector_bits"] = kernels().vector_bytes * 8;
     d["openmp"] = have_openmp();
     d["num_threads"] = default_num_threads();
+    d["max_threads"] = max_threads();
+    d["fork_safe"] = fork_handler_registered();
     d["num_threads_override"] = num_threads_override() > 0 ? py::object(py::int_(num_threads_override()))
                                                             : py::object(py::none());
     d["parallel_threshold_elements"] = kMinParallelElements;
@@ -79,6 +85,10 @@ PYBIND11_MODULE(_core, m) {
             PyErr_SetString(PyExc_TypeError, e.message.c_str());
         } catch (const ArgValueError& e) {
             PyErr_SetString(PyExc_ValueError, e.message.c_str());
+        } catch (const UsageError& e) {
+            PyErr_SetString(PyExc_RuntimeError, e.message.c_str());
+        } catch (const PythonErrorSet&) {
+            // The error indicator already holds the exception to raise.
         }
     });
 
@@ -90,9 +100,8 @@ PYBIND11_MODULE(_core, m) {
            py::handle max_exp_avg_sqs, py::handle step, py::handle lr, py::handle betas, py::handle eps,
            py::handle weight_decay, py::handle decoupled, py::handle amsgrad, py::handle maximize,
            py::handle model_params, py::handle grad_scale, py::handle skip_if_nonfinite, py::handle num_threads) {
-            PyObject *beta1, *beta2;
-            split_betas(betas, beta1, beta2);
-            const AdamHyper h = check_hyper(lr.ptr(), beta1, beta2, eps.ptr(), weight_decay.ptr(),
+            const Betas b(betas);
+            const AdamHyper h = check_hyper(lr.ptr(), b.beta1.ptr(), b.beta2.ptr(), eps.ptr(), weight_decay.ptr(),
                                             decoupled.ptr(), amsgrad.ptr(), maximize.ptr());
             return adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
                              step.ptr(), h, model_params.ptr(), to_loss_scaling(grad_scale, skip_if_nonfinite),
@@ -105,9 +114,8 @@ PYBIND11_MODULE(_core, m) {
         [](py::handle param, py::handle indices, py::handle values, py::handle exp_avg, py::handle exp_avg_sq,
            py::handle step, py::handle lr, py::handle betas, py::handle eps, py::handle maximize,
            py::handle num_threads) {
-            PyObject *beta1, *beta2;
-            split_betas(betas, beta1, beta2);
-            const AdamHyper h = check_hyper(lr.ptr(), beta1, beta2, eps.ptr(), py::float_(0.0).ptr(), Py_False,
+            const Betas b(betas);
+            const AdamHyper h = check_hyper(lr.ptr(), b.beta1.ptr(), b.beta2.ptr(), eps.ptr(), py::float_(0.0).ptr(), Py_False,
                                             Py_False, maximize.ptr());
             sparse_adam_step(param.ptr(), indices.ptr(), values.ptr(), exp_avg.ptr(), exp_avg_sq.ptr(), step.ptr(),
                              h, to_num_threads(num_threads));
@@ -147,5 +155,6 @@ PYBIND11_MODULE(_core, m) {
         "set_num_threads",
         [](py::handle n) { set_num_threads(n.is_none() ? 0 : to_num_threads(n)); },
         "Threads for later calls; None follows OpenMP (OMP_NUM_THREADS, threadpoolctl).");
-    m.def("get_num_threads", &default_num_threads, "Threads a call uses when it does not name a count.");
+    m.def("get_num_threads", &default_num_threads,
+          "Threads a call uses when it does not name a count (at most max_threads of them run).");
 }

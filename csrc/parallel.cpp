@@ -2,10 +2,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <system_error>
+#include <thread>
 
 #if defined(FASTADAM_HAVE_OPENMP)
 #include <omp.h>
+#include <pthread.h>
 #endif
+
+#include "fpmode.hpp"
 
 namespace fastadam {
 namespace {
@@ -30,6 +37,8 @@ Position boundary(const std::int64_t* starts, std::size_t count, int k, int n, s
 }
 
 void run_stretch(const std::int64_t* starts, std::size_t count, Position from, Position to, PieceFn fn) {
+    // Each thread computes in the default mode whatever its caller set (fpmode.hpp).
+    const DefaultFloatingPointMode fp_mode;
     for (std::size_t s = from.segment; s < count && s <= to.segment; ++s) {
         const std::int64_t begin = s == from.segment ? from.offset : 0;
         const std::int64_t end = s == to.segment ? to.offset : starts[s + 1] - starts[s];
@@ -37,27 +46,130 @@ void run_stretch(const std::int64_t* starts, std::size_t count, Position from, P
     }
 }
 
+#if defined(FASTADAM_HAVE_OPENMP)
+
+void parallel_region(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align, PieceFn fn) {
+    const Position end_of_all{count, 0};
+#pragma omp parallel num_threads(threads)
+    {
+        const int n = omp_get_num_threads();
+        const int k = omp_get_thread_num();
+        run_stretch(starts, count, boundary(starts, count, k, n, align),
+                    k + 1 == n ? end_of_all : boundary(starts, count, k + 1, n, align), fn);
+    }
+}
+
+// ---- fork() ------------------------------------------------------------------------------------------------
+// GNU libgomp keeps the worker team of each thread that opened a parallel
+// region in that thread's own state.  fork() copies the state into the child
+// but not the workers, so in the child the thread that forked would wait
+// forever for them at its next region; a thread created in the child starts
+// with no team and works.  So a fork handler marks the forking thread, and in
+// the child that thread hands its regions to a relay thread made there, on
+// first use (one hand-over per multi-threaded call, a few microseconds; other
+// threads, and the parent, are not affected).  The relay never runs Python.
+
+thread_local bool t_team_lost_in_fork = false;
+
+class Relay {
+   public:
+    // False when its thread cannot be made (no memory): then the caller runs the work itself.
+    bool run(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align, PieceFn fn) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (!started_) {
+            try {
+                std::thread(&Relay::serve, this).detach();
+            } catch (const std::system_error&) {
+                return false;
+            }
+            started_ = true;
+        }
+        job_ = Job{starts, count, threads, align, fn};
+        has_job_ = true;
+        wake_.notify_one();
+        wake_.wait(lock, [this] { return !has_job_; });
+        return true;
+    }
+
+   private:
+    struct Job {
+        const std::int64_t* starts;
+        std::size_t count;
+        int threads;
+        std::int64_t align;
+        PieceFn fn;
+    };
+    void serve() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        for (;;) {
+            wake_.wait(lock, [this] { return has_job_; });
+            parallel_region(job_.starts, job_.count, job_.threads, job_.align, job_.fn);
+            has_job_ = false;
+            wake_.notify_all();
+        }
+    }
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    Job job_{};
+    bool has_job_ = false;
+    bool started_ = false;
+};
+
+// Made in a forked child only.  A child of a child makes its own: the
+// relay's thread, and whatever state its mutex was in, stay behind in the
+// parent, so the old object is abandoned (never destroyed), not reused.
+std::atomic<Relay*> g_relay{nullptr};
+std::mutex g_relay_creation;
+
+void after_fork_in_child() {
+    t_team_lost_in_fork = true;
+    g_relay.store(nullptr);
+    new (&g_relay_creation) std::mutex();  // it may have been held by a thread that is gone
+}
+
+Relay& relay() {
+    Relay* r = g_relay.load();
+    if (r == nullptr) {
+        std::lock_guard<std::mutex> lock(g_relay_creation);
+        r = g_relay.load();
+        if (r == nullptr) {
+            r = new Relay();
+            g_relay.store(r);
+        }
+    }
+    return *r;
+}
+
+const bool g_fork_handler_registered = pthread_atfork(nullptr, nullptr, &after_fork_in_child) == 0;
+
+#endif
+
 }  // namespace
 
 void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align,
                     PieceFn fn) {
-    const Position end_of_all{count, 0};
 #if defined(FASTADAM_HAVE_OPENMP)
     if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-        {
-            const int n = omp_get_num_threads();
-            const int k = omp_get_thread_num();
-            run_stretch(starts, count, boundary(starts, count, k, n, align),
-                        k + 1 == n ? end_of_all : boundary(starts, count, k + 1, n, align), fn);
+        if (!t_team_lost_in_fork) {
+            parallel_region(starts, count, threads, align, fn);
+            return;
         }
-        return;
+        if (relay().run(starts, count, threads, align, fn)) return;
     }
 #else
     (void)threads;
     (void)align;
 #endif
-    run_stretch(starts, count, Position{0, 0}, end_of_all, fn);
+    run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
+}
+
+int max_threads() {
+#if defined(FASTADAM_HAVE_OPENMP)
+    // The processors this process may run on (libgomp counts its affinity mask).
+    return std::max(1, omp_get_num_procs());
+#else
+    return 1;
+#endif
 }
 
 int default_num_threads() {
@@ -78,6 +190,14 @@ bool have_openmp() {
     return true;
 #else
     return false;
+#endif
+}
+
+bool fork_handler_registered() {
+#if defined(FASTADAM_HAVE_OPENMP)
+    return g_fork_handler_registered;
+#else
+    return true;
 #endif
 }
 

@@ -22,8 +22,16 @@ struct PieceFn {
 // starts[count] = total).  Piece boundaries inside a segment fall on multiples
 // of `align` elements from its start, so neighbouring threads do not share a
 // cache line of a 64-byte-aligned array.  threads <= 1 runs on the caller.
+// Every thread runs its pieces in the default floating-point mode (fpmode.hpp),
+// and a forked child's steps work (parallel.cpp explains how).
 void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align,
                     PieceFn fn);
+
+// The most threads a call runs on: the processors this process may use.  More
+// never speeds up a memory-bound step, and each one costs a stack; a larger
+// request (num_threads=4096) is capped rather than left to fail in the OpenMP
+// runtime, which would end the process.
+int max_threads();
 
 // The thread count a call uses when it does not name one: set_num_threads()'s
 // value if set, otherwise OpenMP's own (OMP_NUM_THREADS, omp_set_num_threads,
@@ -33,5 +41,7 @@ void set_num_threads(int threads);  // 0 restores "follow OpenMP"
 int num_threads_override();
 
 bool have_openmp();
+// Whether the fork handler that keeps steps working in forked children is in place.
+bool fork_handler_registered();
 
 }  // namespace fastadam

@@ -239,7 +239,7 @@ void adam_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
     } else {
         table = mixed ? &variants<double, kSame, kSame, kScaleGrad> : &variants<double, kSame, kSame, 0>;
     }
-    table->fn[t.variant](t, begin, end);
+    table->fn[t.variant & kVariantMask](t, begin, end);
 }
 
 // skip_if_nonfinite's check: is any g * inv_grad_scale NaN or infinite?

@@ -4,6 +4,7 @@
 >>> p = np.ones(4, np.float32); g = np.full(4, 0.5, np.float32)
 >>> m, v = np.zeros_like(p), np.zeros_like(p)
 >>> fastadam.adam_step(p, g, m, v, step=1, lr=0.1)
+True
 >>> p
 array([0.9, 0.9, 0.9, 0.9], dtype=float32)
 """
@@ -45,6 +46,9 @@ def config() -> dict[str, Any]:
     (chosen at import: the best the CPU supports, or ``FASTADAM_ISA``);
     ``available_isas``, the levels this CPU can run; ``vector_bits``;
     ``openmp``; ``num_threads``, the threads a call uses by default;
+    ``max_threads``, the most threads a call runs on (the processors this
+    process may use: larger counts are capped to it); ``fork_safe``, whether
+    steps in a forked child work (a fork handler is registered);
     ``num_threads_override``, the value of :func:`set_num_threads` or None;
     ``parallel_threshold_elements``; ``compiler``.
     """
@@ -65,5 +69,9 @@ def set_num_threads(n: Optional[int]) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads a call uses when it does not pass ``num_threads``."""
+    """The number of threads a call uses when it does not pass ``num_threads``.
+
+    Every call runs on at most ``config()["max_threads"]`` threads, the
+    processors this process may use: more never speed up a memory-bound step.
+    """
     return _core.get_num_threads()

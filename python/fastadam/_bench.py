@@ -363,8 +363,6 @@ class NumpyOutStep:
     def __call__(self) -> None:
         decoupled, amsgrad = self.variant.decoupled, self.variant.amsgrad
         for p, g, m, v, v_max, c, t1, t2 in self.tensors:
-            if decoupled:
-                np.multiply(p, c.decay_factor, out=p)
             # m = beta1 * m + (1 - beta1) * g
             np.multiply(m, c.beta1, out=m)
             np.multiply(g, c.one_minus_beta1, out=t1)
@@ -378,12 +376,15 @@ class NumpyOutStep:
             if amsgrad:
                 np.maximum(v_max, v, out=v_max)
                 second_moment = v_max
-            # p = p - (step_size * m) / (sqrt(v') * inv_bias_correction2_sqrt + eps)
+            # u = (step_size * m) / (sqrt(v') * inv_bias_correction2_sqrt + eps)
             np.sqrt(second_moment, out=t1)
             np.multiply(t1, c.inv_bias_correction2_sqrt, out=t1)
             np.add(t1, c.eps, out=t1)
             np.multiply(m, c.step_size, out=t2)
             np.divide(t2, t1, out=t2)
+            if decoupled:  # u = (lr * weight_decay) * p + u
+                np.multiply(p, c.lr_weight_decay, out=t1)
+                np.add(t1, t2, out=t2)
             np.subtract(p, t2, out=p)
 
 
