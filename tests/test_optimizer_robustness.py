@@ -482,3 +482,19 @@ def test_a_bad_added_group_is_refused_and_changes_nothing(group, error, match, r
     opt.step(grads_for(params, rng))  # the optimizer still works over its own params
     assert opt.steps == [2] * len(params)
 
+
+
+def test_numpy_scalar_hyperparameters_are_saved_as_numbers(rng, tmp_path):
+    params = make_params(rng)
+    twin = [p.copy() for p in params]
+    opt = fastadam.Adam(params)
+    opt.param_groups[0].update(lr=np.float32(1e-3), betas=(np.float64(0.8), 0.99), maximize=np.bool_(True))
+    opt.save(tmp_path / "opt")  # json could not write NumPy scalars
+    resumed = fastadam.Adam(twin)
+    resumed.load(tmp_path / "opt")
+    assert resumed.param_groups[0]["lr"] == np.float32(1e-3) and resumed.param_groups[0]["maximize"] is True
+    grads = grads_for(params, rng)
+    opt.step(grads)
+    resumed.step(grads)
+    for a, b in zip(params, twin):
+        assert_bitwise_equal(a, b)

@@ -104,6 +104,13 @@ def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+def _json_number(value: Any) -> Any:
+    """NumPy scalars (accepted as hyperparameters) as the Python numbers JSON can hold."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    raise TypeError(f"save: a hyperparameter of type {type(value).__name__} cannot be written as JSON")
+
+
 class Adam:
     r"""Adam (Kingma & Ba, 2015) over NumPy arrays, with the options of ``torch.optim.Adam``.
 
@@ -496,7 +503,7 @@ class Adam:
         sd = self.state_dict()
         arrays = {f"state/{i}/{key}": a for i, s in sd["state"].items() for key, a in s.items() if key != "step"}
         arrays["steps"] = np.array([s["step"] for s in sd["state"].values()], dtype=np.int64)
-        arrays["param_groups"] = np.array(json.dumps(sd["param_groups"]))
+        arrays["param_groups"] = np.array(json.dumps(sd["param_groups"], default=_json_number))
         np.savez(_npz_path(path), **arrays)
 
     def load(self, path: Union[PathLike, Any]) -> None:
