@@ -1,10 +1,13 @@
-"""The stateful optimizers: fastadam.Adam and fastadam.AdamW."""
+"""The stateful optimizers: fastadam.Adam, fastadam.AdamW and fastadam.SparseAdam."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Optional, Sequence, Union
+import types
+import zipfile
+import zlib
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -12,11 +15,66 @@ from . import _core
 from ._functional import RowSparseGrad
 
 _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
+#: The keys of a param group: exactly these, at construction and at every step.
+_GROUP_KEYS = frozenset(("params", *_HYPERPARAMETERS))
+#: Step counts are int64 in the core and each step adds one: a count must stay below 2**63 - 1.
+_STEP_LIMIT = 2**63 - 1
+
+
 def _is_16bit_float(a: np.ndarray) -> bool:
     """float16, or ml_dtypes' bfloat16 (NumPy has no bfloat16 of its own)."""
     return a.dtype == np.float16 or (a.dtype.itemsize == 2 and a.dtype.name == "bfloat16")
 
+
 ParamsOrGroups = Union[Iterable[np.ndarray], Iterable[dict]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _listed(value: Any, where: str, wrap_hint: str) -> list:
+    """The items of a list/tuple/iterable of params; a single array (or dict, str) is refused, not iterated."""
+    if isinstance(value, np.ndarray):
+        raise TypeError(f"{where}: expected a list of arrays, got a single numpy.ndarray "
+                        f"(iterating it would split it into rows); wrap it in a list: {wrap_hint}")
+    if isinstance(value, (dict, str, bytes)):
+        raise TypeError(f"{where}: expected a list of arrays, got a single {type(value).__name__}; "
+                        f"wrap it in a list: {wrap_hint}")
+    try:
+        iterator = iter(value)
+    except TypeError:
+        raise TypeError(f"{where}: expected a list of arrays, got {type(value).__name__}") from None
+    return list(iterator)
+
+
+def _sorted_keys(keys: Iterable[Any]) -> list:
+    """Keys sorted for a message, whatever their types."""
+    return sorted(keys, key=repr)
+
+
+def _checked_step(value: Any, where: str) -> int:
+    """A saved step count as an int in [0, 2**63 - 1); a bool or float is refused."""
+    if not _is_integer(value):
+        raise ValueError(f"{where}: expected an integer step count, got {type(value).__name__}")
+    step = int(value)
+    if not 0 <= step < _STEP_LIMIT:
+        raise ValueError(f"{where} must be in [0, 2**63 - 1), got {step}")
+    return step
+
+
+def _npz_path(path: Any) -> Any:
+    """The file :meth:`Adam.save` and :meth:`Adam.load` use: ``path`` with ``.npz`` appended unless it ends so.
+
+    File objects are passed through unchanged.
+    """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return path
+    path = os.fspath(path)
+    suffix = b".npz" if isinstance(path, bytes) else ".npz"
+    return path if path.endswith(suffix) else path + suffix
 
 
 def _check_group_hyperparameters(group: dict, where: str) -> None:
@@ -34,6 +92,25 @@ def _check_group_hyperparameters(group: dict, where: str) -> None:
         raise type(e)(f"{where}: {e}") from None
 
 
+def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The declared shape and dtype of a ``.npy`` stream, read without reading its data."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f".npy format version {version} is not one save() writes")
+    return shape, dtype
+
+
+def _json_number(value: Any) -> Any:
+    """NumPy scalars (accepted as hyperparameters) as the Python numbers JSON can hold."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    raise TypeError(f"save: a hyperparameter of type {type(value).__name__} cannot be written as JSON")
+
+
 class Adam:
     r"""Adam (Kingma & Ba, 2015) over NumPy arrays, with the options of ``torch.optim.Adam``.
 
@@ -49,10 +126,21 @@ class Adam:
     summed) are updated, with the same formula, and the moments of the other
     rows are left as they are -- the "lazy" update of embedding tables.
 
+    The optimizer works on the very arrays it was given and on the state
+    arrays it created; it never swaps them.  So that its view cannot diverge
+    from the caller's, the containers are fixed: :attr:`state` is a tuple of
+    read-only mappings (``opt.state[i]["exp_avg"] = a`` raises TypeError;
+    the arrays themselves are updated in place and may be written into,
+    ``opt.state[i]["exp_avg"][...] = a``), and each group's ``"params"`` is a
+    tuple.  Parameters are added with :meth:`add_param_group`.  The groups'
+    hyperparameters may be changed between steps (schedules); a group may hold
+    no other keys.
+
     Parameters
     ----------
     params
-        A list of arrays (float32/float64, C-contiguous, writeable), or a list
+        A list (or any iterable, not a single array) of arrays
+        (float32/float64, C-contiguous, writeable, each given once), or a list
         of param-group dicts ``{"params": [...], "lr": ..., ...}`` whose keys
         override the defaults below for that group.
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
@@ -86,65 +174,165 @@ class Adam:
                                              decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                                              maximize=maximize)
         self.num_threads = num_threads
-        items = list(params)
+        items = _listed(params, "params", f"{type(self).__name__}([W])")
         if not items:
             raise ValueError("params: the optimizer got an empty parameter list")
         groups_in = items if isinstance(items[0], dict) else [{"params": items}]
 
-        self.param_groups: list[dict[str, Any]] = []
+        groups: list[dict[str, Any]] = []
+        states: list[dict[str, np.ndarray]] = []
+        seen: dict[int, int] = {}
         for k, g in enumerate(groups_in):
-            if not isinstance(g, dict) or "params" not in g:
-                raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
-            unknown = set(g) - {"params", *_HYPERPARAMETERS}
-            if unknown:
-                raise ValueError(f"param_groups[{k}]: unknown option(s) {sorted(unknown)}")
-            group = {**self.defaults, **g}
-            group["params"] = [g["params"]] if isinstance(g["params"], np.ndarray) else list(g["params"])
-            group["betas"] = tuple(group["betas"]) if isinstance(group["betas"], (tuple, list)) else group["betas"]
-            if not group["params"]:
-                raise ValueError(f"param_groups[{k}]: empty parameter list")
-            _check_group_hyperparameters(group, f"param_groups[{k}]")
-            self.param_groups.append(group)
+            group, new_states = self._new_group(g, k, len(states), seen)
+            groups.append(group)
+            states.extend(new_states)
+        params_all = [p for g in groups for p in g["params"]]
+        group_of = [k for k, g in enumerate(groups) for _ in g["params"]]
+        self._plan = self._build_plan(params_all, states, group_of, len(groups))
+        self._commit(groups, params_all, states, group_of)
 
-        self._params: list[np.ndarray] = [p for g in self.param_groups for p in g["params"]]
-        for i, p in enumerate(self._params):
+    # -- building ----------------------------------------------------------------------------------------------
+
+    def _new_group(self, g: Any, k: int, start: int, seen: dict[int, int]) -> tuple[dict[str, Any], list[dict]]:
+        """Check param group ``g`` (to become ``param_groups[k]``, its first param ``params[start]``) and
+        create its zero state; ``seen`` maps ``id`` of every param taken so far to its position."""
+        where = f"param_groups[{k}]"
+        if not isinstance(g, dict):
+            raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key, got {type(g).__name__}")
+        if "params" not in g:
+            raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
+        unknown = set(g) - _GROUP_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown option(s) {_sorted_keys(unknown)}")
+        group = {**self.defaults, **g}
+        group["params"] = tuple(_listed(g["params"], f"{where}['params']", "{'params': [W]}"))
+        group["betas"] = tuple(group["betas"]) if isinstance(group["betas"], (tuple, list)) else group["betas"]
+        if not group["params"]:
+            raise ValueError(f"{where}: empty parameter list")
+        _check_group_hyperparameters(group, where)
+        states = []
+        for j, p in enumerate(group["params"]):
+            i = start + j
             if not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}]: expected a numpy.ndarray, got {type(p).__name__}")
-        group_of = [k for k, g in enumerate(self.param_groups) for _ in g["params"]]
-        # Zero-initialised state in the parameter's dtype (float32 with a
-        # master copy); the core checks dtypes, contiguity, writeability and
-        # aliasing of all of it at once.
-        self.state: list[dict[str, np.ndarray]] = []
-        for i, (p, k) in enumerate(zip(self._params, group_of)):
-            s: dict[str, np.ndarray] = {}
-            if _is_16bit_float(p):
-                if not master_weights:
-                    raise TypeError(f"params[{i}]: dtype {p.dtype} needs master_weights=True "
-                                    "(a float32 master copy is kept and rounded into it)")
-                s["master_param"] = np.ascontiguousarray(p, dtype=np.float32)
-            work_dtype = np.float32 if "master_param" in s else p.dtype
-            s["exp_avg"] = np.zeros(p.shape, work_dtype)
-            s["exp_avg_sq"] = np.zeros(p.shape, work_dtype)
-            if self.param_groups[k]["amsgrad"]:
-                s["max_exp_avg_sq"] = np.zeros(p.shape, work_dtype)
-            self.state.append(s)
-        self._plan = _core.AdamPlan([s.get("master_param", p) for s, p in zip(self.state, self._params)],
-                                    [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state],
-                                    [s.get("max_exp_avg_sq") for s in self.state],
-                                    [p if "master_param" in s else None for s, p in zip(self.state, self._params)],
-                                    group_of, len(self.param_groups), self._sparse_adam_eps)
+            if id(p) in seen:
+                raise ValueError(f"params[{i}] shares memory with params[{seen[id(p)]}]: the same array is given "
+                                 "twice (each parameter may appear once in an optimizer)")
+            seen[id(p)] = i
+            states.append(self._new_state(p, i, bool(group["amsgrad"])))
+        return group, states
+
+    def _new_state(self, p: np.ndarray, i: int, amsgrad: bool) -> dict[str, np.ndarray]:
+        """Zero-initialised state in the parameter's dtype (float32 with a master copy); the core checks
+        dtypes, contiguity, writeability and aliasing of all of it when the plan is built."""
+        s: dict[str, np.ndarray] = {}
+        if _is_16bit_float(p):
+            if not self.master_weights:
+                raise TypeError(f"params[{i}]: dtype {p.dtype} needs master_weights=True "
+                                "(a float32 master copy is kept and rounded into it)")
+            s["master_param"] = np.ascontiguousarray(p, dtype=np.float32)
+        work_dtype = np.float32 if "master_param" in s else p.dtype
+        s["exp_avg"] = np.zeros(p.shape, work_dtype)
+        s["exp_avg_sq"] = np.zeros(p.shape, work_dtype)
+        if amsgrad:
+            s["max_exp_avg_sq"] = np.zeros(p.shape, work_dtype)
+        return s
+
+    def _build_plan(self, params: list[np.ndarray], states: list[dict], group_of: list[int],
+                    group_count: int) -> Any:
+        """The core's plan over all params: it checks every array and holds their data pointers."""
+        return _core.AdamPlan([s.get("master_param", p) for s, p in zip(states, params)],
+                              [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                              [s.get("max_exp_avg_sq") for s in states],
+                              [p if "master_param" in s else None for s, p in zip(states, params)],
+                              group_of, group_count, self._sparse_adam_eps)
+
+    def _commit(self, groups: list[dict], params: list[np.ndarray], states: list[dict], group_of: list[int]) -> None:
+        """Take over checked groups and state (the plan over them is already in ``self._plan``)."""
+        self._param_groups = groups
+        self._group_params = [g["params"] for g in groups]  # the tuples the plan was built over
+        self._params = params
+        self._state = states
+        self._state_view = tuple(types.MappingProxyType(s) for s in states)
+        self._group_of = group_of
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group`` does.
+
+        ``param_group`` is a dict ``{"params": [arrays...], **hyperparameters}``
+        with the keys and rules of the constructor's groups; options it does
+        not set take the optimizer's defaults.  Its params must not be in the
+        optimizer already (the same array, or one sharing memory with a param
+        or state array, is refused).  The new params get zero state and step
+        count 0; the existing state arrays and step counts are kept.  From
+        then on :meth:`step` takes one gradient per param of all groups, the
+        new ones last, and :meth:`state_dict` / :meth:`save` include the
+        group.  On error nothing is changed.
+        """
+        self._check_groups()
+        k = len(self._param_groups)
+        seen = {id(p): i for i, p in enumerate(self._params)}
+        group, new_states = self._new_group(param_group, k, len(self._params), seen)
+        params = self._params + list(group["params"])
+        states = self._state + new_states
+        group_of = self._group_of + [k] * len(new_states)
+        plan = self._build_plan(params, states, group_of, k + 1)
+        plan.steps = list(self._plan.steps) + [0] * len(new_states)
+        self._plan = plan
+        self._commit(self._param_groups + [group], params, states, group_of)
+
+    # -- what the caller sees ----------------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups: dicts of ``"params"`` (a tuple of the group's arrays) and the hyperparameters.
+
+        Hyperparameters may be changed between steps; the list, the keys and
+        the ``"params"`` tuples may not (use :meth:`add_param_group`).
+        """
+        return self._param_groups
+
+    @property
+    def state(self) -> tuple[Mapping[str, np.ndarray], ...]:
+        """The state of each param, in the order of all params: read-only mappings of the live arrays.
+
+        ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad,
+        ``master_param`` with master weights).  The arrays are the ones the
+        steps update in place; write into them with ``a[...] = x``, never
+        replace them (that raises TypeError).
+        """
+        return self._state_view
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
-        for k, g in enumerate(self.param_groups):
-            opts = ", ".join(f"{key}={g[key]!r}" for key in _HYPERPARAMETERS)
-            lines.append(f"  param_groups[{k}]: {len(g['params'])} arrays, {opts}")
+        for k, g in enumerate(self._param_groups):
+            opts = ", ".join(f"{key}={g.get(key)!r}" for key in _HYPERPARAMETERS)
+            lines.append(f"  param_groups[{k}]: {len(self._group_params[k])} arrays, {opts}")
         return "\n".join(lines) + "\n)"
 
     @property
     def steps(self) -> list[int]:
         """The number of steps taken by each parameter array, in the order of all params."""
         return list(self._plan.steps)
+
+    def _check_groups(self) -> None:
+        """The groups still have the optimizer's structure: O(groups), so cheap enough for every step."""
+        groups, expected = self._param_groups, self._group_params
+        if len(groups) != len(expected):
+            raise ValueError(f"param_groups has {len(groups)} groups but the optimizer has {len(expected)}; "
+                             "add a group with add_param_group()")
+        for k, g in enumerate(groups):
+            if not isinstance(g, dict):
+                raise TypeError(f"param_groups[{k}]: expected a dict, got {type(g).__name__}")
+            if g.keys() != _GROUP_KEYS:
+                unknown, missing = set(g) - _GROUP_KEYS, _GROUP_KEYS - set(g)
+                raise ValueError(f"param_groups[{k}]: " + "; ".join(
+                    ([f"unknown option(s) {_sorted_keys(unknown)} (a group holds only 'params' and the "
+                      "hyperparameters)"] if unknown else []) +
+                    ([f"missing option(s) {sorted(missing)}"] if missing else [])))
+            if g["params"] is not expected[k]:
+                raise ValueError(f"param_groups[{k}]['params'] was replaced after the optimizer was built; "
+                                 "the optimizer would not update the new arrays (add them with add_param_group())")
 
     def step(self, grads: Sequence[Union[np.ndarray, RowSparseGrad]], *, grad_scale: Optional[float] = None,
              skip_if_nonfinite: bool = False) -> bool:
@@ -157,12 +345,13 @@ class Adam:
         bfloat16.  ``grad_scale`` divides every gradient (loss scaling, applied
         as a multiplication by its reciprocal); with ``skip_if_nonfinite`` a
         NaN or inf in any scaled gradient skips the whole step: no array and
-        no step count changes (like ``torch.amp.GradScaler``).  Only the gradients and
-        the groups' current hyperparameters are checked; a bad one raises
-        before anything is written.
+        no step count changes (like ``torch.amp.GradScaler``).  Only the gradients,
+        the groups' structure and their current hyperparameters are checked; a
+        bad one raises before anything is written.
         """
+        self._check_groups()
         hyper = []
-        for k, g in enumerate(self.param_groups):
+        for k, g in enumerate(self._param_groups):
             betas = g["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise TypeError(f"param_groups[{k}]: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -181,11 +370,12 @@ class Adam:
         the position of the parameter across all groups, as in PyTorch.  The
         parameters themselves are not included.
         """
+        self._check_groups()
         steps = self._plan.steps
         state = {i: {"step": int(steps[i]), **{key: a.copy() for key, a in s.items()}}
-                 for i, s in enumerate(self.state)}
+                 for i, s in enumerate(self._state)}
         groups, start = [], 0
-        for g in self.param_groups:
+        for g in self._param_groups:
             n = len(g["params"])
             groups.append({**{key: g[key] for key in _HYPERPARAMETERS}, "params": list(range(start, start + n))})
             start += n
@@ -194,68 +384,190 @@ class Adam:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (of an optimizer over parameters of the same shapes).
 
-        Everything is checked before anything is changed; resuming then gives
-        the bitwise-identical trajectory of an uninterrupted run.
+        Loading is atomic: everything is checked first -- the structure
+        (``state_dict`` a dict of ``"state"``, a dict of per-parameter dicts,
+        and ``"param_groups"``, a list of dicts, as many as this optimizer's,
+        each with as many ``"params"`` ids as its group), each group's
+        hyperparameters (``amsgrad`` must be this optimizer's), and each
+        parameter's state (exactly this optimizer's keys, arrays of its
+        shapes and dtypes, and a ``"step"`` that is a Python or NumPy integer
+        in ``[0, 2**63 - 1)``).  Any failure raises (ValueError for a
+        malformed ``state_dict``, naming the entry) and changes nothing: state
+        arrays, hyperparameters and step counts stay as they were.  Otherwise
+        the arrays are copied into the optimizer's own state arrays, and
+        resuming gives the bitwise-identical trajectory of an uninterrupted run.
         """
+        self._check_groups()
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        if set(state_dict) != {"state", "param_groups"}:
+            raise ValueError(f"state_dict: expected the keys ['param_groups', 'state'], "
+                             f"got {_sorted_keys(state_dict)}")
         groups, state = state_dict["param_groups"], state_dict["state"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
-        for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"param_groups[{k}]: state_dict has {len(saved['params'])} params, "
+        if not isinstance(groups, (list, tuple)):
+            raise ValueError(f"state_dict['param_groups']: expected a list of dicts, got {type(groups).__name__}")
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict['state']: expected a dict of per-parameter dicts, "
+                             f"got {type(state).__name__}")
+        if len(groups) != len(self._param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self._param_groups)}")
+
+        # The groups: hyperparameters, and the id under which each param's state is saved.
+        new_hyper: list[dict[str, Any]] = []
+        ids: list[int] = []
+        for k, (saved, mine) in enumerate(zip(groups, self._param_groups)):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict['param_groups'][{k}]: expected a dict, got {type(saved).__name__}")
+            unknown = set(saved) - _GROUP_KEYS
+            if unknown:
+                raise ValueError(f"state_dict['param_groups'][{k}]: unknown option(s) {_sorted_keys(unknown)}")
+            saved_ids = saved.get("params")
+            if not isinstance(saved_ids, (list, tuple)):
+                raise ValueError(f"state_dict['param_groups'][{k}]['params']: expected a list of parameter ids, "
+                                 f"got {type(saved_ids).__name__}")
+            if len(saved_ids) != len(mine["params"]):
+                raise ValueError(f"param_groups[{k}]: state_dict has {len(saved_ids)} params, "
                                  f"this optimizer {len(mine['params'])}")
+            for j, pid in enumerate(saved_ids):
+                if not _is_integer(pid):
+                    raise ValueError(f"state_dict['param_groups'][{k}]['params'][{j}]: expected an integer id, "
+                                     f"got {type(pid).__name__}")
+                ids.append(int(pid))
             merged = {**mine, **{key: saved[key] for key in _HYPERPARAMETERS if key in saved}}
-            merged["betas"] = tuple(merged["betas"])
+            if isinstance(merged["betas"], (tuple, list)):
+                merged["betas"] = tuple(merged["betas"])
             _check_group_hyperparameters(merged, f"state_dict param_groups[{k}]")
             if bool(merged["amsgrad"]) != bool(mine["amsgrad"]):
                 raise ValueError(f"param_groups[{k}]: amsgrad differs from this optimizer's")
+            new_hyper.append({key: merged[key] for key in _HYPERPARAMETERS})
+        if len(set(ids)) != len(ids):
+            raise ValueError("state_dict['param_groups']: a parameter id appears in more than one place")
+
+        # The per-parameter state, keyed by id (an int, or its decimal string as JSON writes it).
+        by_id: dict[int, Any] = {}
+        for key, s in state.items():
+            if _is_integer(key):
+                pid = int(key)
+            elif isinstance(key, str) and key.isascii() and key.isdigit():
+                pid = int(key)
+            else:
+                raise ValueError(f"state_dict['state']: expected integer parameter ids as keys, got {key!r}")
+            if pid in by_id:
+                raise ValueError(f"state_dict['state']: parameter id {pid} appears twice")
+            by_id[pid] = s
+        extra = set(by_id) - set(ids)
+        if extra:
+            raise ValueError(f"state_dict['state'] has entries for ids {sorted(extra)[:10]} that no group lists")
         steps = []
-        for i, mine in enumerate(self.state):
-            saved = state.get(i, state.get(str(i)))
+        for i, mine in enumerate(self._state):
+            saved = by_id.get(ids[i])
             if saved is None:
                 raise ValueError(f"state_dict has no state for params[{i}]")
-            if set(saved) - {"step"} != set(mine):
-                raise ValueError(f"state[{i}]: expected keys {sorted({'step', *mine})}, got {sorted(saved)}")
+            if not isinstance(saved, dict):
+                raise ValueError(f"state[{i}]: expected a dict, got {type(saved).__name__}")
+            if set(saved) != {"step", *mine}:
+                raise ValueError(f"state[{i}]: expected keys {sorted({'step', *mine})}, got {_sorted_keys(saved)}")
             for key, a in mine.items():
-                src = np.asarray(saved[key])
+                src = saved[key]
+                if not isinstance(src, np.ndarray):
+                    raise ValueError(f"state[{i}][{key!r}]: expected a numpy.ndarray, got {type(src).__name__}")
                 if src.shape != a.shape or src.dtype != a.dtype:
                     raise ValueError(f"state[{i}][{key!r}]: expected {a.dtype}{a.shape}, got {src.dtype}{src.shape}")
-            step = int(saved["step"])
-            if step < 0:
-                raise ValueError(f"state[{i}]['step'] must be >= 0, got {step}")
-            steps.append(step)
-        # All checked: now change things.
-        for saved, mine in zip(groups, self.param_groups):
-            for key in _HYPERPARAMETERS:
-                if key in saved:
-                    mine[key] = tuple(saved[key]) if key == "betas" else saved[key]
-        for i, mine in enumerate(self.state):
-            saved = state.get(i, state.get(str(i)))
+            steps.append(_checked_step(saved["step"], f"state[{i}]['step']"))
+        for i, mine in enumerate(self._state):
+            targets = list(mine.items()) + ([("param", self._params[i])] if "master_param" in mine else [])
+            for key, a in targets:
+                if not a.flags.writeable:
+                    raise ValueError(f"state[{i}][{key!r}]: the optimizer's array became read-only"
+                                     if key != "param" else f"params[{i}]: became read-only")
+
+        # All checked: now change things (nothing below can fail).
+        for hyper, mine in zip(new_hyper, self._param_groups):
+            mine.update(hyper)
+        for i, mine in enumerate(self._state):
+            saved = by_id[ids[i]]
             for key, a in mine.items():
                 np.copyto(a, saved[key])
             if "master_param" in mine:  # the model copy follows its restored master
                 self._params[i][...] = mine["master_param"].astype(self._params[i].dtype)
         self._plan.steps = steps
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write :meth:`state_dict` to an ``.npz`` file (arrays, plus the groups as JSON; no pickle)."""
+    def save(self, path: Union[PathLike, Any]) -> None:
+        """Write :meth:`state_dict` to an ``.npz`` file (arrays, plus the groups as JSON; no pickle).
+
+        ``.npz`` is appended to ``path`` unless it ends so -- the rule of
+        ``numpy.savez``, which :meth:`load` follows too: ``save("ckpt")`` and
+        ``load("ckpt")`` both use ``ckpt.npz``.  An open binary file is written
+        as it is.
+        """
         sd = self.state_dict()
         arrays = {f"state/{i}/{key}": a for i, s in sd["state"].items() for key, a in s.items() if key != "step"}
         arrays["steps"] = np.array([s["step"] for s in sd["state"].values()], dtype=np.int64)
-        arrays["param_groups"] = np.array(json.dumps(sd["param_groups"]))
-        np.savez(path, **arrays)
+        arrays["param_groups"] = np.array(json.dumps(sd["param_groups"], default=_json_number))
+        np.savez(_npz_path(path), **arrays)
 
-    def load(self, path: Union[str, os.PathLike]) -> None:
-        """Restore from a file written by :meth:`save` (loaded with ``allow_pickle=False``)."""
-        with np.load(path, allow_pickle=False) as f:
-            groups = json.loads(str(f["param_groups"][()]))
-            steps = f["steps"]
-            state = {}
-            for i in range(len(self.state)):
-                s = {key[len(f"state/{i}/"):]: f[key] for key in f.files if key.startswith(f"state/{i}/")}
-                if i < len(steps):
-                    s["step"] = int(steps[i])
-                state[i] = s
+    def load(self, path: Union[PathLike, Any]) -> None:
+        """Restore from a file written by :meth:`save` (``.npz`` appended to ``path`` as there).
+
+        The file is treated as untrusted: it must hold exactly the members
+        this optimizer's :meth:`save` writes, each member's declared shape and
+        dtype is checked against this optimizer's state *before* its data is
+        read (so a small file cannot make it allocate more than the
+        optimizer's own state), nothing is unpickled, and then
+        :meth:`load_state_dict` checks the rest.  A file that does not fit
+        raises ValueError and changes nothing.
+        """
+        path = _npz_path(path)
+        expected: dict[str, Any] = {f"state/{i}/{key}.npy": (a.shape, a.dtype)
+                                    for i, s in enumerate(self._state) for key, a in s.items()}
+        n = len(self._state)
+        expected["steps.npy"] = "steps"
+        expected["param_groups.npy"] = "json"
+        # The groups' JSON: ~300 characters of hyperparameters per group, <= ~21 per param id.
+        json_limit = 4096 * (len(self._param_groups) + 1) + 32 * n
+        try:
+            zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not an .npz file ({e})") from None
+        with zf:
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                raise ValueError(f"{path}: a member appears twice in the archive")
+            missing, unexpected = set(expected) - set(names), set(names) - set(expected)
+            if missing or unexpected:
+                raise ValueError(f"{path}: not a save() of this optimizer: "
+                                 + "; ".join(([f"missing {sorted(missing)[:5]}"] if missing else []) +
+                                             ([f"unexpected {sorted(unexpected)[:5]}"] if unexpected else [])))
+            arrays: dict[str, np.ndarray] = {}
+            for name, want in expected.items():
+                try:
+                    with zf.open(name) as fp:
+                        shape, dtype = _read_npy_header(fp)
+                    if want == "json":
+                        ok = shape == () and dtype.kind == "U" and dtype.itemsize <= 4 * json_limit
+                        want_text = f"a string of at most {json_limit} characters"
+                    elif want == "steps":
+                        ok = shape == (n,) and dtype.kind in "iu" and dtype.itemsize <= 8
+                        want_text = f"int64({n},)"
+                    else:
+                        ok = shape == want[0] and dtype == want[1]
+                        want_text = f"{want[1]}{want[0]}"
+                    if not ok:
+                        raise ValueError(f"expected {want_text}, the file declares {dtype}{shape}")
+                    with zf.open(name) as fp:
+                        arrays[name[:-len(".npy")]] = np.lib.format.read_array(fp, allow_pickle=False)
+                except (ValueError, EOFError, OSError, zlib.error, zipfile.BadZipFile, NotImplementedError) as e:
+                    raise ValueError(f"{path}: member {name!r}: {e}") from None
+        try:
+            groups = json.loads(str(arrays["param_groups"][()]))
+        except RecursionError:
+            raise ValueError(f"{path}: 'param_groups' is JSON nested too deeply to be a save() of param groups") \
+                from None
+        except ValueError as e:
+            raise ValueError(f"{path}: 'param_groups' is not valid JSON ({e})") from None
+        steps = arrays["steps"]
+        state = {i: {"step": steps[i], **{key: arrays[f"state/{i}/{key}"] for key in s}}
+                 for i, s in enumerate(self._state)}
         self.load_state_dict({"state": state, "param_groups": groups})
 
 
