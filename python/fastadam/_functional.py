@@ -24,13 +24,16 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         g  = g * (1 / grad_scale)                if grad_scale (loss scaling)
         g  = -g                                  if maximize
         g  = g + weight_decay * p                if weight_decay and not decoupled_weight_decay
-        p  = p * (1 - lr * weight_decay)         if weight_decay and decoupled_weight_decay (AdamW)
         m  = beta1 * m + (1 - beta1) * g
         v  = beta2 * v + (1 - beta2) * g * g
         v' = max(v_max, v); v_max = v'           if amsgrad, else v' = v
-        p  = p - lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+        u  = lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+        u  = u + (lr * weight_decay) * p         if weight_decay and decoupled_weight_decay (AdamW)
+        p  = p - u
 
-    This matches ``torch.optim.Adam`` / ``AdamW`` option for option, and is
+    This matches ``torch.optim.Adam`` / ``AdamW`` option for option (AdamW's
+    decay ``p * (1 - lr * weight_decay)`` is computed without rounding the
+    factor, so it stays accurate for tiny ``lr * weight_decay``), and is
     bitwise equal to :func:`fastadam.reference.adam_step` in the same dtype.
 
     Parameters
@@ -60,8 +63,9 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         gradients twice.
     num_threads
         The most threads to use; by default OpenMP's setting (``OMP_NUM_THREADS``,
-        ``threadpoolctl``) or :func:`fastadam.set_num_threads`.  Calls with
-        fewer than ~32k elements in all run on the calling thread.
+        ``threadpoolctl``) or :func:`fastadam.set_num_threads`, and never more
+        than the processors this process may use.  Calls with fewer than ~32k
+        elements in all run on the calling thread.
 
     Returns
     -------

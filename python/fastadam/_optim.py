@@ -574,8 +574,11 @@ class Adam:
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), like ``torch.optim.AdamW``.
 
-    Each step first shrinks the parameters, ``p = p * (1 - lr * weight_decay)``,
-    then applies the Adam update; ``weight_decay`` defaults to 1e-2.
+    Each step shrinks the parameters by ``lr * weight_decay`` of their value as
+    well as applying the Adam update -- ``p = p - ((lr * weight_decay) * p + u)``
+    with ``u`` the Adam update, the decoupled decay ``p * (1 - lr * weight_decay)``
+    computed without rounding ``1 - lr * weight_decay`` (see
+    :mod:`fastadam.reference`); ``weight_decay`` defaults to 1e-2.
     """
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
