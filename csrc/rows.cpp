@@ -95,8 +95,9 @@ HashedSlots<Bucket> hashed_slots(std::vector<Bucket>& buckets, std::size_t n) {
 // not forever at the size of one large call: every kTrimWindow steps, a
 // buffer holding more than kTrimSlack times the most any of those steps used
 // (and more than kTrimFloorBytes) is reallocated to that size.  A workload
-// that alternates large and small steps within the window keeps its buffers;
-// one that shrinks for good gives the memory back after at most a window.
+// that alternates large and small steps within a window keeps its buffers
+// (a steady one never reallocates); one that shrinks for good gives the
+// memory back within two windows (the first may still hold the large step).
 constexpr unsigned kTrimWindow = 32;
 constexpr std::size_t kTrimSlack = 4;
 constexpr std::size_t kTrimFloorBytes = std::size_t{256} << 10;
