@@ -47,11 +47,26 @@ void sum_rows(const T* values, std::int64_t row_size, const std::int64_t* occurr
     }
 }
 
+// Emptying a lookup after an add: one sequential sweep of the whole lookup
+// when it has at most this many entries per row found (a sweep costs about a
+// nanosecond an entry, a lookup of a row at random tens of nanoseconds), else
+// one write per row found.
+constexpr std::size_t kSweepPerRow = 16;
+
 // The lookups group() uses; slot -1 means the row has not been seen.
 struct DirectSlots {
     std::int32_t* slots;  // one per table row
+    std::size_t size;
     void prefetch(std::int64_t row) const { __builtin_prefetch(slots + row); }
     std::int32_t& find(std::int64_t row) const { return slots[row]; }
+    // Empties the slots of `rows` (the rows found since the last clear).
+    void clear(const std::int64_t* rows, std::size_t count) const {
+        if (size <= kSweepPerRow * count) {
+            std::fill(slots, slots + size, -1);
+            return;
+        }
+        for (std::size_t k = 0; k < count; ++k) slots[rows[k]] = -1;
+    }
 };
 
 template <class Bucket>
@@ -65,6 +80,19 @@ struct HashedSlots {
         return (static_cast<std::uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> shift;
     }
     void prefetch(std::int64_t row) const { __builtin_prefetch(buckets + home(row)); }
+    void clear(const std::int64_t* rows, std::size_t count) const {
+        if (mask + 1 <= kSweepPerRow * count) {
+            std::fill(buckets, buckets + mask + 1, Bucket{0, -1});
+            return;
+        }
+        // Last-in first-out, so that every probe path a row took is still
+        // intact when it is looked up again.
+        constexpr std::size_t kPrefetchDistance = 16;
+        for (std::size_t k = count; k-- > 0;) {
+            if (k >= kPrefetchDistance) prefetch(rows[k - kPrefetchDistance]);
+            find(rows[k]) = -1;
+        }
+    }
     // Linear probing: the slot of `row`, or the empty bucket where it goes
     // (claimed for it, its slot still -1 for the caller to fill).
     std::int32_t& find(std::int64_t row) const {
@@ -114,12 +142,12 @@ void trim_to(std::vector<T>& v, std::size_t need) {
 
 void RowCoalescer::clear() {
     note_step_needs();
-    if (++steps_since_trim_ >= kTrimWindow) trim();
     rows_.clear();
     grads_.clear();
     entries_.clear();
     repeated_.clear();
     occurrences_.clear();
+    if (++steps_since_trim_ >= kTrimWindow) trim();  // after clearing: nothing stale is copied
 }
 
 // The step that just ended (the vectors still hold its sizes) into the window.
@@ -175,9 +203,7 @@ void RowCoalescer::group(Slots slots, std::size_t n, const char* values, std::si
         ++counts_[static_cast<std::size_t>(s)];
         index_slots_[i] = s;
     }
-    // Empty the lookup again.  Last-in first-out, so that in the hash table
-    // every probe path a row took is still intact when it is looked up.
-    for (std::size_t k = rows_.size(); k-- > first;) slots.find(rows_[k]) = -1;
+    slots.clear(rows_.data() + first, rows_.size() - first);
 }
 
 RowCoalescer::Rows RowCoalescer::add(PyArrayObject* indices, const ArgName& name, std::int64_t num_rows,
@@ -218,7 +244,7 @@ RowCoalescer::Rows RowCoalescer::add(PyArrayObject* indices, const ArgName& name
     if (table_rows <= kDirectRowsPerIndex * static_cast<std::uint64_t>(count)) {
         if (slot_of_row_.size() < table_rows) slot_of_row_.resize(static_cast<std::size_t>(table_rows), -1);
         step_.direct = std::max(step_.direct, static_cast<std::size_t>(table_rows));
-        group(DirectSlots{slot_of_row_.data()}, count, bytes, row_bytes);
+        group(DirectSlots{slot_of_row_.data(), static_cast<std::size_t>(table_rows)}, count, bytes, row_bytes);
     } else if (table_rows <= std::uint64_t{1} << 32) {
         const auto slots = hashed_slots(buckets32_, count);
         step_.hashed32 = std::max(step_.hashed32, static_cast<std::size_t>(slots.mask + 1));

@@ -93,12 +93,17 @@ def test_every_integer_dtype_and_a_stride_group_the_same_rows(index_dtype):
     assert_step_matches_reference(strided, rows=120)
 
 
-def test_rows_that_collide_in_the_hash_table_are_told_apart():
-    # Multiples of a large power of two, and a dense run of consecutive rows:
-    # the patterns a poor hash would pile into a few buckets.
-    strided = (np.arange(300) * 2048) % 1_000_000
-    consecutive = np.arange(400_000, 400_000 + 3000)
-    indices = np.concatenate([strided, consecutive, strided[::-1], consecutive[::7]])
+# Multiples of a large power of two, and a dense run of consecutive rows: the
+# patterns a poor hash would pile into a few buckets.  After each add the hash
+# table is emptied by a sweep when it is small next to the rows found, else
+# row by row (the second case: 300 rows, each 60 times).
+STRIDED = (np.arange(300) * 2048) % 1_000_000
+CONSECUTIVE = np.arange(400_000, 400_000 + 3000)
+
+
+@pytest.mark.parametrize("indices", [np.concatenate([STRIDED, CONSECUTIVE, STRIDED[::-1], CONSECUTIVE[::7]]),
+                                     np.tile(STRIDED, 60)], ids=["many-rows", "few-rows-many-times"])
+def test_rows_that_collide_in_the_hash_table_are_told_apart(indices):
     assert_step_matches_reference(indices, rows=1_000_000, width=1)
 
 
