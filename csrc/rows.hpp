@@ -50,6 +50,27 @@ class RowCoalescer {
         std::int64_t row_size;
         DType dtype;
     };
+    // A hash-table bucket: a row and its slot (-1 = empty).  Rows fit 32 bits
+    // in any table of up to 2^32 rows, which halves the bucket.
+    template <class Key>
+    struct Bucket {
+        Key row;
+        std::int32_t slot;
+    };
+    // Everything kept between calls is sized by the indices, never by the
+    // table: the largest need of the last few steps (see trim()).
+    struct Needs {
+        std::size_t indices = 0, uniques = 0, direct = 0, hashed32 = 0, hashed64 = 0;
+        std::size_t rows = 0, entries = 0, repeated = 0, occurrences = 0, scratch = 0;
+    };
+
+    // Numbers each index's row by first appearance (index_slots_, counts_,
+    // rows_, grads_), looking rows up in `slots`, which it leaves all empty.
+    template <class Slots>
+    void group(Slots slots, std::size_t n, const char* values, std::size_t row_bytes);
+    void note_step_needs();
+    void trim();
+
     std::vector<std::int64_t> rows_;
     std::vector<const void*> grads_;
     std::vector<Entry> entries_;
@@ -60,9 +81,17 @@ class RowCoalescer {
     // Per-add scratch, reused: the row of each index, the unique position of
     // each index, the count of each unique row.
     std::vector<std::int64_t> index_rows_;
-    std::vector<std::int32_t> slot_of_row_;  // -1 = not seen; reset after each add
     std::vector<std::int32_t> index_slots_;
     std::vector<std::int64_t> counts_;
+    // Row -> slot lookups, all empty between adds: a direct table (one slot
+    // per table row) when the table is small next to the gradient, else an
+    // open-addressing hash table of a power-of-two size about 2-4x the indices.
+    std::vector<std::int32_t> slot_of_row_;  // -1 = not seen
+    std::vector<Bucket<std::uint32_t>> buckets32_;
+    std::vector<Bucket<std::uint64_t>> buckets64_;
+    Needs window_;  // the largest needs since the last trim()
+    Needs step_;    // the current step's per-add needs
+    unsigned steps_since_trim_ = 0;
 };
 
 }  // namespace fastadam
