@@ -40,6 +40,13 @@ PARENT = textwrap.dedent("""
         fastadam.adam_step(p, g, m, v, step=2, num_threads=2)
         return p.tobytes() == expected_after(2).tobytes()
 
+    def in_forked_child(succeeds):
+        # Fork; the child exits 0 if succeeds() is true.  Returns the child's exit code.
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if succeeds() else 3)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
     if __name__ == "__main__":
         assert two_steps()
 """)
@@ -59,27 +66,14 @@ def run(tmp_path):
 
 def test_a_forked_child_steps_with_several_threads(run):
     out = run("""
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0 if two_steps() else 3)
-        _, status = os.waitpid(pid, 0)
-        print("child exit", os.waitstatus_to_exitcode(status))
+        print("child exit", in_forked_child(two_steps))
     """)
     assert "child exit 0" in out
 
 
 def test_a_child_of_a_forked_child_steps_too(run):
     out = run("""
-        pid = os.fork()
-        if pid == 0:
-            ok = two_steps()
-            grandchild = os.fork()
-            if grandchild == 0:
-                os._exit(0 if two_steps() else 3)
-            _, status = os.waitpid(grandchild, 0)
-            os._exit(0 if ok and os.waitstatus_to_exitcode(status) == 0 else 4)
-        _, status = os.waitpid(pid, 0)
-        print("child exit", os.waitstatus_to_exitcode(status))
+        print("child exit", in_forked_child(lambda: two_steps() and in_forked_child(two_steps) == 0))
     """)
     assert "child exit 0" in out
 
@@ -87,14 +81,14 @@ def test_a_child_of_a_forked_child_steps_too(run):
 def test_a_thread_created_in_the_child_steps_too(run):
     out = run("""
         import threading
-        pid = os.fork()
-        if pid == 0:
+
+        def in_a_new_thread_then_in_this_one():
             results = []
             t = threading.Thread(target=lambda: results.append(two_steps()))
             t.start(); t.join()
-            os._exit(0 if results == [True] and two_steps() else 3)
-        _, status = os.waitpid(pid, 0)
-        print("child exit", os.waitstatus_to_exitcode(status))
+            return results == [True] and two_steps()
+
+        print("child exit", in_forked_child(in_a_new_thread_then_in_this_one))
     """)
     assert "child exit 0" in out
 
