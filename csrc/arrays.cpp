@@ -27,17 +27,18 @@ ArrayList::ArrayList(PyObject* obj, const char* name, bool single) : obj_(obj), 
     size_ = static_cast<std::size_t>(PyTuple_GET_SIZE(items_));
 }
 
-void split_pair(PyObject* obj, const char* name, PyObject*& first, PyObject*& second) {
+void split_betas(PyObject* obj, PyObject*& beta1, PyObject*& beta2) {
     const bool is_list = PyList_Check(obj), is_tuple = PyTuple_Check(obj);
     const Py_ssize_t size = is_list ? PyList_GET_SIZE(obj) : is_tuple ? PyTuple_GET_SIZE(obj) : -1;
     if (size != 2)
-        throw ArgTypeError{std::string(name) + ": expected a pair (beta1, beta2), got " +
+        throw ArgTypeError{"betas: expected a pair (beta1, beta2), got " +
                            (size < 0 ? std::string(Py_TYPE(obj)->tp_name)
                                      : "a " + std::string(Py_TYPE(obj)->tp_name) + " of " + std::to_string(size))};
-    first = is_list ? PyList_GET_ITEM(obj, 0) : PyTuple_GET_ITEM(obj, 0);
-    second = is_list ? PyList_GET_ITEM(obj, 1) : PyTuple_GET_ITEM(obj, 1);
-    Py_INCREF(first);
-    Py_INCREF(second);
+    PyObject* const* items = is_list ? &PyList_GET_ITEM(obj, 0) : &PyTuple_GET_ITEM(obj, 0);
+    beta1 = items[0];
+    beta2 = items[1];
+    Py_INCREF(beta1);
+    Py_INCREF(beta2);
 }
 
 const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }

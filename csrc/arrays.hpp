@@ -84,9 +84,9 @@ struct CheckedArray {
     DType dtype;
 };
 
-// A pair (beta1, beta2) from a list or tuple (any subclass, whatever its
-// __len__ says), as two strong references.
-void split_pair(PyObject* obj, const char* name, PyObject*& first, PyObject*& second);
+// betas, a list or tuple of two (any subclass, whatever its __len__ says),
+// as two strong references.
+void split_betas(PyObject* obj, PyObject*& beta1, PyObject*& beta2);
 
 // An ndarray of float32/float64 in native byte order, C-contiguous, and
 // writeable when `access` is write.

@@ -68,8 +68,8 @@ void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_
 }
 
 int threads_for(std::int64_t total, int requested) {
-    const int wanted = std::min(requested > 0 ? requested : default_num_threads(), max_threads());
     if (total < kMinParallelElements) return 1;
+    const int wanted = std::min(requested > 0 ? requested : default_num_threads(), max_threads());
     const std::int64_t useful = std::max<std::int64_t>(1, total / kMinElementsPerThread);
     return static_cast<int>(std::min<std::int64_t>(wanted, useful));
 }

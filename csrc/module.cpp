@@ -45,7 +45,7 @@ struct Betas {
     py::object beta1, beta2;
     explicit Betas(py::handle betas) {
         PyObject *first, *second;
-        split_pair(betas.ptr(), "betas", first, second);
+        split_betas(betas.ptr(), first, second);
         beta1 = py::reinterpret_steal<py::object>(first);
         beta2 = py::reinterpret_steal<py::object>(second);
     }

@@ -165,8 +165,10 @@ void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, 
 
 int max_threads() {
 #if defined(FASTADAM_HAVE_OPENMP)
-    // The processors this process may run on (libgomp counts its affinity mask).
-    return std::max(1, omp_get_num_procs());
+    // The processors this process may run on: libgomp counts the affinity
+    // mask, with a system call each time, so it is read once.
+    static const int processors = std::max(1, omp_get_num_procs());
+    return processors;
 #else
     return 1;
 #endif

@@ -27,7 +27,8 @@ struct PieceFn {
 void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align,
                     PieceFn fn);
 
-// The most threads a call runs on: the processors this process may use.  More
+// The most threads a call runs on: the processors this process may use (read
+// once, at the first call that may go parallel).  More
 // never speeds up a memory-bound step, and each one costs a stack; a larger
 // request (num_threads=4096) is capped rather than left to fail in the OpenMP
 // runtime, which would end the process.
