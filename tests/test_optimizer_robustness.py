@@ -25,6 +25,20 @@ from test_optimizer import all_params, copy_groups, grads_for, make_groups, make
 # -- helpers -----------------------------------------------------------------------------------------------
 
 
+def step_alike(params: list[np.ndarray], *optimizers: Any, rng, steps: int = 1) -> None:
+    """Step every optimizer ``steps`` times, each time with the same random gradients for ``params``."""
+    for _ in range(steps):
+        grads = grads_for(params, rng)
+        for opt in optimizers:
+            opt.step(grads)
+
+
+def assert_all_bitwise_equal(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected):
+        assert_bitwise_equal(a, b)
+
+
 def snapshot(opt: fastadam.Adam) -> dict[str, Any]:
     """Everything a load could change: step counts, groups, state arrays, params."""
     return {
@@ -343,11 +357,8 @@ def test_hyperparameters_still_change_between_steps(rng):
     opt = fastadam.Adam(params)
     opt.param_groups[0].update(lr=0.5, betas=(0.5, 0.6), weight_decay=0.1, maximize=True)
     expected = GroupReference([{"params": params, **opt.param_groups[0]}])
-    grads = grads_for(params, rng)
-    opt.step(grads)
-    expected.step(grads)
-    for a, b in zip(params, expected.params()):
-        assert_bitwise_equal(a, b)
+    step_alike(params, opt, expected, rng=rng)
+    assert_all_bitwise_equal(params, expected.params())
 
 
 @pytest.mark.parametrize("cls", [fastadam.Adam, fastadam.AdamW, fastadam.SparseAdam])
@@ -393,34 +404,23 @@ def test_a_group_added_before_the_first_step_equals_building_with_it(rng):
     opt.add_param_group(groups[2])
     together = fastadam.Adam(twin)
     assert opt.state_dict()["param_groups"] == together.state_dict()["param_groups"]
-    for _ in range(20):
-        grads = grads_for(all_params(groups), rng)
-        opt.step(grads)
-        together.step(grads)
-    for a, b in zip(all_params(groups), all_params(twin)):
-        assert_bitwise_equal(a, b)
+    step_alike(all_params(groups), opt, together, rng=rng, steps=20)
+    assert_all_bitwise_equal(all_params(groups), all_params(twin))
 
 
 def test_a_group_added_mid_run_starts_at_step_zero_and_follows_the_reference(rng):
     groups = make_groups(rng)
     expected = GroupReference(groups[:2])
     opt = fastadam.Adam(groups[:2])
-    for _ in range(10):
-        grads = grads_for(all_params(groups[:2]), rng)
-        opt.step(grads)
-        expected.step(grads)
+    step_alike(all_params(groups[:2]), opt, expected, rng=rng, steps=10)
     state_before = [s["exp_avg"] for s in opt.state]
     opt.add_param_group(groups[2])
     expected.add(groups[2])
     assert all(s["exp_avg"] is a for s, a in zip(opt.state, state_before))  # existing state kept, not copied
     n_old = len(all_params(groups[:2]))
     assert opt.steps == [10] * n_old + [0] * len(groups[2]["params"])
-    for _ in range(10):
-        grads = grads_for(all_params(groups), rng)
-        opt.step(grads)
-        expected.step(grads)
-    for a, b in zip(all_params(groups), expected.params()):
-        assert_bitwise_equal(a, b)
+    step_alike(all_params(groups), opt, expected, rng=rng, steps=10)
+    assert_all_bitwise_equal(all_params(groups), expected.params())
     assert opt.steps == [20] * n_old + [10] * len(groups[2]["params"])
 
 
@@ -448,12 +448,8 @@ def test_an_added_group_is_saved_and_restored(how, rng, tmp_path):
     else:
         resumed.load_state_dict(opt.state_dict())
     assert resumed.steps == opt.steps
-    for _ in range(5):
-        grads = grads_for(all_params(groups), rng)
-        opt.step(grads)
-        resumed.step(grads)
-    for a, b in zip(all_params(groups), all_params(resumed_groups)):
-        assert_bitwise_equal(a, b)
+    step_alike(all_params(groups), opt, resumed, rng=rng, steps=5)
+    assert_all_bitwise_equal(all_params(groups), all_params(resumed_groups))
 
 
 @pytest.mark.parametrize("group,error,match", [
@@ -493,8 +489,5 @@ def test_numpy_scalar_hyperparameters_are_saved_as_numbers(rng, tmp_path):
     resumed = fastadam.Adam(twin)
     resumed.load(tmp_path / "opt")
     assert resumed.param_groups[0]["lr"] == np.float32(1e-3) and resumed.param_groups[0]["maximize"] is True
-    grads = grads_for(params, rng)
-    opt.step(grads)
-    resumed.step(grads)
-    for a, b in zip(params, twin):
-        assert_bitwise_equal(a, b)
+    step_alike(params, opt, resumed, rng=rng)
+    assert_all_bitwise_equal(params, twin)
