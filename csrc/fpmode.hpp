@@ -3,7 +3,7 @@
 // The numerics contract (same bits on every thread count) needs every thread
 // of a call to round alike.  The mode is per thread, and the caller's need not
 // be the default: a library built with fast-math flags sets flush-to-zero and
-// denormals-are-zero on the thread that loads it -- after fastadam's OpenMP
+// denormals-are-zero on the thread that loads it -- after fastadam's pool
 // workers exist, so the caller's piece of a call would flush subnormals and the
 // workers' would not.  This guard puts the thread in IEEE-754's default mode
 // (round to nearest even, subnormals kept, exceptions masked so that a NaN can

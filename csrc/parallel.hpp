@@ -1,10 +1,10 @@
 // Work splitting for element-wise kernels over a list of arrays.
 //
 // Nothing here knows about Adam: it sees a list of segment lengths and calls
-// back with (segment, begin, end) pieces.  The whole list is covered by one
-// OpenMP parallel region whose threads each take one contiguous, equally long
-// stretch of the concatenated elements, so a call with a thousand small arrays
-// costs one fork/join, not a thousand.
+// back with (segment, begin, end) pieces.  The concatenated elements of the
+// whole list are cut into chunks that the caller and a small pool of workers
+// claim as they arrive (parallel.cpp says why not OpenMP), so a call with a
+// thousand small arrays costs one hand-out, not a thousand.
 #pragma once
 
 #include <cstddef>
@@ -23,15 +23,15 @@ struct PieceFn {
 // of `align` elements from its start, so neighbouring threads do not share a
 // cache line of a 64-byte-aligned array.  threads <= 1 runs on the caller.
 // Every thread runs its pieces in the default floating-point mode (fpmode.hpp),
-// and a forked child's steps work (parallel.cpp explains how).
+// and a forked child's steps work (parallel.cpp explains how).  `fn` must not
+// throw.
 void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, std::int64_t align,
                     PieceFn fn);
 
 // The most threads a call runs on: the processors this process may use (read
-// once, at the first call that may go parallel).  More
-// never speeds up a memory-bound step, and each one costs a stack; a larger
-// request (num_threads=4096) is capped rather than left to fail in the OpenMP
-// runtime, which would end the process.
+// once, at the first call that may go parallel).  More never speeds up a
+// memory-bound step, and each one costs a stack, so a larger request
+// (num_threads=4096) is capped.
 int max_threads();
 
 // The thread count a call uses when it does not name one: set_num_threads()'s

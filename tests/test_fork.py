@@ -1,9 +1,10 @@
 """Steps keep working in processes made by fork(), and in every multiprocessing start method.
 
-GNU libgomp's worker team does not survive fork(): a child whose forking
-thread had opened a parallel region used to hang at its next one.  Each case
-runs in its own interpreter under a timeout, so a regression fails here
-instead of hanging the test run.
+No thread pool survives fork(): a child whose forking thread had run a
+multi-threaded step must not wait for workers that are not there (with GNU
+libgomp's team it used to hang at its next parallel region).  Each case runs
+in its own interpreter under a timeout, so a regression fails here instead of
+hanging the test run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 TIMEOUT_S = 120
 
-#: A multi-threaded step in the parent first: that is what left the stale team behind.
+#: A multi-threaded step in the parent first: that is what leaves a stale pool behind.
 PARENT = textwrap.dedent("""
     import os, sys, multiprocessing as mp
     import numpy as np

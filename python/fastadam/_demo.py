@@ -233,7 +233,7 @@ def bitwise_equal(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
 def warm_up(lr: float, betas: tuple[float, float], eps: float) -> None:
     """Run both step functions once on scratch arrays, so one-time costs stay out of the timings.
 
-    The first fastadam step starts OpenMP's thread pool; this keeps that (and
+    The first fastadam step starts its thread pool; this keeps that (and
     NumPy's first-call overheads) from being charged to either copy.
     """
     scratch = [np.zeros(1 << 16, DTYPE), np.zeros(16, DTYPE)]
@@ -343,10 +343,9 @@ def train(args: argparse.Namespace) -> int:
               f"{r.step_seconds / r.train_seconds:6.1%} of this copy's training time")
     print(f"  ratio reference / fastadam: {ref.step_seconds / fast.step_seconds:.1f}x")
     if fast.step_seconds > ref.step_seconds:
-        # Seen on a 2-core machine: after a matmul, NumPy's OpenBLAS threads keep
-        # spinning on the cores that fastadam's OpenMP threads need (and vice versa).
-        print("  note: fastadam was the slower one here; with as many threads as cores, its OpenMP threads and "
-              "NumPy's BLAS threads can spin-wait for the same cores (try --threads 1, or OPENBLAS_NUM_THREADS=1)")
+        # On a machine busy with other processes, both copies' times are mostly waiting for a core.
+        print("  note: fastadam was the slower one here; the machine may be busy with other work "
+              "(compare with --threads 1)")
     print()
     show_config()
 
