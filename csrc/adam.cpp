@@ -37,7 +37,8 @@ AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double in
                             static_cast<T>(step_size),
                             static_cast<T>(inv_bias_correction2_sqrt),
                             static_cast<T>(h.eps),
-                            static_cast<T>(1.0)};
+                            static_cast<T>(1.0),
+                            static_cast<T>(h.maximize ? -0.0 : 0.0)};
 }
 
 constexpr const char* kNames[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
@@ -130,7 +131,6 @@ AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlace
 
 std::uint8_t variant_of(const AdamHyper& h) {
     unsigned v = 0;
-    if (h.maximize) v |= kMaximize;
     if (h.weight_decay != 0.0) v |= h.decoupled_weight_decay ? kDecoupledDecay : kL2WeightDecay;
     if (h.amsgrad) v |= kAmsgrad;
     return static_cast<std::uint8_t>(v);
@@ -215,7 +215,6 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
             t.model = PyArray_DATA(model);
         }
         t.grad_storage = grad_storage;
-        t.scale_grad = scaling.grad_scale > 0.0;
         tensors->push_back(t);
     }
     overlap->check();
@@ -505,7 +504,6 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             last = i;
         }
         tensors_[i].variant = variant_of(h);
-        tensors_[i].scale_grad = scaling.grad_scale > 0.0;
     }
     // g_list holds the gradients while the GIL may be released.
     if (!any_sparse) {

@@ -12,24 +12,21 @@ namespace fastadam {
 
 enum class DType : std::uint8_t { float32 = 0, float64 = 1 };
 
-// Compile-time options of the element formula; a kernel is instantiated for
-// every combination so that the inner loop never branches on them.
-// AdamTensor::variant holds these four bits and indexes a table of
-// kVariantCount kernels.
+// Compile-time options of the element formula: the form of weight decay and
+// amsgrad.  A kernel is instantiated for each combination so that the inner
+// loop never branches on them; AdamTensor::variant holds these bits and
+// indexes a table of kVariantCount kernels (kL2WeightDecay | kDecoupledDecay
+// is never used).  Maximize and loss scaling are not options: every gradient
+// is multiplied by AdamConstants::inv_grad_scale and has the sign bit of
+// AdamConstants::grad_sign XORed into it (see adam_math.hpp), which leaves it
+// unchanged when they are 1 and +0.0.
 enum AdamVariant : std::uint8_t {
-    kMaximize = 1u << 0,         // g = -g
-    kL2WeightDecay = 1u << 1,    // g = g + weight_decay * p          (Adam)
-    kDecoupledDecay = 1u << 2,   // p = p - (lr * weight_decay) * p   (AdamW)
-    kAmsgrad = 1u << 3,          // v_used = max(v_max, v)
+    kL2WeightDecay = 1u << 0,    // g = g + weight_decay * p          (Adam)
+    kDecoupledDecay = 1u << 1,   // p = p - (lr * weight_decay) * p   (AdamW)
+    kAmsgrad = 1u << 2,          // v_used = max(v_max, v)
 };
-constexpr unsigned kVariantCount = 1u << 4;
+constexpr unsigned kVariantCount = 1u << 3;
 constexpr unsigned kVariantMask = kVariantCount - 1u;
-
-// A fifth option that is never stored in AdamTensor::variant (the tables
-// have no row for it): the kernel families of mixed precision are
-// instantiated with it, and apply g = g * (1 / grad_scale) first.
-constexpr unsigned kScaleGrad = kVariantCount;
-static_assert((kScaleGrad & kVariantMask) == 0, "kScaleGrad must lie outside the variant table's index bits");
 
 // How a gradient or a model copy is stored when it is not the working dtype.
 enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2 };
@@ -48,6 +45,7 @@ struct AdamConstants {
     T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
     T eps;
     T inv_grad_scale;  // 1 / grad_scale (1 without loss scaling)
+    T grad_sign;       // -0.0 to maximize (its one set bit flips the gradient's sign), else +0.0
 };
 
 // The same constants in both working dtypes, so one set serves a call that
@@ -80,13 +78,10 @@ struct AdamTensor {
     std::int64_t row_size = 0;
     // Mixed precision (float32 params only): the gradient may be float16 or
     // bfloat16, and `model` (if set) receives the updated param rounded to
-    // nearest-even in `model_storage`.  A tensor with any of these, or with
-    // `scale_grad`, runs the mixed-precision kernels, which multiply the
-    // gradient by constants->inv_grad_scale first.
+    // nearest-even in `model_storage`.
     void* model = nullptr;
     Storage grad_storage = Storage::same;
     Storage model_storage = Storage::same;  // same: no model copy
-    bool scale_grad = false;
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,
@@ -116,7 +111,7 @@ struct KernelTable {
     int vector_bytes;  // SIMD register width used by this level
 };
 
-// Defined once per ISA translation unit (see csrc/kernels/adam_kernels.cpp).
+// Defined once per ISA level (see csrc/kernels/adam_kernels.cpp).
 extern const KernelTable kernel_table_baseline;
 #if defined(FASTADAM_HAVE_X86_LEVELS)
 extern const KernelTable kernel_table_avx2;

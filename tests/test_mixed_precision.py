@@ -204,3 +204,32 @@ def test_bad_mixed_precision_arguments_change_nothing(call, error, match):
     with pytest.raises(error, match=match):
         call(p, g, m, v)
     assert (p == 1).all() and (m == 1).all() and (v == 1).all()
+
+
+@pytest.mark.parametrize("grad_scale", [None, 4.0])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("grad_dtype", [np.dtype(np.float32), *LOW_DTYPES], ids=str)
+def test_nan_gradients_give_the_references_nan_bits_sign_included(grad_dtype, maximize, grad_scale, rng):
+    # Raw bits, NaNs included (assert_bitwise_equal ignores payloads): each
+    # NaN comes from one gradient NaN, so widening, unscaling and maximize
+    # decide its sign and payload alone.
+    n = 203
+    grad = rng.standard_normal(n).astype(grad_dtype)
+    width = grad_dtype.itemsize * 8
+    quiet, signalling = (0x7E01, 0x7C01) if grad_dtype == np.float16 else (0x7FC1, 0x7F81)
+    if width == 32:
+        quiet, signalling = 0x7FC12345, 0x7F812345
+    sign = 1 << (width - 1)
+    bits = np.array([quiet, quiet | sign, signalling, signalling | sign], f"u{width // 8}")
+    for at in (0, 100, n - 4):
+        grad[at:at + 4] = bits.view(grad_dtype)
+    actual = [rng.standard_normal(n).astype(np.float32), np.zeros(n, np.float32), np.ones(n, np.float32)]
+    expected = [a.copy() for a in actual]
+
+    fastadam.adam_step(*actual[:1], grad, *actual[1:], grad_scale=grad_scale, maximize=maximize, step=2, **HYPER)
+    fastadam.reference.adam_step(*expected[:1], grad, *expected[1:], grad_scale=grad_scale, maximize=maximize,
+                                 step=2, **HYPER)
+
+    assert np.isnan(actual[0]).sum() == 12
+    for a, e in zip(actual, expected):
+        np.testing.assert_array_equal(a.view(np.uint32), e.view(np.uint32))

@@ -8,18 +8,22 @@
 // level, thread count and chunking gives the same bits.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 #include "../kernel_api.hpp"
 #include "simd.hpp"
 
 namespace fastadam {
-namespace {
+namespace FASTADAM_LEVEL {
 
 // The constants of AdamConstants<T> broadcast to whatever V is (a register or
 // a plain T).
 template <class V>
 struct Coefficients {
     V beta1, one_minus_beta1, beta2, one_minus_beta2;
-    V weight_decay, lr_weight_decay, step_size, inv_bias_correction2_sqrt, eps, inv_grad_scale;
+    V weight_decay, lr_weight_decay, step_size, inv_bias_correction2_sqrt, eps, inv_grad_scale, grad_sign;
 };
 
 template <class Broadcast, class T>
@@ -29,7 +33,35 @@ FASTADAM_INLINE auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast
                            broadcast(k.beta2),        broadcast(k.one_minus_beta2),
                            broadcast(k.weight_decay), broadcast(k.lr_weight_decay),
                            broadcast(k.step_size),    broadcast(k.inv_bias_correction2_sqrt),
-                           broadcast(k.eps),          broadcast(k.inv_grad_scale)};
+                           broadcast(k.eps),          broadcast(k.inv_grad_scale),
+                           broadcast(k.grad_sign)};
+}
+
+// a with the bits of `sign` XORed in: with sign = -0.0 that flips the sign
+// bit alone, exactly what -a does, for NaN as for any value (a
+// multiplication by -1 keeps a NaN's sign on x86, so it is not the same).
+// V is a register of float or double lanes, or a plain float or double.
+template <class V>
+FASTADAM_INLINE V xor_sign(V a, V sign) {
+    if constexpr (std::is_floating_point_v<V>) {
+        using Bits = std::conditional_t<sizeof(V) == 4, std::uint32_t, std::uint64_t>;
+        Bits x, y;
+        std::memcpy(&x, &a, sizeof a);
+        std::memcpy(&y, &sign, sizeof sign);
+        x ^= y;
+        std::memcpy(&a, &x, sizeof a);
+        return a;
+    } else {
+        using Lane = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
+        using Bits = std::conditional_t<sizeof(Lane) == 4, std::uint32_t, std::uint64_t>;
+        typedef Bits BitsV __attribute__((vector_size(sizeof(V))));
+        BitsV x, y;
+        std::memcpy(&x, &a, sizeof a);
+        std::memcpy(&y, &sign, sizeof sign);
+        x ^= y;
+        std::memcpy(&a, &x, sizeof a);
+        return a;
+    }
 }
 
 // max(a, b) that returns NaN when either input is NaN, like torch.maximum and
@@ -40,8 +72,8 @@ FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
     return take_b ? b : a;
 }
 
-//   g  = g * (1 / grad_scale)                 if loss scaling (kScaleGrad)
-//   g  = -g                                   if maximize
+//   g  = g * (1 / grad_scale)                 (1 without loss scaling)
+//   g  = -g                                   if maximize (an XOR of the sign bit)
 //   g  = g + weight_decay * p                 if L2 weight decay (Adam)
 //   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + ((1 - beta2) * g) * g
@@ -55,6 +87,14 @@ FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
 // square root per element, the two slow instructions: it is what keeps the
 // in-cache step close to the memory-bound probe.
 //
+// Loss scaling and maximize are not compile-time variants (which would
+// quadruple the kernels to build): every gradient is multiplied by
+// inv_grad_scale and XORed with grad_sign.  Without them those are 1 and +0.0,
+// and x * 1 is x bit for bit for every x -- -0, inf and subnormals included
+// (the kernels run with subnormals kept) -- but a signalling NaN, which it
+// quiets, as the multiplication that follows would anyway; x ^ +0.0 is x.
+// With maximize, grad_sign is -0.0, and the XOR is exactly -g.
+//
 // AdamW's decay is added to the update rather than applied as a factor
 // p * (1 - lr * weight_decay) (PyTorch's form): rounded to float32, that
 // factor is off by up to 2^-25 -- 19% of the decay at lr * weight_decay = 1e-7,
@@ -64,8 +104,7 @@ FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
 template <unsigned Variant, class V, class Sqrt>
 FASTADAM_INLINE void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
                         const Coefficients<V>& c, Sqrt sqrt) {
-    if constexpr ((Variant & kScaleGrad) != 0) grad = grad * c.inv_grad_scale;
-    if constexpr ((Variant & kMaximize) != 0) grad = -grad;
+    grad = xor_sign(grad * c.inv_grad_scale, c.grad_sign);
     if constexpr ((Variant & kL2WeightDecay) != 0) grad = grad + c.weight_decay * param;
 
     exp_avg = c.beta1 * exp_avg + c.one_minus_beta1 * grad;
@@ -82,5 +121,5 @@ FASTADAM_INLINE void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V&
     param = param - update;
 }
 
-}  // namespace
+}  // namespace FASTADAM_LEVEL
 }  // namespace fastadam

@@ -8,10 +8,12 @@
 // mirrors.  Only what the operators cannot express lives here: full-width and
 // masked loads/stores, broadcast and square root.
 //
-// Everything is in an anonymous namespace: each ISA translation unit gets its
-// own internal copy, so the linker can never merge an AVX-512 instantiation
-// into the baseline path (the one-definition-rule hazard of multi-ISA builds).
+// Everything is in the level's own namespace (see level.hpp), so the linker
+// can never merge an AVX-512 instantiation into the baseline path (the
+// one-definition-rule hazard of multi-ISA builds).
 #pragma once
+
+#include "level.hpp"
 
 #include <cstdint>
 #include <cstring>
@@ -25,12 +27,14 @@
 // per register would cost more than the arithmetic it wraps.
 #if defined(__GNUC__)
 #define FASTADAM_INLINE inline __attribute__((always_inline))
+#define FASTADAM_NOINLINE __attribute__((noinline))
 #else
 #define FASTADAM_INLINE inline
+#define FASTADAM_NOINLINE
 #endif
 
 namespace fastadam {
-namespace {
+namespace FASTADAM_LEVEL {
 
 template <class T>
 struct Simd;
@@ -262,5 +266,5 @@ FASTADAM_INLINE void store_f16(std::uint16_t* p, Simd<float>::V x) {
 }
 #endif
 
-}  // namespace
+}  // namespace FASTADAM_LEVEL
 }  // namespace fastadam
