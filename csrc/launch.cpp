@@ -50,25 +50,36 @@ const std::int64_t* prefix_sizes(const Tensor* tensors, std::size_t count) {
     return starts.data();
 }
 
+// The call's size in float32 elements' worth of work.
+template <class Tensor>
+std::int64_t weight_of(const Tensor* tensors, std::size_t count) {
+    std::int64_t weight = 0;
+    for (std::size_t i = 0; i < count; ++i)
+        weight += tensors[i].size * (tensors[i].dtype == DType::float64 ? kFloat64Weight : 1);
+    return weight;
+}
+
 template <class Tensor>
 void run(const Tensor* tensors, std::size_t count, int requested_threads,
          void (*range)(const Tensor&, std::int64_t, std::int64_t)) {
     RangeCall<Tensor> rc{tensors, range};
-    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&rc, &RangeCall<Tensor>::call});
+    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&rc, &RangeCall<Tensor>::call},
+                  weight_of(tensors, count));
 }
 
 }  // namespace
 
-void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_threads, PieceFn fn) {
+void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_threads, PieceFn fn,
+                   std::int64_t weight) {
     const std::int64_t total = starts[count];
     if (total == 0) return;
-    const int threads = threads_for(total, requested_threads);
+    const int threads = threads_for(total, weight, requested_threads);
     MaybeReleaseGil gil(total >= kReleaseGilElements);
     for_each_piece(starts, count, threads, kPieceAlign, fn);
 }
 
-int threads_for(std::int64_t total, int requested) {
-    if (total < kMinParallelElements) return 1;
+int threads_for(std::int64_t total, std::int64_t weight, int requested) {
+    if (weight < kMinParallelElementsFloat32) return 1;
     const int wanted = std::min(requested > 0 ? requested : default_num_threads(), max_threads());
     const std::int64_t useful = std::max<std::int64_t>(1, total / kMinElementsPerThread);
     return static_cast<int>(std::min<std::int64_t>(wanted, useful));
@@ -88,7 +99,8 @@ bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int reques
         if (!c->found.load(std::memory_order_relaxed) && kernels().nonfinite_range(c->tensors[k], begin, end))
             c->found.store(true, std::memory_order_relaxed);
     };
-    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&context, piece});
+    run_in_pieces(prefix_sizes(tensors, count), count, requested_threads, PieceFn{&context, piece},
+                  weight_of(tensors, count));
     return context.found.load();
 }
 

@@ -62,7 +62,10 @@ py::dict runtime_config() {
     d["fork_safe"] = fork_handler_registered();
     d["num_threads_override"] = num_threads_override() > 0 ? py::object(py::int_(num_threads_override()))
                                                             : py::object(py::none());
-    d["parallel_threshold_elements"] = kMinParallelElements;
+    py::dict threshold;
+    threshold["float32"] = kMinParallelElementsFloat32;
+    threshold["float64"] = kMinParallelElementsFloat64;
+    d["parallel_threshold_elements"] = threshold;
 #if defined(__clang__)
     d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)

@@ -310,7 +310,9 @@ void RowCoalescer::sum_repeats(int threads) {
             sum_rows(static_cast<const double*>(e.values), e.row_size, occ, count, static_cast<double*>(out), begin,
                      end);
     };
-    run_in_pieces(scratch_starts_.data(), repeated_.size(), threads, PieceFn{&context, piece});
+    // Summing rows reads one array and writes one: lighter than a step, so counted as float32 elements.
+    run_in_pieces(scratch_starts_.data(), repeated_.size(), threads, PieceFn{&context, piece},
+                  scratch_starts_[repeated_.size()]);
     for (const Repeated& r : repeated_) grads_[r.unique] = scratch + r.scratch_offset;
 }
 

@@ -50,7 +50,8 @@ def config() -> dict[str, Any]:
     process may use: larger counts are capped to it); ``fork_safe``, whether
     steps in a forked child work (a fork handler is registered);
     ``num_threads_override``, the value of :func:`set_num_threads` or None;
-    ``parallel_threshold_elements``; ``compiler``.
+    ``parallel_threshold_elements``, per dtype, the element count under
+    which a call runs on the calling thread; ``compiler``.
     """
     return {"version": __version__, **_core.config()}
 

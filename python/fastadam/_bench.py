@@ -789,10 +789,11 @@ def threshold_sweep(dtypes: Sequence[np.dtype], repeats: int, sample_seconds: fl
     whether two threads already win just above the cut-off (it could be
     lower) or still lose there (it should be higher).
     """
-    cutoff = int(config()["parallel_threshold_elements"])
+    cutoffs = {name: int(n) for name, n in config()["parallel_threshold_elements"].items()}
     variant = VARIANTS["adam"]
-    out: dict[str, Any] = {"cutoff_elements": cutoff, "variant": variant.name, "dtypes": {}}
+    out: dict[str, Any] = {"cutoff_elements": cutoffs, "variant": variant.name, "dtypes": {}}
     for dtype in dtypes:
+        cutoff = cutoffs[dtype.name]
         rows = []
         for n in THRESHOLD_SIZES:
             buffers = Buffers.random([(n,)], dtype, with_max=False, single=True)
@@ -887,9 +888,9 @@ def format_latency(latency: dict[str, Any]) -> str:
 
 
 def format_threshold(sweep: dict[str, Any]) -> str:
-    cutoff = sweep["cutoff_elements"]
+    cutoffs = ", ".join(f"{_format_size(n)} elements for {name}" for name, n in sweep["cutoff_elements"].items())
     lines = [f"Threshold sweep: fastadam.adam_step ({sweep['variant']}), 1 vs 2 threads; the kernel's serial "
-             f"cut-off is {_format_size(cutoff)} elements (below it both calls run on one thread)"]
+             f"cut-off is {cutoffs} (below it both calls run on one thread)"]
     for dtype, result in sweep["dtypes"].items():
         lines += ["", f"{dtype}", f"{'elements':>10}{'1 thread':>13}{'2 threads':>13}{'speedup':>9}  (min-max)"]
         for row in result["rows"]:

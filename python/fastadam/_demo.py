@@ -301,7 +301,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"data:      {data.description}; {n_train} train / {len(data.x_test)} test examples")
     print(f"network:   {data.n_features} -> {args.hidden} (ReLU) -> {N_CLASSES} (softmax), float32, "
           f"{n_params:,} parameters in {len(initial)} arrays")
-    threshold = config()["parallel_threshold_elements"]
+    threshold = config()["parallel_threshold_elements"][np.dtype(DTYPE).name]
     max_threads = args.threads or get_num_threads()
     threads = (f"1 ({n_params:,} < {threshold:,} elements run on the calling thread)" if n_params < threshold
                else "1" if max_threads == 1 else f"up to {max_threads}")
