@@ -121,24 +121,39 @@ FASTADAM_INLINE std::int64_t elements_to_alignment(const T* p, std::int64_t i, s
     return head < end - i ? head : end - i;
 }
 
-// Not inlined: the dense range and every row of a gather share one copy
-// (a call per row costs next to nothing; a second copy doubles the build).
-template <class T, unsigned Variant, Storage Grad, Storage Model>
-FASTADAM_NOINLINE void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
-                                 const Coefficients<typename Simd<T>::V>& c) {
+// The loop shape of every kernel and of the probes, which must share it to
+// be the kernels' limits: block(i, kind) handles the elements from i on, a
+// whole register of them (FullBlock) or fewer (PartialBlock).
+template <class T, class Block>
+FASTADAM_INLINE void for_each_block(const T* aligned_by, std::int64_t i, std::int64_t end, Block&& block) {
     constexpr int width = Simd<T>::width;
     // A masked head first, so that the full registers below are aligned.
-    if (const std::int64_t head = elements_to_alignment(b.param, i, end); head > 0) {
-        adam_block<T, Variant, Grad, Model>(b, i, PartialBlock<T>{static_cast<int>(head)}, c);
+    if (const std::int64_t head = elements_to_alignment(aligned_by, i, end); head > 0) {
+        block(i, PartialBlock<T>{static_cast<int>(head)});
         i += head;
     }
     // Two registers per iteration give the divider two independent chains.
     for (; i + 2 * width <= end; i += 2 * width) {
-        adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
-        adam_block<T, Variant, Grad, Model>(b, i + width, FullBlock<T>{}, c);
+        block(i, FullBlock<T>{});
+        block(i + width, FullBlock<T>{});
     }
-    for (; i + width <= end; i += width) adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
-    if (i < end) adam_block<T, Variant, Grad, Model>(b, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
+    for (; i + width <= end; i += width) block(i, FullBlock<T>{});
+    if (i < end) block(i, PartialBlock<T>{static_cast<int>(end - i)});
+}
+
+// Not inlined: the dense range and every row of a gather share one copy
+// (a call per row costs next to nothing; a second copy doubles the build).
+template <class T, unsigned Variant, Storage Grad, Storage Model>
+FASTADAM_NOINLINE void adam_loop(const AdamBuffers<T>& buffers, std::int64_t i, std::int64_t end,
+                                 const Coefficients<typename Simd<T>::V>& coefficients) {
+    // Local copies, which no store through the buffers can alias: the
+    // pointers stay in registers and the constants are not re-read after
+    // every store.
+    const AdamBuffers<T> b = buffers;
+    const Coefficients<typename Simd<T>::V> c = coefficients;
+    for_each_block(b.param, i, end, [&](std::int64_t j, const auto& kind) FASTADAM_LAMBDA_INLINE {
+        adam_block<T, Variant, Grad, Model>(b, j, kind, c);
+    });
 }
 
 template <class T>
@@ -252,35 +267,50 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
     return false;
 }
 
-// The speed limit: the Adam step's memory traffic (read a, b, c, d; write a,
-// c, d) with one multiply-add per array instead of the update formula.  The
-// mixed-precision pattern reads b as bfloat16 and also writes e.
-template <class T, bool Bf16, class Block>
-FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
+// The speed limits.  The probe has the Adam step's memory traffic (read a, b,
+// c, d; write a, c, d) with one multiply-add per array instead of the update
+// formula.  The exact probe has the same traffic and, like the step, exactly
+// one correctly rounded division and one square root per element -- the work
+// the bitwise contract allows no approximation of -- with as little else as
+// keeps them: c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k).
+// The mixed-precision pattern reads b as bfloat16 and also writes e.
+template <class V>
+struct ProbeCoefficients {
+    V h, k;
+};
+
+template <class T, bool Bf16, bool Exact, class Block>
+FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block,
+                                 const ProbeCoefficients<typename Simd<T>::V>& k) {
     T* a = static_cast<T*>(t.a) + i;
     T* c = static_cast<T*>(t.c) + i;
     T* d = static_cast<T*>(t.d) + i;
     const auto bv = load_grad<T, Bf16 ? kBf16 : kSame>(t.b, i, block);
-    const auto av = block.load(a) * half + bv;
+    typename Simd<T>::V av;
+    if constexpr (Exact) {
+        const auto cv = block.load(c) * k.h + bv;
+        const auto dv = block.load(d) * k.h + bv * bv;
+        av = block.load(a) - cv / (Simd<T>::sqrt(dv) + k.k);
+        block.store(c, cv);
+        block.store(d, dv);
+    } else {
+        av = block.load(a) * k.h + bv;
+        block.store(c, block.load(c) * k.h + bv);
+        block.store(d, block.load(d) * k.h + bv);
+    }
     block.store(a, av);
-    block.store(c, block.load(c) * half + bv);
-    block.store(d, block.load(d) * half + bv);
     if constexpr (Bf16) {
         if (t.e != nullptr) block.template store16<kBf16>(static_cast<std::uint16_t*>(t.e) + i, av);
     }
 }
 
-template <class T, bool Bf16>
+template <class T, bool Bf16, bool Exact>
 void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
-    constexpr int width = Simd<T>::width;
-    const auto half = Simd<T>::broadcast(T(0.5));
-    std::int64_t i = begin;
-    if (const std::int64_t head = elements_to_alignment(static_cast<const T*>(t.a), i, end); head > 0) {
-        probe_block<T, Bf16>(t, i, PartialBlock<T>{static_cast<int>(head)}, half);  // as adam_loop does
-        i += head;
-    }
-    for (; i + width <= end; i += width) probe_block<T, Bf16>(t, i, FullBlock<T>{}, half);
-    if (i < end) probe_block<T, Bf16>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, half);
+    const ProbeCoefficients<typename Simd<T>::V> k{Simd<T>::broadcast(T(0.5)), Simd<T>::broadcast(T(1e-8))};
+    const auto block = [&](std::int64_t i, const auto& kind) FASTADAM_LAMBDA_INLINE {
+        probe_block<T, Bf16, Exact>(t, i, kind, k);
+    };
+    for_each_block(static_cast<const T*>(t.a), begin, end, block);
 }
 
 }  // namespace FASTADAM_LEVEL

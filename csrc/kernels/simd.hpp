@@ -27,9 +27,11 @@
 // per register would cost more than the arithmetic it wraps.
 #if defined(__GNUC__)
 #define FASTADAM_INLINE inline __attribute__((always_inline))
+#define FASTADAM_LAMBDA_INLINE __attribute__((always_inline))
 #define FASTADAM_NOINLINE __attribute__((noinline))
 #else
 #define FASTADAM_INLINE inline
+#define FASTADAM_LAMBDA_INLINE
 #define FASTADAM_NOINLINE
 #endif
 
