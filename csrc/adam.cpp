@@ -256,7 +256,7 @@ void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyOb
     run_adam(&rows_of_table, 1, num_threads);
 }
 
-void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, int num_threads) {
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, bool exact, int num_threads) {
     const bool single = is_single_array(a);
     const bool has_e = e != Py_None;
     const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single},
@@ -279,6 +279,7 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
         if (b_storage == Storage::float16) throw ArgTypeError{"probe: b must be float32, float64 or bfloat16"};
         ProbeTensor t{x[0].data, b_data, x[2].data, x[3].data, x[0].size, x[0].dtype};
         t.bf16_b = b_storage == Storage::bfloat16;
+        t.exact = exact;
         if (has_e) {
             Storage e_storage = Storage::same;
             PyArrayObject* e_array = check_16bit_array(lists[4][i], lists[4].name(i), Access::write, e_storage);

@@ -55,8 +55,9 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
 void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
                       PyObject* step, const AdamHyper& hyper, int num_threads);
 
-// The probe over (a, b, c, d) lists: same access pattern as the step.
-void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, int num_threads);
+// The probe over (a, b, c, d) lists: same access pattern as the step (and,
+// when `exact`, its one division and square root per element).
+void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, bool exact, int num_threads);
 
 // The prepared step of fastadam.Adam: params and state are checked once, when
 // the optimizer is built; each step checks only the gradients and the

@@ -85,7 +85,9 @@ struct AdamTensor {
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,
-// with trivial arithmetic.  It is the benchmark's speed limit.
+// with trivial arithmetic -- or, with `exact`, with exactly the correctly
+// rounded division and square root per element that the bitwise contract
+// requires of the step.  They are the benchmark's two speed limits.
 struct ProbeTensor {
     void* a;        // read and written
     const void* b;  // read only (bfloat16 when bf16_b)
@@ -97,6 +99,8 @@ struct ProbeTensor {
     // bfloat16 array, when set) receives a's new value truncated to bfloat16.
     bool bf16_b = false;
     void* e = nullptr;
+    // c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k) instead.
+    bool exact = false;
 };
 
 // What one instruction-set level provides.  Each function updates the

@@ -127,14 +127,16 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "probe_step",
-        [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads, py::handle e) {
-            probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), e.ptr(), to_num_threads(num_threads));
+        [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads, py::handle e,
+           bool exact) {
+            probe_step(a.ptr(), b.ptr(), c.ptr(), d.ptr(), e.ptr(), exact, to_num_threads(num_threads));
         },
         py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("num_threads") = py::none(),
-        py::arg("e") = py::none(),
+        py::arg("e") = py::none(), py::arg("exact") = false,
         "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).\n"
         "With float32 a, c, d and a bfloat16 b (and optionally a bfloat16 e, which receives a), the traffic of\n"
-        "the mixed-precision step.");
+        "the mixed-precision step.  With exact=True, the same traffic and exactly the step's correctly rounded\n"
+        "division and square root per element: c = c/2 + b, d = d/2 + b*b, a = a - c / (sqrt(d) + 1e-8).");
 
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,

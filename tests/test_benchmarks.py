@@ -19,7 +19,17 @@ def test_the_step_suite_runs_checks_and_writes_its_results(tmp_path):
                              "1", "--dtype", "float32", "--cases", "single,small-tensors", "--no-plot", "--json",
                              str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads(out.read_text())
+    document = json.loads(out.read_text())
+    # Both limits ran (each checked against its formula before it was timed),
+    # and every contender is reported against each of them.
+    assert {"probe", "exact probe"} <= set(document["contenders"])
+    assert document["results"]
+    for r in document["results"]:
+        assert {"probe", "exact probe", "fastadam.adam_step"} <= set(r["contenders"])
+        for c in r["contenders"].values():
+            assert c["percent_of_probe"]["median"] > 0 and c["percent_of_exact_probe"]["median"] > 0
+    assert "%exact" in result.stdout
+    assert any("of the exact probe" in t["description"] for t in document["targets"])
 
 
 def test_the_sparse_and_mixed_suite_runs_and_writes_its_results(tmp_path):

@@ -233,3 +233,28 @@ def test_nan_gradients_give_the_references_nan_bits_sign_included(grad_dtype, ma
     assert np.isnan(actual[0]).sum() == 12
     for a, e in zip(actual, expected):
         np.testing.assert_array_equal(a.view(np.uint32), e.view(np.uint32))
+
+
+@pytest.mark.parametrize("grad_dtype", [np.dtype(np.float32), *LOW_DTYPES], ids=str)
+@pytest.mark.parametrize("model_dtype", LOW_DTYPES, ids=str)
+def test_every_head_and_tail_length_is_bitwise_equal(model_dtype, grad_dtype, rng):
+    # 16-bit loads and stores in the short stretches before the first aligned
+    # register and after the last whole one (see test_numerics.EDGE_SIZES).
+    total = 15 + 531
+    base = [rng.standard_normal(total).astype(np.float32), (rng.standard_normal(total) * 4).astype(grad_dtype),
+            (0.1 * rng.standard_normal(total)).astype(np.float32),
+            np.abs(0.01 * rng.standard_normal(total)).astype(np.float32)]
+    for offset in (0, 1, 5, 8, 15):
+        for n in [*range(36), *range(500, 532)]:
+            master, grad, m, v = (a[offset:offset + n].copy() for a in base)
+            model_buffer = np.zeros(total, model_dtype)
+            model = model_buffer[offset:offset + n]
+            expected = [master.copy(), m.copy(), v.copy(), model.copy()]
+            fastadam.adam_step(master, grad, m, v, model_params=model, grad_scale=4.0, step=2, num_threads=1,
+                               **HYPER)
+            fastadam.reference.adam_step(expected[0], grad, expected[1], expected[2], model_params=expected[3],
+                                         grad_scale=4.0, step=2, **HYPER)
+            for a, e in zip((master, m, v), expected):
+                assert_bitwise_equal(a, e)
+            assert_same_16bit(model, expected[3])
+            assert not model_buffer[:offset].any() and not model_buffer[offset + n:].any()

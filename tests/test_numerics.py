@@ -230,3 +230,36 @@ def test_nan_gradients_give_the_references_nan_bits_sign_included(dtype, options
         a, e = getattr(actual, name), getattr(expected, name)
         if a is not None:
             np.testing.assert_array_equal(a.view(uint), e.view(uint), err_msg=name)
+
+
+#: Offsets and sizes that give every head and tail length on every level: the
+#: elements before the first register-aligned address (0..15 of them for a
+#: 64-byte register of float32) and after the last whole register are
+#: handled apart (a masked register, half a register or single elements,
+#: whichever the level uses), and ranges under a few hundred elements are not
+#: aligned at all.  Sizes 0..35 and 500..531 cover every remainder modulo 16
+#: on both sides of that limit.
+EDGE_OFFSETS = range(16)
+EDGE_SIZES = [*range(36), *range(500, 532)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_head_and_tail_length_is_bitwise_equal(dtype, options, rng):
+    base = make_problem(EDGE_OFFSETS[-1] + EDGE_SIZES[-1], dtype, rng, amsgrad=options["amsgrad"])
+    for offset in EDGE_OFFSETS:
+        for n in EDGE_SIZES:
+            expected = Problem(*[None if a is None else a[offset:offset + n].copy() for a in
+                                 (base.param, base.grad, base.exp_avg, base.exp_avg_sq, base.max_exp_avg_sq)])
+            buffers = Problem(*[None if a is None else a.copy() for a in
+                                (base.param, base.grad, base.exp_avg, base.exp_avg_sq, base.max_exp_avg_sq)])
+            views = Problem(*[None if a is None else a[offset:offset + n] for a in
+                              (buffers.param, buffers.grad, buffers.exp_avg, buffers.exp_avg_sq,
+                               buffers.max_exp_avg_sq)])
+            fastadam_step(views, step=3, num_threads=1, **HYPER, **options)
+            reference_step(expected, step=3, **HYPER, **options)
+            assert_problems_equal(views, expected)
+            # Nothing around the view was written.
+            for whole, original in zip(buffers.arrays(), base.arrays()):
+                assert_bitwise_equal(whole[:offset], original[:offset])
+                assert_bitwise_equal(whole[offset + n:], original[offset + n:])

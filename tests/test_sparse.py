@@ -206,3 +206,38 @@ def test_sparse_adam_agrees_with_torch_sparse_adam_within_8_ulp(rng):
     assert diff.max() <= 8 * np.spacing(np.abs(wanted).max())
     torch_m = reference.state[emb.weight]["exp_avg"].numpy()
     assert np.abs(opt.state[0]["exp_avg"] - torch_m).max() <= 8 * np.spacing(np.abs(torch_m).max())
+
+
+@pytest.mark.parametrize("optimizer", [False, True], ids=["sparse_adam_step", "Adam.step"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_rows_of_every_length_and_alignment_are_bitwise_equal(dtype, optimizer, rng):
+    # Each row of a gather is its own stretch of elements, with its own head
+    # and tail.  Tables that start 0..15 elements past an allocation, with rows
+    # of 1..35 elements and long ones (which are aligned first), give rows at
+    # every alignment and every tail length.
+    for offset in (0, 1, 3, 4, 7, 8, 15):
+        for row_size in [*range(1, 36), 250, 257, 515]:
+            rows = 12
+            flat = [np.ascontiguousarray(a.reshape(-1)) for a in make_table(rows * row_size + offset, (), dtype, rng)]
+            p, m, v = (a[offset:].reshape(rows, row_size) for a in flat)
+            indices = np.array([5, 0, 11, 5, 3, 10, 1])
+            values = np.asarray(rng.standard_normal((len(indices), row_size)), dtype)
+            expected = [a.copy() for a in (p, m, v)]
+            if optimizer:
+                opt = fastadam.Adam([p], **HYPER, num_threads=1)
+                opt.state[0]["exp_avg"][...] = m
+                opt.state[0]["exp_avg_sq"][...] = v
+                opt.step([fastadam.RowSparseGrad(indices, values)])
+                actual = (p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"])
+                rows_, summed = fastadam.reference.coalesce_rows(indices, values)
+                sub = [e[rows_] for e in expected]
+                fastadam.reference.adam_step(sub[0], summed, sub[1], sub[2], step=1, **HYPER)
+                for e, s in zip(expected, sub):
+                    e[rows_] = s
+            else:
+                fastadam.sparse_adam_step(p, indices, values, m, v, step=3, num_threads=1, **HYPER)
+                actual = (p, m, v)
+                fastadam.reference.sparse_adam_step(expected[0], indices, values, expected[1], expected[2], step=3,
+                                                    **HYPER)
+            for a, e in zip(actual, expected):
+                assert_bitwise_equal(a, e, f"offset {offset}, rows of {row_size}")

@@ -37,14 +37,20 @@ bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) 
     }
 }
 
-void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+template <bool Exact>
+void probe_range_of(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     if (t.dtype == DType::float64) {
-        probe_range_typed<double, false>(t, begin, end);
+        probe_range_typed<double, false, Exact>(t, begin, end);
     } else if (t.bf16_b) {
-        probe_range_typed<float, true>(t, begin, end);
+        probe_range_typed<float, true, Exact>(t, begin, end);
     } else {
-        probe_range_typed<float, false>(t, begin, end);
+        probe_range_typed<float, false, Exact>(t, begin, end);
     }
+}
+
+void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+    if (t.exact) probe_range_of<true>(t, begin, end);
+    else probe_range_of<false>(t, begin, end);
 }
 
 }  // namespace

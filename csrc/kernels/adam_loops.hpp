@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "../kernel_api.hpp"
@@ -18,12 +19,16 @@ namespace fastadam {
 namespace FASTADAM_LEVEL {
 
 // How a block of elements is moved between memory and registers: a whole
-// register, or only its first `count` lanes for the tail of a range.  The
-// update itself does not know which one it got, so body and tail round alike.
+// register (FullBlock), only its first `count` lanes (PartialBlock), half a
+// register (HalfBlock, where the level has one) or one element
+// (ScalarBlock); see kShortStretches for which a level uses.  The update
+// itself does not know which one it got, so every element rounds alike.
 // load16/store16 move float16/bfloat16 storage (float registers only).
 template <class T>
 struct FullBlock {
     using V = typename Simd<T>::V;
+    static FASTADAM_INLINE V broadcast(T x) { return Simd<T>::broadcast(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return Simd<T>::sqrt(x); }
     FASTADAM_INLINE V load(const T* p) const { return load_full<T>(p); }
     FASTADAM_INLINE void store(T* p, V x) const { store_full<T>(p, x); }
     template <Storage S>
@@ -39,9 +44,10 @@ struct FullBlock {
 };
 
 template <class T>
-struct PartialBlock {
+struct PartialBlock : FullBlock<T> {
     using V = typename Simd<T>::V;
     int count;
+    explicit PartialBlock(int n) : count(n) {}
     FASTADAM_INLINE V load(const T* p) const { return Simd<T>::load_first(p, count); }
     FASTADAM_INLINE void store(T* p, V x) const { Simd<T>::store_first(p, x, count); }
     // Staged through a zeroed register's worth of 16-bit values.
@@ -58,6 +64,89 @@ struct PartialBlock {
         std::memcpy(p, staged, sizeof(std::uint16_t) * static_cast<unsigned>(count));
     }
 };
+
+template <Storage S>
+FASTADAM_INLINE float widen16(std::uint16_t h) {
+    return S == Storage::float16 ? f16_to_float(h) : bf16_to_float(h);
+}
+template <Storage S>
+FASTADAM_INLINE std::uint16_t narrow16(float f) {
+    return S == Storage::float16 ? float_to_f16(f) : float_to_bf16(f);
+}
+
+// A few lanes (a half register, or one element as a plain T): the 16-bit
+// storage is converted lane by lane with the scalar definitions of simd.hpp.
+template <class T, class Lanes>
+struct NarrowBlock {
+    using V = typename Lanes::V;
+    static constexpr int width = Lanes::width;
+    static FASTADAM_INLINE V broadcast(T x) { return Lanes::broadcast(x); }
+    static FASTADAM_INLINE V sqrt(V x) { return Lanes::sqrt(x); }
+    FASTADAM_INLINE V load(const T* p) const {
+        V x;
+        std::memcpy(&x, p, sizeof x);
+        return x;
+    }
+    FASTADAM_INLINE void store(T* p, V x) const { std::memcpy(p, &x, sizeof x); }
+    template <Storage S>
+    FASTADAM_INLINE V load16(const std::uint16_t* p) const {
+        if constexpr (width == 1) {
+            return widen16<S>(*p);
+        } else {
+            V x;
+            for (int lane = 0; lane < width; ++lane) x[lane] = widen16<S>(p[lane]);
+            return x;
+        }
+    }
+    template <Storage S>
+    FASTADAM_INLINE void store16(std::uint16_t* p, V x) const {
+        if constexpr (width == 1) {
+            *p = narrow16<S>(x);
+        } else {
+            for (int lane = 0; lane < width; ++lane) p[lane] = narrow16<S>(x[lane]);
+        }
+    }
+};
+
+template <class T>
+struct OneLane {
+    using V = T;
+    static constexpr int width = 1;
+    static FASTADAM_INLINE V broadcast(T x) { return x; }
+    static FASTADAM_INLINE V sqrt(V x) { return __builtin_sqrt(x); }  // correctly rounded, as sqrtss/sqrtsd
+};
+template <>
+FASTADAM_INLINE float OneLane<float>::sqrt(float x) { return __builtin_sqrtf(x); }
+
+template <class T>
+using ScalarBlock = NarrowBlock<T, OneLane<T>>;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+template <class T>
+using HalfBlock = NarrowBlock<T, HalfSimd<T>>;
+#else
+template <class T>
+using HalfBlock = ScalarBlock<T>;  // never used: kShortStretches.half is false
+#endif
+
+// The coefficients broadcast for each kind of block.
+template <class T>
+struct BlockCoefficients {
+    Coefficients<typename FullBlock<T>::V> full;
+    Coefficients<typename HalfBlock<T>::V> half;
+    Coefficients<T> one;
+    template <class Block>
+    FASTADAM_INLINE const Coefficients<typename Block::V>& of() const {
+        if constexpr (std::is_same_v<typename Block::V, T>) return one;
+        else if constexpr (std::is_same_v<typename Block::V, typename FullBlock<T>::V>) return full;
+        else return half;
+    }
+};
+
+template <class T>
+FASTADAM_INLINE BlockCoefficients<T> broadcast_for_blocks(const AdamConstants<T>& k) {
+    return {broadcast_coefficients(k, FullBlock<T>::broadcast), broadcast_coefficients(k, HalfBlock<T>::broadcast),
+            broadcast_coefficients(k, ScalarBlock<T>::broadcast)};
+}
 
 template <class T>
 FASTADAM_INLINE const AdamConstants<T>& constants_for(const AdamConstantsPair& pair) {
@@ -83,15 +172,16 @@ struct AdamBuffers {
 };
 
 template <class T, Storage S, class Block>
-FASTADAM_INLINE typename Simd<T>::V load_grad(const void* grad, std::int64_t i, const Block& block) {
+FASTADAM_INLINE typename Block::V load_grad(const void* grad, std::int64_t i, const Block& block) {
     if constexpr (S == Storage::same) return block.load(static_cast<const T*>(grad) + i);
     else return block.template load16<S>(static_cast<const std::uint16_t*>(grad) + i);
 }
 
 template <class T, unsigned Variant, Storage Grad, Storage Model, class Block>
 FASTADAM_INLINE void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& block,
-                       const Coefficients<typename Simd<T>::V>& c) {
-    using V = typename Simd<T>::V;
+                                const BlockCoefficients<T>& coefficients) {
+    using V = typename Block::V;
+    const Coefficients<V>& c = coefficients.template of<Block>();
     constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
     V p = block.load(b.param + i);
     V m = block.load(b.exp_avg + i);
@@ -99,7 +189,7 @@ FASTADAM_INLINE void adam_block(const AdamBuffers<T>& b, std::int64_t i, const B
     V v_max = p;  // unused unless amsgrad; any initialised value will do
     if constexpr (amsgrad) v_max = block.load(b.max_exp_avg_sq + i);
 
-    adam_update<Variant>(p, load_grad<T, Grad>(b.grad, i, block), m, v, v_max, c, Simd<T>::sqrt);
+    adam_update<Variant>(p, load_grad<T, Grad>(b.grad, i, block), m, v, v_max, c, Block::sqrt);
 
     block.store(b.param + i, p);
     block.store(b.exp_avg + i, m);
@@ -121,24 +211,42 @@ FASTADAM_INLINE std::int64_t elements_to_alignment(const T* p, std::int64_t i, s
     return head < end - i ? head : end - i;
 }
 
-// Not inlined: the dense range and every row of a gather share one copy
-// (a call per row costs next to nothing; a second copy doubles the build).
-template <class T, unsigned Variant, Storage Grad, Storage Model>
-FASTADAM_NOINLINE void adam_loop(const AdamBuffers<T>& b, std::int64_t i, std::int64_t end,
-                                 const Coefficients<typename Simd<T>::V>& c) {
+// The stretch [i, end), shorter than a register, as kShortStretches says.
+template <class T, class Block>
+FASTADAM_INLINE void for_each_short_block(std::int64_t i, std::int64_t end, Block& block) {
+    if constexpr (kShortStretches.masked) {
+        if (i < end) block(i, PartialBlock<T>{static_cast<int>(end - i)});
+    } else {
+        if constexpr (kShortStretches.half) {
+            if (end - i >= HalfBlock<T>::width) {
+                block(i, HalfBlock<T>{});
+                i += HalfBlock<T>::width;
+            }
+        }
+        for (; i < end; ++i) block(i, ScalarBlock<T>{});
+    }
+}
+
+// The loop shape of every kernel and of the probes, which must share it to
+// be the kernels' limits: block(i, kind) handles the elements from i on, as
+// many as the kind of block holds.  With `aligned_by`, a range of at least
+// kShortStretches.align_from registers first goes up to the address where
+// aligned_by + i is register-aligned.
+template <class T, class Block>
+FASTADAM_INLINE void for_each_block(const T* aligned_by, std::int64_t i, std::int64_t end, Block&& block) {
     constexpr int width = Simd<T>::width;
-    // A masked head first, so that the full registers below are aligned.
-    if (const std::int64_t head = elements_to_alignment(b.param, i, end); head > 0) {
-        adam_block<T, Variant, Grad, Model>(b, i, PartialBlock<T>{static_cast<int>(head)}, c);
+    if (aligned_by != nullptr && end - i >= std::int64_t{kShortStretches.align_from} * width) {
+        const std::int64_t head = elements_to_alignment(aligned_by, i, end);
+        for_each_short_block<T>(i, i + head, block);
         i += head;
     }
     // Two registers per iteration give the divider two independent chains.
     for (; i + 2 * width <= end; i += 2 * width) {
-        adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
-        adam_block<T, Variant, Grad, Model>(b, i + width, FullBlock<T>{}, c);
+        block(i, FullBlock<T>{});
+        block(i + width, FullBlock<T>{});
     }
-    for (; i + width <= end; i += width) adam_block<T, Variant, Grad, Model>(b, i, FullBlock<T>{}, c);
-    if (i < end) adam_block<T, Variant, Grad, Model>(b, i, PartialBlock<T>{static_cast<int>(end - i)}, c);
+    for (; i + width <= end; i += width) block(i, FullBlock<T>{});
+    for_each_short_block<T>(i, end, block);
 }
 
 template <class T>
@@ -165,23 +273,30 @@ FASTADAM_INLINE void prefetch_row(const AdamTensor& t, std::int64_t row) {
     }
 }
 
+// A dense range is one stretch; a row gather is a stretch per row, walked in
+// the same loop so that the loop body is compiled once (a second copy would
+// double the build).  The buffers and the coefficients are locals that no
+// store through the buffers can alias: they stay in registers (or, for
+// constants that do not fit, on the stack) instead of being re-read after
+// every store.
 template <class T, unsigned Variant, Storage Grad, Storage Model>
 void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
-    const auto c = broadcast_coefficients(constants_for<T>(*t.constants), Simd<T>::broadcast);
-    if (t.rows == nullptr) {
-        adam_loop<T, Variant, Grad, Model>(buffers_at<T>(t, 0, t.grad), begin, end, c);
-        return;
-    }
-    // A row gather: walk the rows that [begin, end) covers.
-    std::int64_t k = begin / t.row_size;
-    std::int64_t column = begin % t.row_size;
-    const std::int64_t row_count = t.size / t.row_size;
+    if (begin >= end) return;
+    const BlockCoefficients<T> c = broadcast_for_blocks(constants_for<T>(*t.constants));
+    const bool gather = t.rows != nullptr;
+    const std::int64_t row_size = gather ? t.row_size : end;
+    const std::int64_t row_count = gather ? t.size / t.row_size : 1;
+    std::int64_t k = begin / row_size;
+    std::int64_t column = begin % row_size;
     for (std::int64_t e = begin; e < end; ++k, column = 0) {
-        if (k + kPrefetchRows < row_count) prefetch_row<T>(t, t.rows[k + kPrefetchRows]);
-        const std::int64_t rest = t.row_size - column;  // (no std::min: see level.hpp)
+        if (gather && k + kPrefetchRows < row_count) prefetch_row<T>(t, t.rows[k + kPrefetchRows]);
+        const std::int64_t rest = row_size - column;  // (no std::min: see level.hpp)
         const std::int64_t stop = column + (rest < end - e ? rest : end - e);
-        const AdamBuffers<T> row = buffers_at<T>(t, t.rows[k] * t.row_size, t.grad_rows[k]);
-        adam_loop<T, Variant, Grad, Model>(row, column, stop, c);
+        const AdamBuffers<T> b = gather ? buffers_at<T>(t, t.rows[k] * row_size, t.grad_rows[k])
+                                        : buffers_at<T>(t, 0, t.grad);
+        for_each_block(b.param, column, stop, [&](std::int64_t j, const auto& kind) FASTADAM_LAMBDA_INLINE {
+            adam_block<T, Variant, Grad, Model>(b, j, kind, c);
+        });
         e += stop - column;
     }
 }
@@ -226,16 +341,25 @@ template <class T, Storage Grad>
 bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
     using V = typename Simd<T>::V;
     constexpr int width = Simd<T>::width;
-    const V scale = Simd<T>::broadcast(constants_for<T>(*t.constants).inv_grad_scale);
+    const T scale = constants_for<T>(*t.constants).inv_grad_scale;
     const V zero = Simd<T>::broadcast(T(0));
     auto found = zero != zero;  // all lanes false
-    auto check = [&](V g) {
-        const V d = g * scale - g * scale;  // 0 when finite, NaN for NaN and inf
-        found = found | (d != d);
-    };
+    bool found_short = false;
     auto check_span = [&](const void* grad, std::int64_t i, std::int64_t stop) {
-        for (; i + width <= stop; i += width) check(load_grad<T, Grad>(grad, i, FullBlock<T>{}));
-        if (i < stop) check(load_grad<T, Grad>(grad, i, PartialBlock<T>{static_cast<int>(stop - i)}));
+        const auto check = [&](std::int64_t j, const auto& kind) FASTADAM_LAMBDA_INLINE {
+            using Block = std::decay_t<decltype(kind)>;
+            const auto g = load_grad<T, Grad>(grad, j, kind) * Block::broadcast(scale);
+            const auto d = g - g;  // 0 when finite, NaN for NaN and inf
+            if constexpr (std::is_same_v<typename Block::V, V>) {
+                found = found | (d != d);
+            } else if constexpr (Block::width == 1) {
+                found_short = found_short || d != d;
+            } else {
+                const auto bad = d != d;
+                for (int lane = 0; lane < Block::width; ++lane) found_short = found_short || bad[lane] != 0;
+            }
+        };
+        for_each_block(static_cast<const T*>(nullptr), i, stop, check);
     };
     if (t.rows == nullptr) {
         check_span(t.grad, begin, end);
@@ -249,38 +373,48 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
     }
     for (int lane = 0; lane < width; ++lane)
         if (found[lane]) return true;
-    return false;
+    return found_short;
 }
 
-// The speed limit: the Adam step's memory traffic (read a, b, c, d; write a,
-// c, d) with one multiply-add per array instead of the update formula.  The
-// mixed-precision pattern reads b as bfloat16 and also writes e.
-template <class T, bool Bf16, class Block>
-FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block, typename Simd<T>::V half) {
+// The speed limits.  The probe has the Adam step's memory traffic (read a, b,
+// c, d; write a, c, d) with one multiply-add per array instead of the update
+// formula.  The exact probe has the same traffic and, like the step, exactly
+// one correctly rounded division and one square root per element -- the work
+// the bitwise contract allows no approximation of -- with as little else as
+// keeps them: c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k).
+// The mixed-precision pattern reads b as bfloat16 and also writes e.
+template <class T, bool Bf16, bool Exact, class Block>
+FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block) {
+    using V = typename Block::V;
+    const V h = Block::broadcast(T(0.5)), k = Block::broadcast(T(1e-8));
     T* a = static_cast<T*>(t.a) + i;
     T* c = static_cast<T*>(t.c) + i;
     T* d = static_cast<T*>(t.d) + i;
-    const auto bv = load_grad<T, Bf16 ? kBf16 : kSame>(t.b, i, block);
-    const auto av = block.load(a) * half + bv;
+    const V bv = load_grad<T, Bf16 ? kBf16 : kSame>(t.b, i, block);
+    V av;
+    if constexpr (Exact) {
+        const V cv = block.load(c) * h + bv;
+        const V dv = block.load(d) * h + bv * bv;
+        av = block.load(a) - cv / (Block::sqrt(dv) + k);
+        block.store(c, cv);
+        block.store(d, dv);
+    } else {
+        av = block.load(a) * h + bv;
+        block.store(c, block.load(c) * h + bv);
+        block.store(d, block.load(d) * h + bv);
+    }
     block.store(a, av);
-    block.store(c, block.load(c) * half + bv);
-    block.store(d, block.load(d) * half + bv);
     if constexpr (Bf16) {
         if (t.e != nullptr) block.template store16<kBf16>(static_cast<std::uint16_t*>(t.e) + i, av);
     }
 }
 
-template <class T, bool Bf16>
+template <class T, bool Bf16, bool Exact>
 void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
-    constexpr int width = Simd<T>::width;
-    const auto half = Simd<T>::broadcast(T(0.5));
-    std::int64_t i = begin;
-    if (const std::int64_t head = elements_to_alignment(static_cast<const T*>(t.a), i, end); head > 0) {
-        probe_block<T, Bf16>(t, i, PartialBlock<T>{static_cast<int>(head)}, half);  // as adam_loop does
-        i += head;
-    }
-    for (; i + width <= end; i += width) probe_block<T, Bf16>(t, i, FullBlock<T>{}, half);
-    if (i < end) probe_block<T, Bf16>(t, i, PartialBlock<T>{static_cast<int>(end - i)}, half);
+    const auto block = [&](std::int64_t i, const auto& kind) FASTADAM_LAMBDA_INLINE {
+        probe_block<T, Bf16, Exact>(t, i, kind);
+    };
+    for_each_block(static_cast<const T*>(t.a), begin, end, block);
 }
 
 }  // namespace FASTADAM_LEVEL

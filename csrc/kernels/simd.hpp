@@ -27,10 +27,10 @@
 // per register would cost more than the arithmetic it wraps.
 #if defined(__GNUC__)
 #define FASTADAM_INLINE inline __attribute__((always_inline))
-#define FASTADAM_NOINLINE __attribute__((noinline))
+#define FASTADAM_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define FASTADAM_INLINE inline
-#define FASTADAM_NOINLINE
+#define FASTADAM_LAMBDA_INLINE
 #endif
 
 namespace fastadam {
@@ -38,6 +38,31 @@ namespace FASTADAM_LEVEL {
 
 template <class T>
 struct Simd;
+
+// 16-byte vectors of the compiler's vector extension: the baseline level's
+// registers, and the AVX2 level's half registers (SSE) for short stretches.
+template <class T>
+struct BaselineSimd {
+    typedef T V __attribute__((vector_size(16)));
+    static constexpr int width = 16 / sizeof(T);
+    static FASTADAM_INLINE V broadcast(T x) {
+        V r;
+        for (int i = 0; i < width; ++i) r[i] = x;
+        return r;
+    }
+    static FASTADAM_INLINE V sqrt(V x) {
+        for (int i = 0; i < width; ++i) x[i] = __builtin_sqrt(x[i]);  // correctly rounded, like sqrtps/sqrtpd
+        return x;
+    }
+    // No masked moves before AVX: stage the tail through a zeroed register.
+    static FASTADAM_INLINE V load_first(const T* p, int n) {
+        V r = broadcast(T(0));
+        std::memcpy(&r, p, sizeof(T) * static_cast<unsigned>(n));
+        return r;
+    }
+    static FASTADAM_INLINE void store_first(T* p, V x, int n) { std::memcpy(p, &x, sizeof(T) * static_cast<unsigned>(n)); }
+};
+
 
 #if defined(__AVX512F__)
 
@@ -91,29 +116,19 @@ struct Simd<double> {
     static FASTADAM_INLINE void store_first(double* p, V x, int n) { _mm256_maskstore_pd(p, first(n), x); }
 };
 
-#else  // baseline: 16-byte vectors (SSE2 on x86-64, the compiler's choice elsewhere)
-
+// Half a register, for stretches shorter than a whole one (see ShortStretches).
 template <class T>
-struct BaselineSimd {
-    typedef T V __attribute__((vector_size(16)));
-    static constexpr int width = 16 / sizeof(T);
-    static FASTADAM_INLINE V broadcast(T x) {
-        V r;
-        for (int i = 0; i < width; ++i) r[i] = x;
-        return r;
-    }
-    static FASTADAM_INLINE V sqrt(V x) {
-        for (int i = 0; i < width; ++i) x[i] = __builtin_sqrt(x[i]);  // correctly rounded, like sqrtps/sqrtpd
-        return x;
-    }
-    // No masked moves before AVX: stage the tail through a zeroed register.
-    static FASTADAM_INLINE V load_first(const T* p, int n) {
-        V r = broadcast(T(0));
-        std::memcpy(&r, p, sizeof(T) * static_cast<unsigned>(n));
-        return r;
-    }
-    static FASTADAM_INLINE void store_first(T* p, V x, int n) { std::memcpy(p, &x, sizeof(T) * static_cast<unsigned>(n)); }
+struct HalfSimd;
+template <>
+struct HalfSimd<float> : BaselineSimd<float> {
+    static FASTADAM_INLINE V sqrt(V x) { return reinterpret_cast<V>(_mm_sqrt_ps(reinterpret_cast<__m128>(x))); }
 };
+template <>
+struct HalfSimd<double> : BaselineSimd<double> {
+    static FASTADAM_INLINE V sqrt(V x) { return reinterpret_cast<V>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x))); }
+};
+
+#else  // baseline: 16-byte vectors (SSE2 on x86-64, the compiler's choice elsewhere)
 
 template <>
 struct Simd<float> : BaselineSimd<float> {
@@ -133,6 +148,35 @@ struct Simd<double> : BaselineSimd<double> {
 #endif
 };
 
+#endif
+
+// How this level handles the stretches shorter than a register: the head of
+// a range up to an aligned address, and its tail.  Which lanes compute an
+// element does not change its bits (each lane does the same IEEE operations),
+// so this is a matter of speed, chosen per level by measurement
+// (benchmarks/bench_sparse_mixed.py's row-sparse step, whose 64-element rows
+// are all head and tail, and bench_step.py's small tensors):
+// - AVX-512: a masked register; its masked moves cost what full ones do.
+// - AVX2: half a register (SSE), then single elements.  AVX2's masked moves
+//   (vmaskmovps, vpmaskmovd) are microcoded and slow: with them a step of
+//   10,000 rows of 64 floats took 9x as long as a dense step over as many
+//   elements (AMD Zen 3).
+// - baseline: single elements.
+// align_from: ranges shorter than this many registers are not aligned
+// first.  An unaligned full-width access costs little, a head of single
+// elements costs about as much as a register each: aligning pays only where
+// it spares many cache-line-straddling accesses.
+struct ShortStretches {
+    bool masked;        // one masked (or zero-padded) register
+    bool half;          // else: half a register first (levels with HalfSimd), then single elements
+    int align_from;     // in registers
+};
+#if defined(__AVX512F__)
+constexpr ShortStretches kShortStretches{true, false, 0};
+#elif defined(__AVX2__)
+constexpr ShortStretches kShortStretches{false, true, 16};
+#else
+constexpr ShortStretches kShortStretches{false, false, 16};
 #endif
 
 // Full-width unaligned moves are the same on every level: memcpy of one

@@ -12,9 +12,13 @@ How it measures
   (``torch.from_numpy``) with their optimizer state pointed at the same moment
   arrays.  Only ``fastadam.Adam`` keeps moment arrays of its own, as it owns
   them by design; they start as copies of the case's.
-* **The limit** is ``fastadam._core.probe_step``, compiled into the extension
-  with the kernel's flags: it reads the four arrays and writes three, as the
-  step does, with a multiply-add per array in place of the update.
+* **The limits** are ``fastadam._core.probe_step``, compiled into the extension
+  with the kernel's flags and its loop shape: it reads the four arrays and
+  writes three, as the step does, with a multiply-add per array in place of
+  the update -- the memory limit; and the *exact probe*
+  (``probe_step(..., exact=True)``): the same traffic plus exactly one
+  correctly rounded division and one square root per element, the work the
+  bitwise contract requires, which bounds the step in cache.
 * **Interleaved.**  Each repeat times every contender once in turn, so that
   the drift of a shared machine hits them alike.  A figure is the median over
   the repeats; a ratio is the median of the per-repeat ratios, with their min
@@ -30,7 +34,7 @@ How it measures
 
 Metrics: elements/s; GB/s, counting 7 accesses of the element size per element
 (read p, g, m, v; write p, m, v), 9 with AMSGrad (v_max read and written);
-percent of the probe (bandwidth over the probe's bandwidth, per repeat); and
+percent of the probe and of the exact probe (bandwidth over theirs, per repeat); and
 the time ratio ``contender / fastadam.adam_step`` (above 1: fastadam is faster).
 """
 
@@ -90,6 +94,7 @@ DEFAULT_THRESHOLD_JSON = Path("benchmarks/results/bench_threshold.json")
 DEFAULT_PLOT = Path("benchmarks/results/bench_step.png")
 
 PROBE = "probe"
+EXACT_PROBE = "exact probe"
 FASTADAM = "fastadam.adam_step"
 FASTADAM_OPTIMIZER = "fastadam.Adam.step"
 TORCH_FUSED = "torch fused"
@@ -277,7 +282,7 @@ class Contender:
 
     ``bind(buffers, variant, threads)`` sets it up on those buffers.  ``check`` says how its result is
     verified: ``"bitwise"`` (equal to fastadam.reference bit for bit),
-    ``"close"`` (within TOLERANCE), or ``"probe"`` (the probe's own formula).
+    ``"close"`` (within TOLERANCE), ``"probe"`` or ``"exact probe"`` (the probes' own formulas).
     """
 
     name: str
@@ -287,9 +292,9 @@ class Contender:
     supports: Callable[[np.dtype, Variant], bool] = field(default=_always)
 
 
-def _bind_probe(b: Buffers, variant: Variant, threads: int) -> Bound:
+def _bind_probe(b: Buffers, variant: Variant, threads: int, exact: bool = False) -> Bound:
     params, grads, exp_avgs, exp_avg_sqs, _ = b.arguments(False)
-    return Bound(lambda: _core.probe_step(params, grads, exp_avgs, exp_avg_sqs, threads), b)
+    return Bound(lambda: _core.probe_step(params, grads, exp_avgs, exp_avg_sqs, threads, exact=exact), b)
 
 
 def _bind_adam_step(b: Buffers, variant: Variant, threads: int) -> Bound:
@@ -472,9 +477,10 @@ def find_peers() -> Peers:
 
 
 ADAM_STEP = Contender(FASTADAM, "adam_step", _bind_adam_step, "bitwise")
-#: The contenders that need nothing beyond NumPy, the probe first.
+#: The contenders that need nothing beyond NumPy, the probes first.
 BUILTIN_CONTENDERS = (
     Contender(PROBE, "probe", _bind_probe, "probe"),
+    Contender(EXACT_PROBE, "exact", functools.partial(_bind_probe, exact=True), "exact probe"),
     ADAM_STEP,
     Contender(FASTADAM_OPTIMIZER, "Adam.step", _bind_adam_optimizer, "bitwise"),
     Contender("numpy reference", "np-ref", _bind_numpy_reference, "bitwise"),
@@ -515,6 +521,18 @@ def expected_probe(start: Buffers) -> Buffers:
     return expected
 
 
+def expected_exact_probe(start: Buffers) -> Buffers:
+    """The buffers after one exact probe from `start`, in the kernel's order of operations:
+    c = c/2 + b, d = d/2 + b*b, a = a - c / (sqrt(d) + 1e-8) for a, c, d the params, exp_avgs, exp_avg_sqs."""
+    expected = start.copy()
+    for a, b, c, d in zip(expected.params, expected.grads, expected.exp_avgs, expected.exp_avg_sqs):
+        half, k = a.dtype.type(0.5), a.dtype.type(1e-8)
+        c[...] = c * half + b
+        d[...] = d * half + b * b
+        a[...] = a - c / (np.sqrt(d) + k)
+    return expected
+
+
 def _bits(a: np.ndarray) -> np.ndarray:
     """The array's bit patterns: equal exactly when the floats are identical (NaNs and signed zeros included)."""
     return a.view(f"u{a.itemsize}")
@@ -550,10 +568,11 @@ def check_contender(contender: Contender, start: Buffers, expected: Buffers, var
     """Take one step of `contender` on a copy of `start`; raise ResultMismatch unless it gives `expected`."""
     bound = contender.bind(start.copy(), variant, threads)
     bound.step()
+    probe = contender.check in (PROBE, EXACT_PROBE)
     problem = compare(bound.state, expected, start, exact=contender.check != "close",
-                      amsgrad=variant.amsgrad and contender.check != "probe")
+                      amsgrad=variant.amsgrad and not probe)
     if problem is not None:
-        kind = "the probe formula" if contender.check == "probe" else "fastadam.reference"
+        kind = f"the {contender.check} formula" if probe else "fastadam.reference"
         how = "within tolerance" if contender.check == "close" else "bit for bit"
         raise ResultMismatch(f"{contender.name} does not match {kind} {how} on {where}: {problem}")
 
@@ -698,12 +717,13 @@ def _use_threads(peers: Peers, threads: int) -> None:
 
 
 def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffers: Buffers, start: Buffers,
-             expected: Buffers, expected_probe_result: Buffers, present: list[Contender],
+             expected: Buffers, expected_probes: dict[str, Buffers], present: list[Contender],
              settings: Settings) -> dict[str, Any]:
-    """Check every contender (one step from `start`), then time them on `buffers`; a JSON-ready dict."""
+    """Check every contender (one step from `start`), then time them on `buffers`; a JSON-ready dict.
+    `expected_probes` holds the probes' results from `start`, by check."""
     where = f"{case.label} {dtype.name} {variant.name}, {threads} thread(s)"
     for c in present:
-        check_contender(c, start, expected_probe_result if c.check == "probe" else expected, variant, threads, where)
+        check_contender(c, start, expected_probes.get(c.check, expected), variant, threads, where)
 
     steps = {c.name: c.bind(buffers, variant, threads).step for c in present}
     numbers = {name: calls_per_sample(step, settings.sample_seconds) for name, step in steps.items()}
@@ -715,7 +735,7 @@ def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffer
     probe_traffic = bytes_per_element(dtype, False) * elements
     results = {}
     for name, seconds in samples.items():
-        moved = probe_traffic if name == PROBE else traffic
+        moved = probe_traffic if name in (PROBE, EXACT_PROBE) else traffic
         median = statistics.median(seconds)
         results[name] = {
             "calls_per_sample": numbers[name],
@@ -727,6 +747,8 @@ def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffer
             "gb_per_s": moved / median / 1e9,
             "percent_of_probe": _spread([100 * (moved / t) / (probe_traffic / tp)
                                          for t, tp in zip(seconds, samples[PROBE])]),
+            "percent_of_exact_probe": _spread([100 * (moved / t) / (probe_traffic / tp)
+                                               for t, tp in zip(seconds, samples[EXACT_PROBE])]),
             "ratio": _spread([t / tf for t, tf in zip(seconds, samples[FASTADAM])]),
         }
     return {"case": case.family, "label": case.label, "elements": elements, "tensors": len(case.shapes),
@@ -746,7 +768,7 @@ def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
                 buffers = Buffers.random(case.shapes, dtype, with_max=with_max, single=case.single)
                 # A snapshot: the timed steps change the buffers, and every check starts from these values.
                 start = buffers.head(CHECK_ELEMENTS).copy()
-                probe_result = expected_probe(start)
+                probe_results = {PROBE: expected_probe(start), EXACT_PROBE: expected_exact_probe(start)}
                 for variant in settings.variants:
                     present = [c for c in everyone if c.supports(dtype, variant)]
                     expected = expected_step(start, variant)
@@ -754,8 +776,8 @@ def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
                         progress.advance(f"{case.label} {dtype.name} {variant.name} {threads} thread(s)")
                         _use_threads(peers, threads)
                         results.append(run_case(case, dtype, variant, threads, buffers, start, expected,
-                                                probe_result, present, settings))
-                del buffers, start, probe_result  # before the next case allocates its own
+                                                probe_results, present, settings))
+                del buffers, start, probe_results  # before the next case allocates its own
     finally:
         progress.close()
     return results
@@ -854,7 +876,7 @@ def _cell(spread: dict[str, float], text: str) -> str:
 
 def format_tables(results: list[dict[str, Any]], everyone: list[Contender]) -> str:
     """One table per dtype and variant: fastadam.adam_step's throughput, and each contender's time ratio."""
-    others = [c for c in everyone if c.name not in (PROBE, FASTADAM)]
+    others = [c for c in everyone if c.name not in (PROBE, EXACT_PROBE, FASTADAM)]
     lines = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
@@ -864,17 +886,19 @@ def format_tables(results: list[dict[str, Any]], everyone: list[Contender]) -> s
                       f"fastadam.adam_step's (>1: fastadam faster).  Medians; ~: max/min of the repeats over "
                       f"{NOISY_SPREAD:g} (all in the JSON); !: other processes kept over "
                       f"{BUSY_NEIGHBOUR_CORES:g} cores busy"]
-        header = (f"{'case':<30}{'thr':>4}{'Melem/s':>9}{'GB/s':>7}{'probe':>7}{'%probe':>9}"
+        header = (f"{'case':<30}{'thr':>4}{'Melem/s':>9}{'GB/s':>7}{'probe':>7}{'%probe':>9}{'exact':>7}{'%exact':>9}"
                   + "".join(f"{c.column:>11}" for c in others))
         lines += [header, "-" * len(header)]
         for r in rows:
-            fa, probe = r["contenders"][FASTADAM], r["contenders"][PROBE]
+            fa, probe, exact = (r["contenders"][n] for n in (FASTADAM, PROBE, EXACT_PROBE))
             cells = [_cell(r["contenders"][c.name]["ratio"], f"{r['contenders'][c.name]['ratio']['median']:>9.2f}x")
                      if c.name in r["contenders"] else f"{'-':>10} " for c in others]
             label = _row_label(r) + (" !" if _disturbed(r) else "")
             lines.append(f"{label:<30}{r['threads']:>4}{fa['elements_per_s'] / 1e6:>9.0f}"
                          f"{fa['gb_per_s']:>7.1f}{probe['gb_per_s']:>7.1f}"
                          + _cell(fa["percent_of_probe"], f"{fa['percent_of_probe']['median']:>7.1f}%")
+                         + f"{exact['gb_per_s']:>7.1f}"
+                         + _cell(fa["percent_of_exact_probe"], f"{fa['percent_of_exact_probe']['median']:>7.1f}%")
                          + "".join(cells))
     return "\n".join(lines)
 
@@ -933,8 +957,9 @@ def evaluate_targets(results: list[dict[str, Any]], latency: Optional[dict[str, 
         return [r for r in results if r["case"] == "single" and r["elements"] >= 1 << lo_exp
                 and (hi_exp is None or r["elements"] <= 1 << hi_exp)]
 
-    def percent(rs: list[dict[str, Any]], who: str = FASTADAM) -> list[tuple[float, dict[str, Any]]]:
-        return [(r["contenders"][who]["percent_of_probe"]["median"], r) for r in rs]
+    def percent(rs: list[dict[str, Any]], who: str = FASTADAM,
+                of: str = "percent_of_probe") -> list[tuple[float, dict[str, Any]]]:
+        return [(r["contenders"][who][of]["median"], r) for r in rs]
 
     def versus(rs: list[dict[str, Any]], peers: Sequence[str], who: str = FASTADAM) -> list:
         """`who`'s speedup over the fastest of `peers` present in each result (from the tables' ratios)."""
@@ -951,6 +976,8 @@ def evaluate_targets(results: list[dict[str, Any]], latency: Optional[dict[str, 
                          versus(single(12, 26), (TORCH_FUSED, DEEPSPEED)), 1.0, "x"),
         _at_least_target(">= 2^22 elements: >= 95% of the probe", percent(single(22)), 95.0, "%"),
         _at_least_target("2^14..2^20 elements: >= 75% of the probe", percent(single(14, 20)), 75.0, "%"),
+        _at_least_target("2^14..2^20 elements: >= 95% of the exact probe (one division and square root an element)",
+                         percent(single(14, 20), of="percent_of_exact_probe"), 95.0, "%"),
     ]
     for who, limit in ((FASTADAM, 2e-6), (FASTADAM_OPTIMIZER, 3e-6)):
         description = f"4096-element float32 step through {who}: < {limit * 1e6:g} µs"
@@ -1002,8 +1029,11 @@ def plot(results: list[dict[str, Any]], everyone: list[Contender], path: Path) -
             points = [(r["elements"], r["contenders"][c.name]["gb_per_s"]) for r in panel if c.name in r["contenders"]]
             if points:
                 x, y = zip(*points)
-                style = dict(color="black", linestyle="--", linewidth=2) if c.name == PROBE else dict(marker=".")
-                ax.plot(x, y, label="probe (the limit)" if c.name == PROBE else c.name, **style)
+                limits = {PROBE: ("probe (the memory limit)", "--"), EXACT_PROBE: ("exact probe (the in-cache limit)", ":")}
+                if c.name in limits:
+                    ax.plot(x, y, label=limits[c.name][0], color="black", linestyle=limits[c.name][1], linewidth=2)
+                else:
+                    ax.plot(x, y, label=c.name, marker=".")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{dtype} {variant}, {threads} thread(s)", fontsize="medium")
         ax.set_ylabel("GB/s")

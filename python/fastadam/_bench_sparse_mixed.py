@@ -187,7 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     threads = args.threads or sorted({1, fastadam.get_num_threads()})
 
-    results: dict[str, Any] = {"config": fastadam.config(), "sparse": [], "mixed": []}
+    cfg = fastadam.config()
+    print(f"fastadam {cfg['version']}, ISA level {cfg['isa']} (FASTADAM_ISA forces one), OpenMP {cfg['openmp']}")
+    results: dict[str, Any] = {"config": cfg, "sparse": [], "mixed": []}
     all_met = True
     for t in threads:
         s = bench_sparse(args.rows, args.dim, args.indices, t, args.repeats, args.sample_seconds)
