@@ -157,6 +157,19 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("config", &runtime_config, "The build and runtime configuration as a dict.");
     m.def(
+        "pool_stats",
+        [] {
+            const PoolStats s = pool_stats();
+            py::dict d;
+            d["parallel_calls"] = s.parallel_calls;
+            d["rested_calls"] = s.rested_calls;
+            d["caller_chunks"] = s.caller_chunks;
+            d["worker_chunks"] = s.worker_chunks;
+            return d;
+        },
+        "What the thread pool has done in this process: calls run with workers, calls the pool kept on the "
+        "caller alone (its workers had not paid for themselves lately), and the chunks callers and workers ran.");
+    m.def(
         "set_num_threads",
         [](py::handle n) { set_num_threads(n.is_none() ? 0 : to_num_threads(n)); },
         "Threads for later calls; None follows OpenMP (OMP_NUM_THREADS, threadpoolctl).");

@@ -38,8 +38,11 @@
 // its own "home" share of the chunks (the same share every call, which keeps a
 // thread's part of an in-cache model in its own cache) and then helps with the
 // others'.  Workers spin only briefly after a call (enough to catch the next
-// call of a loop over parameters) and then sleep.  OpenMP still provides the
-// thread-count settings (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl).
+// call of a loop over parameters) and then sleep; they keep off the caller's
+// processor (Pool::avoid_callers_cpu), and the pool stops waking them for calls
+// of a size where they have not paid for themselves lately (Pool::learn).
+// OpenMP still provides the thread-count settings (OMP_NUM_THREADS,
+// omp_set_num_threads, threadpoolctl).
 
 namespace fastadam {
 namespace {
@@ -142,7 +145,12 @@ struct alignas(64) SeatCursor {
 
 class Pool {
    public:
-    explicit Pool(int most_seats) : cursors_(static_cast<std::size_t>(most_seats)) {}
+    explicit Pool(int most_seats) : cursors_(static_cast<std::size_t>(most_seats)) {
+#if defined(__linux__)
+        CPU_ZERO(&allowed_);
+        if (sched_getaffinity(0, sizeof allowed_, &allowed_) != 0) CPU_ZERO(&allowed_);
+#endif
+    }
 
     // Runs `job` on the caller and up to job.seats - 1 workers; false (nothing
     // done) if the pool is serving another thread's call or has no worker.
@@ -154,12 +162,16 @@ class Pool {
             return false;
         }
         const auto start = Clock::now();
+        avoid_callers_cpu();
         const std::uint64_t call = post(job);
         const auto posted = Clock::now();
         const std::int64_t own_chunks = take_chunks(job, call, 0);
         const auto ran_out = Clock::now();
         wait_for_chunks(job.chunks);
         learn(job, own_chunks, posted - start, ran_out - posted, Clock::now() - ran_out);
+        stats_.parallel_calls.fetch_add(1, std::memory_order_relaxed);
+        stats_.caller_chunks.fetch_add(own_chunks, std::memory_order_relaxed);
+        stats_.worker_chunks.fetch_add(job.chunks - own_chunks, std::memory_order_relaxed);
         busy_.store(false, std::memory_order_release);
         return true;
     }
@@ -170,7 +182,13 @@ class Pool {
         int left = rest.load(std::memory_order_relaxed);
         while (left > 0 && !rest.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
         }
+        if (left > 0) stats_.rested_calls.fetch_add(1, std::memory_order_relaxed);
         return left > 0;
+    }
+
+    PoolStats stats() const {
+        return {stats_.parallel_calls.load(), stats_.rested_calls.load(), stats_.caller_chunks.load(),
+                stats_.worker_chunks.load()};
     }
 
    private:
@@ -179,13 +197,45 @@ class Pool {
         std::lock_guard<std::mutex> lock(mutex_);
         while (workers_ < wanted) {
             try {
-                std::thread(&Pool::serve, this).detach();
+                std::thread worker(&Pool::serve, this);
+                handles_.push_back(worker.native_handle());
+                worker.detach();
             } catch (const std::system_error&) {
                 break;  // no memory for another thread: work with those there are
             }
             ++workers_;
+            if (off_cpu_ >= 0) keep_off(handles_.back(), off_cpu_);
         }
         return workers_;
+    }
+
+    // Workers run anywhere but on the caller's processor.  A woken thread is
+    // placed where the kernel sees room; when every core is busy -- the usual
+    // case in a training loop, where a BLAS thread still spins on the other
+    // core -- that is often the waker's own core, and the worker would push
+    // the caller off it and run the call in its place.  Kept off the caller's
+    // core, it takes the spinning thread's instead.  Changed only when the
+    // caller's processor changes (one system call per worker).
+    void avoid_callers_cpu() {
+#if defined(__linux__)
+        const int cpu = sched_getcpu();
+        if (cpu == off_cpu_ || cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &allowed_) ||
+            CPU_COUNT(&allowed_) < 2)
+            return;
+        std::lock_guard<std::mutex> lock(mutex_);
+        off_cpu_ = cpu;
+        for (pthread_t h : handles_) keep_off(h, cpu);
+#endif
+    }
+
+    void keep_off(pthread_t worker, int cpu) {
+#if defined(__linux__)
+        cpu_set_t mask = allowed_;
+        CPU_CLR(cpu, &mask);
+        pthread_setaffinity_np(worker, sizeof mask, &mask);  // on failure it just runs anywhere
+#else
+        (void)worker, (void)cpu;
+#endif
     }
 
     std::uint64_t post(const Job& job) {
@@ -248,14 +298,6 @@ class Pool {
     }
 
     [[noreturn]] void serve() {
-#if defined(SCHED_BATCH)
-        // A worker that wakes never preempts a running thread (the caller
-        // above all, which would then sit out the call it is running): it runs
-        // on an idle core at once and otherwise at its turn, by when the
-        // caller may have taken its chunks.  A Linux policy; same priority.
-        const sched_param no_priority{};
-        pthread_setschedparam(pthread_self(), SCHED_BATCH, &no_priority);
-#endif
         std::uint64_t seen = 0;
         for (;;) {
             auto new_call = [this, &seen] { return call_.load(std::memory_order_acquire) != seen; };
@@ -275,19 +317,18 @@ class Pool {
         }
     }
 
-    // Whether the workers paid for themselves: the chunks they ran, at the
-    // caller's own pace, against the caller's time spent waking them and
-    // waiting for their last chunks.  They do not when the machine has no core
-    // to spare (a worker woken late, or losing its core mid-chunk), or when
-    // the call is too short for a wake-up.  Then the next calls of that size
-    // class run on the caller alone: 1, 2, 4 ... up to kMostRestingCalls of them
-    // while it keeps happening, fewer again after calls that gained.  So a busy
+    // Whether the workers paid for themselves: the call against the time the
+    // caller alone would have taken, estimated from its own chunks.  They do
+    // not when the machine has no core to spare (a worker woken late, or
+    // losing its core mid-chunk while the caller waits for it), or when the
+    // call is too short for a wake-up.  Then the next calls of that size class
+    // run on the caller alone: 1, 2, 4 ... up to kMostRestingCalls of them while
+    // it keeps happening, fewer again after calls that gained.  So a busy
     // machine costs one slow call now and then, not every call.
     void learn(const Job& job, std::int64_t own_chunks, Clock::duration posting, Clock::duration working,
                Clock::duration waiting) {
-        const std::int64_t their_chunks = job.chunks - own_chunks;
-        const Clock::duration saved = own_chunks > 0 ? working * their_chunks / own_chunks : Clock::duration(0);
-        const bool lost = posting + waiting > saved;
+        // Without a chunk of its own the caller has no estimate, and the workers did it all.
+        const bool lost = own_chunks > 0 && posting + working + waiting > working * job.chunks / own_chunks;
         SizeClass& size = size_class(job.starts[job.count]);
         int backoff = size.backoff.load(std::memory_order_relaxed);
         backoff = lost ? std::min(std::max(1, 2 * backoff), kMostRestingCalls) : backoff / 2;
@@ -306,6 +347,9 @@ class Pool {
         return size_classes_[order];
     }
 
+    struct {
+        std::atomic<std::int64_t> parallel_calls{0}, rested_calls{0}, caller_chunks{0}, worker_chunks{0};
+    } stats_;
     std::vector<SeatCursor> cursors_;
     std::atomic<bool> busy_{false};
     std::atomic<std::uint64_t> call_{0};
@@ -317,6 +361,11 @@ class Pool {
     Job job_{};
     int joined_ = 0;
     int workers_ = 0;
+    std::vector<pthread_t> handles_;
+    int off_cpu_ = -1;  // the processor the workers avoid (-1: none)
+#if defined(__linux__)
+    cpu_set_t allowed_;  // the process's processors when the pool was made
+#endif
     int sleepers_ = 0;
 };
 
@@ -364,6 +413,11 @@ void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, 
     }
     const DefaultFloatingPointMode fp_mode;
     run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
+}
+
+PoolStats pool_stats() {
+    Pool* p = g_pool.load();
+    return p == nullptr ? PoolStats{} : p->stats();
 }
 
 int max_threads() {

@@ -41,6 +41,17 @@ int default_num_threads();
 void set_num_threads(int threads);  // 0 restores "follow OpenMP"
 int num_threads_override();
 
+// What the pool has done so far in this process (for benchmarks): calls
+// run with workers, calls kept on the caller by the pool's learning
+// (parallel.cpp), and the chunks the callers and the workers ran.
+struct PoolStats {
+    std::int64_t parallel_calls = 0;
+    std::int64_t rested_calls = 0;
+    std::int64_t caller_chunks = 0;
+    std::int64_t worker_chunks = 0;
+};
+PoolStats pool_stats();
+
 bool have_openmp();
 // Whether the fork handler that keeps steps working in forked children is in place.
 bool fork_handler_registered();
