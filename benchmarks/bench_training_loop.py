@@ -384,7 +384,9 @@ def run_case(loop: str, label: str, n_params: float, args: argparse.Namespace, t
         "params": sum(a.size for a in arrays), "arrays": len(arrays), "largest_array": max(a.size for a in arrays),
         "repeats": len(blocks), "blocks": blocks, "iterations_per_contender": fast.done,
         "other_load_cores": other.cores,
-        "contenders": {c.name: {"step_us": spread(c.step_s, 1e6), "iteration_us": spread(c.iteration_s, 1e6)}
+        # The block medians show a shared machine's moods: a case can switch between fast and slow states.
+        "contenders": {c.name: {"step_us": spread(c.step_s, 1e6), "iteration_us": spread(c.iteration_s, 1e6),
+                                "block_medians_us": [[s * 1e6, i * 1e6] for s, i in c.blocks]}
                        for c in contenders},
         "ratios": {"step_default_over_one_thread": block_ratios(fast, fast1, 0),
                    "iteration_default_over_one_thread": block_ratios(fast, fast1, 1)},

@@ -67,7 +67,8 @@ def test_the_training_loop_benchmark_runs_and_one_thread_changes_no_bit(training
         assert case["checks"] == {"default_equals_one_thread_bitwise": True, "finite": True}
         assert set(case["contenders"]) == {"fastadam", "fastadam 1-thread"}
         for figures in case["contenders"].values():
-            assert set(figures) == {"step_us", "iteration_us"}
+            assert set(figures) == {"step_us", "iteration_us", "block_medians_us"}
+            assert len(figures["block_medians_us"]) == case["repeats"] == len(case["blocks"])
         assert set(case["ratios"]) == {"step_default_over_one_thread", "iteration_default_over_one_thread"}
         assert case["iterations_per_contender"] >= 2 + sum(b + 1 for b in case["blocks"])
     for target in results["targets"]:
