@@ -72,7 +72,7 @@ def test_the_training_loop_benchmark_runs_and_one_thread_changes_no_bit(training
     cases = _cases(results, "numpy")
     assert [(mode, case["label"]) for mode, case in cases] == [("quiet", "2e3"), ("quiet", "6e4"),
                                                                ("busy", "2e3"), ("busy", "6e4")]
-    assert max(case["params"] for _, case in cases) > fastadam.config()["parallel_threshold_elements"]
+    assert max(case["params"] for _, case in cases) > fastadam.config()["parallel_threshold_elements"]["float32"]
     for _, case in cases:
         assert case["checks"] == {"default_equals_one_thread_bitwise": True, "finite": True}
         assert set(case["contenders"]) == {"fastadam", "fastadam 1-thread"}
