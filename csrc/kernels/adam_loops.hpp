@@ -136,8 +136,11 @@ struct BlockCoefficients {
     Coefficients<T> one;
     template <class Block>
     FASTADAM_INLINE const Coefficients<typename Block::V>& of() const {
-        if constexpr (std::is_same_v<typename Block::V, T>) return one;
-        else if constexpr (std::is_same_v<typename Block::V, typename FullBlock<T>::V>) return full;
+        // By width: std::is_same on a vector type would drop its alignment
+        // attribute (GCC warns, -Wignored-attributes).
+        constexpr std::size_t width = sizeof(typename Block::V);
+        if constexpr (width == sizeof(T)) return one;
+        else if constexpr (width == sizeof(typename FullBlock<T>::V)) return full;
         else return half;
     }
 };
