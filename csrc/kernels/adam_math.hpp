@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../kernel_api.hpp"
 #include "simd.hpp"
@@ -41,27 +42,26 @@ FASTADAM_INLINE auto broadcast_coefficients(const AdamConstants<T>& k, Broadcast
 // bit alone, exactly what -a does, for NaN as for any value (a
 // multiplication by -1 keeps a NaN's sign on x86, so it is not the same).
 // V is a register of float or double lanes, or a plain float or double.
+// The unsigned integer type with V's bits: one integer for a float or a
+// double, a vector of them for a register.
+template <class V, bool = std::is_floating_point_v<V>>
+struct BitsOf {
+    using type = std::conditional_t<sizeof(V) == 4, std::uint32_t, std::uint64_t>;
+};
+template <class V>
+struct BitsOf<V, false> {
+    using Lane = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+    typedef typename BitsOf<Lane>::type type __attribute__((vector_size(sizeof(V))));
+};
+
 template <class V>
 FASTADAM_INLINE V xor_sign(V a, V sign) {
-    if constexpr (std::is_floating_point_v<V>) {
-        using Bits = std::conditional_t<sizeof(V) == 4, std::uint32_t, std::uint64_t>;
-        Bits x, y;
-        std::memcpy(&x, &a, sizeof a);
-        std::memcpy(&y, &sign, sizeof sign);
-        x ^= y;
-        std::memcpy(&a, &x, sizeof a);
-        return a;
-    } else {
-        using Lane = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
-        using Bits = std::conditional_t<sizeof(Lane) == 4, std::uint32_t, std::uint64_t>;
-        typedef Bits BitsV __attribute__((vector_size(sizeof(V))));
-        BitsV x, y;
-        std::memcpy(&x, &a, sizeof a);
-        std::memcpy(&y, &sign, sizeof sign);
-        x ^= y;
-        std::memcpy(&a, &x, sizeof a);
-        return a;
-    }
+    typename BitsOf<V>::type x, y;
+    std::memcpy(&x, &a, sizeof a);
+    std::memcpy(&y, &sign, sizeof sign);
+    x ^= y;
+    std::memcpy(&a, &x, sizeof a);
+    return a;
 }
 
 // max(a, b) that returns NaN when either input is NaN, like torch.maximum and
