@@ -186,6 +186,21 @@ class Pool {
         return left > 0;
     }
 
+    // Runs a call that resting() kept from the workers on the caller, and
+    // times it: the measure learn() holds the workers' calls against.
+    void run_alone(const std::int64_t* starts, std::size_t count, PieceFn fn) {
+        const auto start = Clock::now();
+        {
+            const DefaultFloatingPointMode fp_mode;
+            run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
+        }
+        const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+        const double sample = seconds / static_cast<double>(starts[count]);
+        std::atomic<double>& pace = size_class(starts[count]).serial_seconds_per_element;
+        const double old = pace.load(std::memory_order_relaxed);
+        pace.store(old > 0 ? 0.75 * old + 0.25 * sample : sample, std::memory_order_relaxed);
+    }
+
     PoolStats stats() const {
         return {stats_.parallel_calls.load(), stats_.rested_calls.load(), stats_.caller_chunks.load(),
                 stats_.worker_chunks.load()};
@@ -327,9 +342,19 @@ class Pool {
     // machine costs one slow call now and then, not every call.
     void learn(const Job& job, std::int64_t own_chunks, Clock::duration posting, Clock::duration working,
                Clock::duration waiting) {
-        // Without a chunk of its own the caller has no estimate, and the workers did it all.
-        const bool lost = own_chunks > 0 && posting + working + waiting > working * job.chunks / own_chunks;
         SizeClass& size = size_class(job.starts[job.count]);
+        // The caller alone: as timed in this size class's last calls without
+        // workers, if any (the caller's own pace is slowed by the workers'
+        // memory traffic when the call is bandwidth-bound), else that pace;
+        // without a chunk of its own the caller has no estimate, and the
+        // workers did it all.
+        const double pace = size.serial_seconds_per_element.load(std::memory_order_relaxed);
+        const std::int64_t total = job.starts[job.count];
+        const Clock::duration alone =
+            pace > 0 ? std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(pace * total))
+            : own_chunks > 0 ? working * job.chunks / own_chunks
+                             : Clock::duration::max();
+        const bool lost = posting + working + waiting > alone;
         int backoff = size.backoff.load(std::memory_order_relaxed);
         backoff = lost ? std::min(std::max(1, 2 * backoff), kMostRestingCalls) : backoff / 2;
         size.backoff.store(backoff, std::memory_order_relaxed);
@@ -340,6 +365,7 @@ class Pool {
     struct SizeClass {
         std::atomic<int> backoff{0};
         std::atomic<int> rest_calls{0};
+        std::atomic<double> serial_seconds_per_element{0};  // of its calls without workers (average; 0: none yet)
     };
     SizeClass& size_class(std::int64_t total) {
         int order = 0;
@@ -409,7 +435,11 @@ void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, 
         const std::int64_t chunks = (total + chunk - 1) / chunk;
         const int seats = static_cast<int>(std::min<std::int64_t>(threads, chunks));
         Pool* p = seats > 1 ? pool() : nullptr;
-        if (p != nullptr && !p->resting(total) && p->run(Job{starts, count, align, fn, chunk, chunks, seats})) return;
+        if (p != nullptr && p->resting(total)) {
+            p->run_alone(starts, count, fn);
+            return;
+        }
+        if (p != nullptr && p->run(Job{starts, count, align, fn, chunk, chunks, seats})) return;
     }
     const DefaultFloatingPointMode fp_mode;
     run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
