@@ -338,7 +338,8 @@ class Pool {
     // losing its core mid-chunk while the caller waits for it), or when the
     // call is too short for a wake-up.  Then the next calls of that size class
     // run on the caller alone: 1, 2, 4 ... up to kMostRestingCalls of them while
-    // it keeps happening, fewer again after calls that gained.  So a busy
+    // it keeps happening (and at least as many as the time lost), fewer again
+    // after calls that gained.  So a busy
     // machine costs one slow call now and then, not every call.
     void learn(const Job& job, std::int64_t own_chunks, Clock::duration posting, Clock::duration working,
                Clock::duration waiting) {
@@ -354,9 +355,19 @@ class Pool {
             pace > 0 ? std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(pace * total))
             : own_chunks > 0 ? working * job.chunks / own_chunks
                              : Clock::duration::max();
-        const bool lost = posting + working + waiting > alone;
+        const Clock::duration took = posting + working + waiting;
+        const bool lost = took > alone;
         int backoff = size.backoff.load(std::memory_order_relaxed);
-        backoff = lost ? std::min(std::max(1, 2 * backoff), kMostRestingCalls) : backoff / 2;
+        if (lost) {
+            // At least as many calls as the time lost would have run alone: a
+            // worker that lost its core mid-chunk can cost milliseconds, far
+            // more than workers could ever save a short call.
+            const double wasted = alone == Clock::duration::max() ? 0.0 : (took - alone) / alone;
+            const double at_least = std::min(wasted, static_cast<double>(kMostRestingCalls));
+            backoff = std::min(std::max({1, 2 * backoff, static_cast<int>(at_least)}), kMostRestingCalls);
+        } else {
+            backoff /= 2;
+        }
         size.backoff.store(backoff, std::memory_order_relaxed);
         if (lost) size.rest_calls.store(backoff, std::memory_order_relaxed);
     }
