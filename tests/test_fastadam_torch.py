@@ -737,6 +737,37 @@ def test_zero_redundancy_optimizer_takes_it_as_its_optimizer_class(gloo_group, b
 
 # -- what the optimizer follows, and what it refuses ---------------------------------------------------------
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradients_are_read_where_they_are_whether_replaced_or_zeroed_in_place(set_to_none):
+    model, reference_model = (torch.nn.Linear(5, 3) for _ in range(2))
+    reference_model.load_state_dict(model.state_dict())
+    opt = fastadam.torch.Adam(model.parameters(), lr=1e-2)
+    numpy_params = [p.detach().numpy().copy() for p in reference_model.parameters()]
+    numpy_opt = fastadam.Adam(numpy_params, lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(6):
+        opt.zero_grad(set_to_none=set_to_none)
+        x = torch.randn(4, 5, generator=gen)
+        for _ in range(2):  # two backward passes accumulate into the same .grad
+            model(x).square().sum().backward()
+        numpy_opt.step([p.grad.numpy().copy() for p in model.parameters()])
+        opt.step()
+    for p, a in zip(model.parameters(), numpy_params):
+        assert_bitwise_equal(p.detach().numpy(), a)
+
+
+def test_a_gradient_set_to_none_is_not_kept_alive_by_the_optimizer():
+    import weakref
+
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = fastadam.torch.Adam([p])
+    p.grad = torch.ones(1000)
+    opt.step()
+    grad = weakref.ref(p.grad)
+    opt.zero_grad()
+    assert grad() is None  # freed, as with torch.optim: no second set of gradients held between steps
+
+
 def test_a_param_whose_data_is_replaced_is_updated_in_its_new_memory():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = fastadam.torch.Adam([p], lr=0.1)

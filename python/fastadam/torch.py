@@ -170,11 +170,14 @@ def _param_name(k: int, j: int) -> str:
 class _Entry:
     """A param that takes part in the step: where it is, its state, and how it is viewed."""
 
-    __slots__ = ("k", "j", "param", "state", "master", "flat", "name")
+    __slots__ = ("k", "j", "param", "state", "master", "flat", "name", "dtype", "stride", "grad_dtypes")
 
     def __init__(self, k: int, j: int, param: torch.Tensor, state: dict, master: bool, flat: bool) -> None:
         self.k, self.j, self.param, self.state, self.master, self.flat = k, j, param, state, master, flat
         self.name = _param_name(k, j)
+        # What each new gradient is checked against (a change of the param's memory rebuilds the entry).
+        self.dtype, self.stride = param.dtype, param.stride()
+        self.grad_dtypes = (param.dtype, torch.float32) if master else (param.dtype,)
 
 
 class _Prepared:
@@ -191,8 +194,14 @@ class _Prepared:
         self.all_params: list = []
         self.entries: list[_Entry] = []
         self.positions: list[int] = []    # index in all_params of each entry
-        self.grad_objs: list = []         # the grad each entry's array was taken from
-        self.grad_arrays: list = []       # ndarray, or (indices, values) for a sparse grad
+        # The gradients and their views (an ndarray, or (indices, values) for a sparse grad).  Holding them
+        # holds their memory, so a gradient seen for the first time is let go after the step (None) --
+        # zero_grad() must free it -- and only one seen at two steps in a row (set_to_none=False, or
+        # accumulating) is kept.  The ids of last step's gradients tell which is which.
+        self.grad_objs: list = []
+        self.grad_arrays: list = []
+        self.grad_ids: list[int] = []
+        self.let_go: list[int] = []       # the entries whose gradients this step lets go of
         self.ptrs: list[int] = []         # params' data_ptr(): a `p.data = ...` swap must not go unnoticed
         self.plan: Any = None
         self.buffer: Optional[torch.Tensor] = None  # the step counts; each state["step"] is a 0-d view of it
@@ -444,20 +453,26 @@ class _FastAdamOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         pr = self._prepare()
-        found_inf = getattr(self, "found_inf", None)
-        if not pr.entries or (found_inf is not None and float(found_inf) != 0.0):
-            return loss
-        grad_scale = getattr(self, "grad_scale", None)
-        hyper = [self._hyper(g) for g in self.param_groups]
         try:
-            pr.plan.step(pr.grad_arrays, hyper, None if grad_scale is None else float(grad_scale), False,
-                         self.num_threads)
-        except (TypeError, ValueError) as e:
-            raise type(e)(self._named(str(e), pr.entries)) from None
-        np.add(pr.steps, 1, out=pr.steps)
-        torch.autograd.graph.increment_version(pr.written)
-        pr.buffer_version = pr.buffer._version
-        return loss
+            found_inf = getattr(self, "found_inf", None)
+            if not pr.entries or (found_inf is not None and float(found_inf) != 0.0):
+                return loss
+            grad_scale = getattr(self, "grad_scale", None)
+            hyper = [self._hyper(g) for g in self.param_groups]
+            try:
+                pr.plan.step(pr.grad_arrays, hyper, None if grad_scale is None else float(grad_scale), False,
+                             self.num_threads)
+            except (TypeError, ValueError) as e:
+                raise type(e)(self._named(str(e), pr.entries)) from None
+            np.add(pr.steps, 1, out=pr.steps)
+            torch.autograd.graph.increment_version(pr.written)
+            pr.buffer_version = pr.buffer._version
+            return loss
+        finally:
+            if pr.let_go:
+                for i in pr.let_go:
+                    pr.grad_objs[i] = pr.grad_arrays[i] = None
+                pr.let_go = []
 
     def _prepare(self) -> _Prepared:
         """The step's views, checked against the groups, grads and state of now; taken afresh where they moved."""
@@ -478,10 +493,15 @@ class _FastAdamOptimizer(Optimizer):
         if len(present) != len(pr.grad_objs) or not all(map(operator.is_, present, pr.grad_objs)):
             if [i for i, g in enumerate(grads) if g is not None] != pr.positions:
                 return self._rebuild()
-            for i, (g, old) in enumerate(zip(present, pr.grad_objs)):
-                if g is not old:
+            let_go = []
+            for i, g in enumerate(present):
+                if g is not pr.grad_objs[i]:
                     pr.grad_arrays[i] = self._grad_array(pr.entries[i], g)
                     pr.grad_objs[i] = g
+                    if id(g) != pr.grad_ids[i]:  # (an id may be a freed tensor's: then g is kept one step more)
+                        let_go.append(i)
+                        pr.grad_ids[i] = id(g)
+            pr.let_go = let_go
         if pr.entries:
             if [e.param.data_ptr() for e in pr.entries] != pr.ptrs:
                 return self._rebuild()
@@ -511,6 +531,7 @@ class _FastAdamOptimizer(Optimizer):
         pr.amsgrad = tuple(self._amsgrad(g) for g in groups)
         pr.amsgrad_keys = tuple(bool(g.get("amsgrad")) for g in groups)
         pr.all_params = [p for g in groups for p in g["params"]]
+        grads: list[torch.Tensor] = []
         position = 0
         for k, g in enumerate(groups):
             for j, p in enumerate(g["params"]):
@@ -523,12 +544,13 @@ class _FastAdamOptimizer(Optimizer):
                     self._adopt_state(state, p, master, pr.amsgrad[k], name)
                     pr.entries.append(_Entry(k, j, p, state, master, bool(_layout(p))))
                     pr.positions.append(position)
-                    pr.grad_objs.append(grad)
+                    grads.append(grad)
                 position += 1
         if not pr.entries:
             self._finish(pr)
             return pr
-        pr.grad_arrays = [self._grad_array(e, g) for e, g in zip(pr.entries, pr.grad_objs)]
+        pr.grad_arrays = [self._grad_array(e, g) for e, g in zip(pr.entries, grads)]
+        pr.grad_objs, pr.grad_ids, pr.let_go = grads, list(map(id, grads)), list(range(len(grads)))
 
         # The step counts: one buffer, each state["step"] a 0-d view of it, so a step advances them all at once.
         counts = [_step_value(e.state["step"], f"state of {e.name}: 'step'") for e in pr.entries]
@@ -603,27 +625,31 @@ class _FastAdamOptimizer(Optimizer):
                 s[key] = fresh
 
     def _grad_array(self, e: _Entry, g: torch.Tensor) -> Any:
-        """The gradient as the kernel reads it: an ndarray, or (indices, values) for a row-sparse one."""
-        p = e.param
-        if g.device.type != "cpu":
-            raise ValueError(f"the grad of {e.name} is on {g.device}; fastadam.torch steps CPU tensors")
-        if g.layout is torch.sparse_coo:
+        """The gradient as the kernel reads it: an ndarray, or (indices, values) for a row-sparse one.
+
+        Run for every new gradient tensor, so only what torch does not already guarantee is checked here
+        (torch refuses a .grad of another shape or layout than sparse COO); the core checks the rest.
+        """
+        if g.is_sparse:
             return self._sparse_grad(e, g)
-        if g.layout is not torch.strided:
-            raise ValueError(f"the grad of {e.name} has layout {g.layout}; dense and sparse COO grads are supported")
+        if not g.is_cpu:
+            raise ValueError(f"the grad of {e.name} is on {g.device}; fastadam.torch steps CPU tensors")
         if self._sparse_adam_eps:
             raise RuntimeError(f"SparseAdam does not support dense gradients, please consider Adam instead "
                                f"(the grad of {e.name} is dense)")
-        if g.shape != p.shape:
-            raise ValueError(f"the grad of {e.name} has shape {tuple(g.shape)}, the param {tuple(p.shape)}")
-        allowed = (p.dtype, torch.float32) if e.master else (p.dtype,)
-        if g.dtype not in allowed:
-            raise TypeError(f"the grad of {e.name} is {g.dtype}, the param {p.dtype}")
-        if g.stride() != p.stride():
+        if g.dtype not in e.grad_dtypes:
+            raise TypeError(f"the grad of {e.name} is {g.dtype}, the param {e.dtype}")
+        if not (g.stride() == e.stride if e.flat else g.is_contiguous()):
             # Autograd gives a grad the param's strides; one that differs is read from a copy laid out as the
             # param (a gradient is only read, so nothing is lost).
-            g = torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g.detach())
-        return _view(g, e.flat, f"the grad of {e.name}")
+            g = torch.empty_like(e.param, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g.detach())
+        if g.requires_grad:
+            g = g.detach()
+        if e.flat:
+            g = g.as_strided((g.numel(),), (1,))
+        if g.dtype is torch.bfloat16:
+            return _core.as_array(g, f"the grad of {e.name}")
+        return g.numpy()
 
     def _sparse_grad(self, e: _Entry, g: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         p = e.param
