@@ -900,3 +900,14 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     section = readme[readme.index("## PyTorch: `fastadam.torch`"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_the_benchmark_runs_and_writes_its_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_torch_optim.py"), "--cases",
+                             "single-4096", "--threads", "1", "--repeats", "2", "--sample-ms", "1", "--json",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["grads"] for r in rows} == {"same", "new"}
+    assert all(r["ratio"]["median"] > 0 and r["kernel_ratio"]["median"] > 0 for r in rows)
