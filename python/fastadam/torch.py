@@ -728,14 +728,15 @@ class Adam(_FastAdamOptimizer):
     For each param with a gradient ``g``, with ``t`` its step count after
     this step (the formula of :func:`fastadam.adam_step`)::
 
-        g  = g / grad_scale                      under torch.amp.GradScaler
+        g  = g * (1 / grad_scale)                under torch.amp.GradScaler
         g  = -g                                  if maximize
         g  = g + weight_decay * p                if weight_decay and not decoupled_weight_decay
         m  = beta1 * m + (1 - beta1) * g
         v  = beta2 * v + (1 - beta2) * g * g
         v' = max(v_max, v); v_max = v'           if amsgrad, else v' = v
-        p  = p - lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
-                                                 - (lr * weight_decay) * p   if decoupled_weight_decay
+        u  = lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+        u  = u + (lr * weight_decay) * p         if weight_decay and decoupled_weight_decay (AdamW)
+        p  = p - u
 
     The options, defaults and ``state_dict`` are ``torch.optim.Adam``'s.
     ``foreach`` and ``fused`` are accepted and kept in the groups (for
@@ -748,9 +749,10 @@ class Adam(_FastAdamOptimizer):
     moments; ``num_threads`` caps the threads of a step.
 
     Params must be dense CPU tensors (float32, float64; float16/bfloat16 with
-    master weights), C-contiguous or channels_last.  Agreement with
-    ``torch.optim.Adam``: within the ULPs stated in the README ("Against
-    PyTorch"); with :func:`fastadam.reference.adam_step`: bitwise.
+    master weights), C-contiguous or channels_last.  Bitwise equal to
+    :class:`fastadam.Adam` (and so to :func:`fastadam.reference.adam_step`)
+    on the same data; against ``torch.optim.Adam`` within the ULPs stated in
+    the README (the fastadam.torch section's "Agreement").
     """
 
     def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
