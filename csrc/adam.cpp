@@ -166,8 +166,8 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
                                {grads, kNames[1], single},
                                {exp_avgs, kNames[2], single},
                                {exp_avg_sqs, kNames[3], single},
-                               {has_max ? max_exp_avg_sqs : params, kNames[4], single},
-                               {has_model ? model_params : params, "model_params", single}};
+                               {has_max ? max_exp_avg_sqs : nullptr, kNames[4], single},
+                               {has_model ? model_params : nullptr, "model_params", single}};
     const std::size_t count = lists[0].size();
     for (std::size_t k = 1; k < 6; ++k)
         if (lists[k].size() != count && (k != 4 || has_max) && (k != 5 || has_model))
@@ -221,11 +221,17 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
     return launch_step(tensors->data(), tensors->size(), num_threads, scaling.skip_if_nonfinite);
 }
 
-void sparse_adam_step(PyObject* param, PyObject* indices, PyObject* values, PyObject* exp_avg, PyObject* exp_avg_sq,
-                      PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
+void sparse_adam_step(PyObject* param_obj, PyObject* indices_obj, PyObject* values_obj, PyObject* exp_avg_obj,
+                      PyObject* exp_avg_sq_obj, PyObject* step_obj, const AdamHyper& hyper, int num_threads) {
     const std::int64_t step = check_step(step_obj);
     const ArgName p_name{"param", -1}, m_name{"exp_avg", -1}, v_name{"exp_avg_sq", -1};
     const ArgName i_name{"indices", -1}, g_name{"values", -1};
+    // Tensors with __dlpack__ as ndarrays over their memory, held until the call returns.
+    const OwnedRef param_ref(as_array(param_obj, p_name)), indices_ref(as_array(indices_obj, i_name)),
+        values_ref(as_array(values_obj, g_name)), exp_avg_ref(as_array(exp_avg_obj, m_name)),
+        exp_avg_sq_ref(as_array(exp_avg_sq_obj, v_name));
+    PyObject *param = param_ref.get(), *indices = indices_ref.get(), *values = values_ref.get(),
+             *exp_avg = exp_avg_ref.get(), *exp_avg_sq = exp_avg_sq_ref.get();
     const CheckedArray p = check_float_array(param, p_name, Access::write);
     const CheckedArray m = check_float_array(exp_avg, m_name, Access::write);
     const CheckedArray v = check_float_array(exp_avg_sq, v_name, Access::write);
@@ -260,10 +266,11 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
     const bool single = is_single_array(a);
     const bool has_e = e != Py_None;
     const ArrayList lists[] = {{a, "a", single}, {b, "b", single}, {c, "c", single}, {d, "d", single},
-                               {has_e ? e : a, "e", single}};
+                               {has_e ? e : nullptr, "e", single}};
     const std::size_t count = lists[0].size();
     for (const auto& l : lists)
-        if (l.size() != count) throw ArgValueError{"probe: the lists must have equal lengths"};
+        if (l.size() != count && (&l != &lists[4] || has_e))
+            throw ArgValueError{"probe: the lists must have equal lengths"};
     struct Tag;
     const ScratchLease<std::vector<ProbeTensor>, Tag> tensors;
     tensors->clear();

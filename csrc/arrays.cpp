@@ -7,24 +7,312 @@
 namespace fastadam {
 
 ArrayList::ArrayList(PyObject* obj, const char* name, bool single) : obj_(obj), name_(name), single_(single) {
+    if (obj == nullptr) {
+        single_ = false;
+        size_ = 0;
+        return;
+    }
     if (single) {
-        if (!PyArray_Check(obj))
+        if (PyArray_Check(obj)) return;
+        if (!has_dlpack(obj))
             throw ArgTypeError{std::string(name) + ": expected a numpy.ndarray (as params is one), got " +
                                Py_TYPE(obj)->tp_name};
+        held_ = as_array(obj, ArgName{name, -1});
+        obj_ = held_;
         return;
     }
     if (PyArray_Check(obj) || !(PyList_Check(obj) || PyTuple_Check(obj)))
         throw ArgTypeError{std::string(name) + ": expected a list or tuple of numpy arrays (as params is), got " +
                            Py_TYPE(obj)->tp_name};
     // The real items, not what an overridden __len__ or __getitem__ claims.
+    bool own_tuple = false;
     if (PyTuple_Check(obj)) {
         Py_INCREF(obj);
         items_ = obj;
     } else {
         items_ = PyList_AsTuple(obj);
         if (items_ == nullptr) throw PythonErrorSet{};
+        own_tuple = true;
     }
     size_ = static_cast<std::size_t>(PyTuple_GET_SIZE(items_));
+    try {
+        for (std::size_t i = 0; i < size_; ++i) {
+            PyObject* item = PyTuple_GET_ITEM(items_, static_cast<Py_ssize_t>(i));
+            if (PyArray_Check(item) || !has_dlpack(item)) continue;
+            if (!own_tuple) {  // the caller's tuple is not ours to change
+                PyObject* copy = PyTuple_GetSlice(items_, 0, PyTuple_GET_SIZE(items_));
+                if (copy == nullptr) throw PythonErrorSet{};
+                Py_DECREF(items_);
+                items_ = copy;
+                own_tuple = true;
+            }
+            PyObject* array = as_array(item, ArgName{name, static_cast<std::ptrdiff_t>(i)});
+            PyTuple_SET_ITEM(items_, static_cast<Py_ssize_t>(i), array);
+            Py_DECREF(item);
+        }
+    } catch (...) {
+        Py_CLEAR(items_);
+        throw;
+    }
+}
+
+// -- DLPack -------------------------------------------------------------------------------------------------
+//
+// The structures of the DLPack ABI (dlpack.h, versions 0.x and 1.x), as the
+// exporter lays them out in the capsule.
+
+namespace {
+
+struct DLDevice {
+    std::int32_t device_type;
+    std::int32_t device_id;
+};
+struct DLDataType {
+    std::uint8_t code;
+    std::uint8_t bits;
+    std::uint16_t lanes;
+};
+struct DLTensor {
+    void* data;
+    DLDevice device;
+    std::int32_t ndim;
+    DLDataType dtype;
+    std::int64_t* shape;
+    std::int64_t* strides;  // in elements; null: C-contiguous
+    std::uint64_t byte_offset;
+};
+struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void* manager_ctx;
+    void (*deleter)(DLManagedTensor*);
+};
+struct DLManagedTensorVersioned {
+    std::uint32_t major, minor;
+    void* manager_ctx;
+    void (*deleter)(DLManagedTensorVersioned*);
+    std::uint64_t flags;
+    DLTensor dl_tensor;
+};
+constexpr std::uint64_t kDLReadOnly = 1u << 0;
+constexpr std::uint64_t kDLIsCopied = 1u << 1;
+enum : std::uint8_t { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4 };
+
+// Device types whose memory is the host's: CPU, and pinned host memory of CUDA and ROCm.
+bool is_host_device(long type) { return type == 1 || type == 3 || type == 11; }
+
+std::string device_text(long type) {
+    const char* known = type == 2 ? "CUDA" : type == 4 ? "OpenCL" : type == 7 ? "Vulkan" : type == 8 ? "Metal"
+                      : type == 10 ? "ROCm" : type == 13 ? "CUDA managed" : type == 14 ? "oneAPI" : nullptr;
+    return "DLPack device type " + std::to_string(type) + (known ? std::string(" (") + known + ")" : "");
+}
+
+[[noreturn]] void device_error(const ArgName& name, long type) {
+    throw ArgValueError{name.str() + ": the tensor is on " + device_text(type) +
+                        ", not the CPU; fastadam updates CPU memory in place (a CPU copy's update would be lost)"};
+}
+
+// After a failed call into the exporter: a BufferError, TypeError, ValueError
+// or RuntimeError (PyTorch's refusals: "Can't export tensors that require
+// gradient", ...) is raised again, of the same type, with the argument's name
+// in front; any other exception (KeyboardInterrupt, MemoryError, an
+// exporter's own type) propagates unchanged.
+[[noreturn]] void exporter_error(const ArgName& name, const char* what) {
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    const bool named = type == PyExc_BufferError || type == PyExc_TypeError || type == PyExc_ValueError ||
+                       type == PyExc_RuntimeError;
+    if (!named) {
+        PyErr_Restore(type, value, trace);
+        throw PythonErrorSet{};
+    }
+    PyErr_NormalizeException(&type, &value, &trace);
+    PyObject* text = value != nullptr ? PyObject_Str(value) : nullptr;
+    if (text != nullptr)
+        PyErr_Format(type, "%s: %s failed: %U", name.str().c_str(), what, text);
+    else  // str() of the error failed: that error is raised
+        Py_CLEAR(value);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(trace);
+    throw PythonErrorSet{};
+}
+
+// The device the exporter names, before anything is exported; -1 if it has no __dlpack_device__.
+long dlpack_device(PyObject* obj, const ArgName& name) {
+    static PyObject* const method = PyUnicode_InternFromString("__dlpack_device__");
+    if (PyObject_HasAttr(reinterpret_cast<PyObject*>(Py_TYPE(obj)), method) != 1) return -1;
+    PyObject* device = PyObject_CallMethodNoArgs(obj, method);
+    if (device == nullptr) exporter_error(name, "__dlpack_device__()");
+    long type = -1;
+    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2) type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+    Py_DECREF(device);
+    if (type == -1 && PyErr_Occurred()) exporter_error(name, "__dlpack_device__()");
+    if (type < 0) throw ArgValueError{name.str() + ": __dlpack_device__() did not return (device_type, device_id)"};
+    return type;
+}
+
+// obj.__dlpack__(max_version=(1, 0), copy=False): a versioned capsule that
+// says whether the memory is read-only, and never a copy.  An exporter that
+// predates these keywords raises TypeError; it is asked again without them.
+PyObject* export_dlpack(PyObject* obj, const ArgName& name) {
+    static PyObject* const method = PyUnicode_InternFromString("__dlpack__");
+    static PyObject* const kwargs = Py_BuildValue("{s:(ii),s:O}", "max_version", 1, 0, "copy", Py_False);
+    if (kwargs == nullptr) throw PythonErrorSet{};
+    PyObject* bound = PyObject_GetAttr(obj, method);
+    if (bound == nullptr) exporter_error(name, "__dlpack__");
+    PyObject* empty = PyTuple_New(0);
+    PyObject* capsule = empty ? PyObject_Call(bound, empty, kwargs) : nullptr;
+    if (capsule == nullptr && empty != nullptr && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        capsule = PyObject_CallNoArgs(bound);
+    }
+    Py_XDECREF(empty);
+    Py_DECREF(bound);
+    if (capsule == nullptr) exporter_error(name, "__dlpack__()");
+    return capsule;
+}
+
+PyArray_Descr* bfloat16_descr(const ArgName& name) {
+    static PyArray_Descr* descr = nullptr;  // one reference kept for the life of the process
+    if (descr == nullptr) {
+        PyObject* module = PyImport_ImportModule("ml_dtypes");
+        if (module == nullptr) {
+            if (!PyErr_ExceptionMatches(PyExc_ImportError)) throw PythonErrorSet{};
+            PyErr_Clear();
+            throw ArgTypeError{name.str() + ": a bfloat16 tensor is read as an ml_dtypes.bfloat16 array, and "
+                                            "ml_dtypes is not installed (pip install ml_dtypes)"};
+        }
+        PyObject* type = PyObject_GetAttrString(module, "bfloat16");
+        Py_DECREF(module);
+        PyArray_Descr* d = nullptr;
+        const int ok = type != nullptr && PyArray_DescrConverter(type, &d);
+        Py_XDECREF(type);
+        if (!ok) throw PythonErrorSet{};
+        descr = d;
+    }
+    Py_INCREF(descr);
+    return descr;
+}
+
+// The NumPy dtype of a DLPack dtype (new reference); the float and integer
+// types fastadam reads (integers: row indices), and bfloat16.
+PyArray_Descr* descr_of(const DLDataType& t, const ArgName& name) {
+    int type = -1;
+    if (t.lanes == 1) {
+        if (t.code == kDLFloat) type = t.bits == 16 ? NPY_FLOAT16 : t.bits == 32 ? NPY_FLOAT32 : t.bits == 64 ? NPY_FLOAT64 : -1;
+        if (t.code == kDLInt) type = t.bits == 8 ? NPY_INT8 : t.bits == 16 ? NPY_INT16 : t.bits == 32 ? NPY_INT32
+                                   : t.bits == 64 ? NPY_INT64 : -1;
+        if (t.code == kDLUInt) type = t.bits == 8 ? NPY_UINT8 : t.bits == 16 ? NPY_UINT16 : t.bits == 32 ? NPY_UINT32
+                                    : t.bits == 64 ? NPY_UINT64 : -1;
+        if (t.code == kDLBfloat && t.bits == 16) return bfloat16_descr(name);
+    }
+    if (type < 0)
+        throw ArgTypeError{name.str() + ": DLPack dtype (code " + std::to_string(t.code) + ", " +
+                           std::to_string(t.bits) + " bits, " + std::to_string(t.lanes) +
+                           " lanes) is not one fastadam reads (float16/32/64, bfloat16, integers)"};
+    return PyArray_DescrFromType(type);
+}
+
+template <class Managed>
+void release_managed(PyObject* owner, const char* owner_name) {
+    auto* managed = static_cast<Managed*>(PyCapsule_GetPointer(owner, owner_name));
+    if (managed != nullptr && managed->deleter != nullptr) managed->deleter(managed);
+}
+constexpr const char* kOwnerName = "fastadam.dltensor_owner";
+constexpr const char* kVersionedOwnerName = "fastadam.dltensor_versioned_owner";
+void release_unversioned(PyObject* owner) { release_managed<DLManagedTensor>(owner, kOwnerName); }
+void release_versioned(PyObject* owner) { release_managed<DLManagedTensorVersioned>(owner, kVersionedOwnerName); }
+
+}  // namespace
+
+bool has_dlpack(PyObject* obj) {
+    static PyObject* const method = PyUnicode_InternFromString("__dlpack__");
+    return PyObject_HasAttr(reinterpret_cast<PyObject*>(Py_TYPE(obj)), method) == 1;
+}
+
+PyObject* as_array(PyObject* obj, const ArgName& name) {
+    if (PyArray_Check(obj) || !has_dlpack(obj)) {
+        Py_INCREF(obj);
+        return obj;
+    }
+    const long device = dlpack_device(obj, name);
+    if (device >= 0 && !is_host_device(device)) device_error(name, device);
+
+    PyObject* capsule = export_dlpack(obj, name);
+    // Until the capsule is renamed "used_...", the exporter's own capsule
+    // destructor frees the tensor: every error before that only drops it.
+    try {
+        const bool versioned = PyCapsule_IsValid(capsule, "dltensor_versioned") != 0;
+        if (!versioned && PyCapsule_IsValid(capsule, "dltensor") == 0)
+            throw ArgValueError{name.str() + ": __dlpack__() did not return an unused DLPack capsule"};
+        void* managed = PyCapsule_GetPointer(capsule, versioned ? "dltensor_versioned" : "dltensor");
+        if (managed == nullptr) throw PythonErrorSet{};
+        const DLTensor* t = nullptr;
+        std::uint64_t flags = 0;
+        if (versioned) {
+            auto* m = static_cast<DLManagedTensorVersioned*>(managed);
+            if (m->major != 1)
+                throw ArgValueError{name.str() + ": DLPack " + std::to_string(m->major) + "." +
+                                    std::to_string(m->minor) + " capsule; fastadam reads DLPack 1.x"};
+            t = &m->dl_tensor;
+            flags = m->flags;
+        } else {
+            t = &static_cast<DLManagedTensor*>(managed)->dl_tensor;
+        }
+        if (!is_host_device(t->device.device_type)) device_error(name, t->device.device_type);
+        if (flags & kDLIsCopied)
+            throw ArgValueError{name.str() + ": the exporter made a copy for __dlpack__(copy=False); fastadam "
+                                             "updates arrays in place and never works on a copy"};
+        if (t->ndim < 0 || t->ndim > NPY_MAXDIMS || (t->ndim > 0 && t->shape == nullptr))
+            throw ArgValueError{name.str() + ": malformed DLPack tensor (ndim " + std::to_string(t->ndim) + ")"};
+        npy_intp dims[NPY_MAXDIMS], strides[NPY_MAXDIMS];
+        npy_intp size = 1;
+        for (int d = 0; d < t->ndim; ++d) {
+            if (t->shape[d] < 0) throw ArgValueError{name.str() + ": malformed DLPack tensor (negative extent)"};
+            dims[d] = static_cast<npy_intp>(t->shape[d]);
+            size *= dims[d];
+        }
+        PyArray_Descr* descr = descr_of(t->dtype, name);
+        const npy_intp itemsize = PyDataType_ELSIZE(descr);
+        if (t->strides != nullptr)
+            for (int d = 0; d < t->ndim; ++d) strides[d] = static_cast<npy_intp>(t->strides[d]) * itemsize;
+        char* data = static_cast<char*>(t->data);
+        if (data == nullptr && size > 0) {
+            Py_DECREF(descr);
+            throw ArgValueError{name.str() + ": malformed DLPack tensor (no data)"};
+        }
+        if (data != nullptr) data += t->byte_offset;
+        // An empty tensor may have no data pointer; NumPy then allocates its own (empty) buffer.
+        const int array_flags = (flags & kDLReadOnly) ? 0 : NPY_ARRAY_WRITEABLE;
+        PyObject* array = PyArray_NewFromDescr(&PyArray_Type, descr, t->ndim, dims,
+                                               t->strides != nullptr ? strides : nullptr, data, array_flags, nullptr);
+        if (array == nullptr) throw PythonErrorSet{};
+        // From here on the tensor is ours to release: the array's base does it.
+        PyCapsule_SetName(capsule, versioned ? "used_dltensor_versioned" : "used_dltensor");
+        PyObject* owner = PyCapsule_New(managed, versioned ? kVersionedOwnerName : kOwnerName,
+                                        versioned ? release_versioned : release_unversioned);
+        if (owner == nullptr) {
+            Py_DECREF(array);
+            if (versioned) {
+                auto* m = static_cast<DLManagedTensorVersioned*>(managed);
+                if (m->deleter) m->deleter(m);
+            } else {
+                auto* m = static_cast<DLManagedTensor*>(managed);
+                if (m->deleter) m->deleter(m);
+            }
+            throw PythonErrorSet{};
+        }
+        if (PyArray_SetBaseObject(reinterpret_cast<PyArrayObject*>(array), owner) < 0) {  // owner released
+            Py_DECREF(array);
+            throw PythonErrorSet{};
+        }
+        Py_DECREF(capsule);
+        return array;
+    } catch (...) {
+        Py_DECREF(capsule);
+        throw;
+    }
 }
 
 void split_betas(PyObject* obj, PyObject*& beta1, PyObject*& beta2) {

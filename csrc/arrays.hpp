@@ -46,17 +46,35 @@ struct ArgName {
     }
 };
 
+// Whether `obj` offers the DLPack protocol (__dlpack__): a tensor of another
+// library, which fastadam reads and updates where it lies (see as_array).
+bool has_dlpack(PyObject* obj);
+
+// `obj` as an ndarray, as a new reference: an ndarray is returned as it is;
+// an object with __dlpack__ (a PyTorch CPU tensor, bfloat16 included) becomes
+// an ndarray over the very same memory -- never a copy, which the step would
+// update in vain -- that keeps the exporter's buffer alive.  The ndarray is
+// read-only when the exporter says the memory is.  A tensor on another device
+// than the CPU, or of a dtype NumPy cannot hold, is an error naming `name`.
+// Any other object is returned as it is, for the caller's checks to name.
+PyObject* as_array(PyObject* obj, const ArgName& name);
+
 // A list argument, or a single array standing for a list of one.  It holds
 // its own tuple of the items (the caller's tuple, or a snapshot of the
 // caller's list): whatever the caller's list does meanwhile -- emptied by
 // another thread while the GIL is released, or by a callback -- every item
-// stays alive and in place until the call is over.
+// stays alive and in place until the call is over.  Items with __dlpack__
+// are replaced, in that tuple, by ndarrays over their memory (as_array).
+// A null `obj` is an absent list of no items.
 class ArrayList {
    public:
     ArrayList(PyObject* obj, const char* name, bool single);
     ArrayList(const ArrayList&) = delete;
     ArrayList& operator=(const ArrayList&) = delete;
-    ~ArrayList() { Py_XDECREF(items_); }
+    ~ArrayList() {
+        Py_XDECREF(items_);
+        Py_XDECREF(held_);
+    }
     std::size_t size() const { return size_; }
     PyObject* operator[](std::size_t i) const {
         return single_ ? obj_ : PyTuple_GET_ITEM(items_, static_cast<Py_ssize_t>(i));
@@ -66,13 +84,27 @@ class ArrayList {
    private:
     PyObject* obj_;
     PyObject* items_ = nullptr;  // a tuple (strong reference)
+    PyObject* held_ = nullptr;   // a single item converted from __dlpack__ (strong reference)
     std::size_t size_ = 1;
     const char* name_;
     bool single_;
 };
 
-// Whether a params-like argument is one array (rather than a sequence).
-inline bool is_single_array(PyObject* obj) { return PyArray_Check(obj) != 0; }
+// Whether a params-like argument is one array (rather than a sequence): an
+// ndarray, or a tensor with __dlpack__.
+inline bool is_single_array(PyObject* obj) {
+    return PyArray_Check(obj) != 0 || (!PyList_Check(obj) && !PyTuple_Check(obj) && has_dlpack(obj));
+}
+
+// A strong reference released at the end of a scope.
+struct OwnedRef {
+    PyObject* obj;
+    explicit OwnedRef(PyObject* o) : obj(o) {}
+    OwnedRef(const OwnedRef&) = delete;
+    OwnedRef& operator=(const OwnedRef&) = delete;
+    ~OwnedRef() { Py_XDECREF(obj); }
+    PyObject* get() const { return obj; }
+};
 
 enum class Access { read, write };
 

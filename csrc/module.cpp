@@ -126,6 +126,15 @@ PYBIND11_MODULE(_core, m) {
         "Positional core of fastadam.sparse_adam_step.");
 
     m.def(
+        "as_array",
+        [](py::handle obj, const std::string& name) {
+            return py::reinterpret_steal<py::object>(as_array(obj.ptr(), ArgName{name.c_str(), -1}));
+        },
+        py::arg("obj"), py::arg("name"),
+        "obj as an ndarray: an object with __dlpack__ (a CPU tensor, bfloat16 included) as an ndarray over the\n"
+        "same memory, never a copy; anything else as it is.  Errors name the argument `name`.");
+
+    m.def(
         "probe_step",
         [](py::handle a, py::handle b, py::handle c, py::handle d, py::handle num_threads, py::handle e,
            bool exact) {

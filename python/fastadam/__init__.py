@@ -39,6 +39,15 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    # fastadam.torch imports PyTorch, so it is loaded on first use, not with fastadam.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def config() -> dict[str, Any]:
     """The build and runtime configuration.
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
 
-ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+#: An ndarray, or any object with ``__dlpack__`` (a PyTorch CPU tensor), or a sequence of them.
+ArrayOrList = Union[np.ndarray, Any, Sequence[Any]]
 
 
 def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, exp_avg_sqs: ArrayOrList, *,
@@ -42,7 +43,14 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         One array each, or equal-length sequences of arrays.  Each parameter's
         four arrays share a dtype (float32 or float64) and a shape, are
         C-contiguous, and do not share memory; ``params``, ``exp_avgs`` and
-        ``exp_avg_sqs`` are updated in place (never a copy).
+        ``exp_avg_sqs`` are updated in place (never a copy).  An array may be
+        any object with ``__dlpack__`` -- a PyTorch CPU tensor (detached),
+        bfloat16 included -- which is read and updated where it lies, as an
+        ndarray over its memory; a tensor on another device, or memory its
+        exporter marks read-only where the step writes, is an error.  (PyTorch
+        does not see such a write in a tensor's version counter:
+        :mod:`fastadam.torch` bumps it, or call
+        ``torch.autograd.graph.increment_version``.)
     step
         The number of this step, counted from 1; it sets the bias corrections.
     max_exp_avg_sqs
@@ -113,6 +121,8 @@ def sparse_adam_step(param: np.ndarray, indices: np.ndarray, values: np.ndarray,
         p[r] = p[r] - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m[r] / (sqrt(v[r]) + eps)
 
     Rows not in ``indices`` are untouched: their moments are not decayed.
+    Each argument may also be an object with ``__dlpack__`` (a PyTorch CPU
+    tensor), used in place as in :func:`adam_step`.
     Note that eps is added before the bias correction here, as in PyTorch's
     SparseAdam (Adam adds it after).  The cost follows the number of indices,
     not the size of the table.  Bitwise equal to

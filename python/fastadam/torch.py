@@ -1,0 +1,840 @@
+"""fastadam's step as ``torch.optim`` optimizers: ``fastadam.torch.Adam``, ``AdamW`` and ``SparseAdam``.
+
+They are :class:`torch.optim.Optimizer` subclasses with torch's option names,
+defaults and ``state_dict`` format, so LR schedulers, ``torch.amp.GradScaler``,
+``zero_grad``, the step and state-dict hooks, checkpoints of ``torch.optim``
+and ``ZeroRedundancyOptimizer`` work with them as with ``torch.optim.Adam``.
+Each :meth:`~Adam.step` updates every CPU parameter that has a gradient, of
+every group, in one call of fastadam's kernel, on the tensors' own memory::
+
+    >>> import torch, fastadam.torch
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = fastadam.torch.AdamW(model.parameters(), lr=1e-2)
+    >>> model(torch.ones(8, 4)).sum().backward()
+    >>> opt.step(); opt.zero_grad()
+
+Importing this module imports PyTorch; ``import fastadam`` alone does not.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
+
+from . import _core
+
+__all__ = ["Adam", "AdamW", "SparseAdam"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_WORK_DTYPES = (torch.float32, torch.float64)
+#: The state tensors of a param that the step updates, besides "step".
+_STATE_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+
+# -- state containers that report replaced tensors ---------------------------------------------------------
+#
+# The step keeps NumPy views of the state tensors between steps.  A tensor put
+# into the state in their place (by load_state_dict, ZeroRedundancyOptimizer,
+# or by hand) must be the one updated from then on, so every change of which
+# tensor a state entry holds advances this counter, and a step that sees it
+# advanced takes its views afresh.  A change of a tensor's values needs nothing.
+
+_generation = [0]
+
+
+def _touch() -> None:
+    _generation[0] += 1
+
+
+class _ParamState(dict):
+    """The state of one param (a dict; every replacement of an entry is noticed by the next step)."""
+
+    def __setitem__(self, key, value):
+        _touch()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _touch()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        _touch()
+        return super().__ior__(other)
+
+    def _changing(name: str) -> Callable:  # noqa: N805 - a decorator factory used in the class body
+        method = getattr(dict, name)
+
+        def changed(self, *args, **kwargs):
+            _touch()
+            return method(self, *args, **kwargs)
+
+        changed.__name__ = name
+        return changed
+
+    clear = _changing("clear")
+    pop = _changing("pop")
+    popitem = _changing("popitem")
+    setdefault = _changing("setdefault")
+    update = _changing("update")
+    del _changing
+
+
+class _State(defaultdict):
+    """``optimizer.state``: param -> :class:`_ParamState`, created empty on first access (as torch's)."""
+
+    def __init__(self, default_factory: Any = None, *args: Any, **kwargs: Any) -> None:
+        # default_factory is taken (pickle and copy pass it) and replaced: entries are always _ParamState.
+        super().__init__(_ParamState)
+        for key, value in dict(*args, **kwargs).items():
+            super().__setitem__(key, _ParamState(value) if type(value) is dict else value)
+
+    def __setitem__(self, key, value):
+        _touch()
+        super().__setitem__(key, _ParamState(value) if type(value) is dict else value)
+
+    def __delitem__(self, key):
+        _touch()
+        super().__delitem__(key)
+
+    def clear(self):
+        _touch()
+        super().clear()
+
+    def pop(self, *args):
+        _touch()
+        return super().pop(*args)
+
+    def popitem(self):
+        _touch()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+# -- tensors as NumPy views -----------------------------------------------------------------------------------
+
+def _layout(p: torch.Tensor) -> Optional[bool]:
+    """False if C-contiguous, True if dense in another order (channels_last), None otherwise."""
+    if p.is_contiguous():
+        return False
+    if (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)) or \
+            (p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)):
+        return True
+    return None
+
+
+def _view(t: torch.Tensor, flat: bool, name: str) -> np.ndarray:
+    """``t``'s memory as an ndarray: the same elements, never a copy.
+
+    A dense tensor in another order than C's (channels_last) is viewed as the
+    flat run of memory it fills; its state and gradient have its strides, so
+    element ``i`` of each flat view belongs to the same parameter element.
+    """
+    t = t.detach()
+    if flat:
+        t = t.as_strided((t.numel(),), (1,))
+    if t.dtype is torch.bfloat16:  # NumPy has no bfloat16; fastadam reads it through DLPack as ml_dtypes'
+        return _core.as_array(t, name)
+    return t.numpy()
+
+
+def _step_value(value: Any, where: str) -> float:
+    """A saved step count (a tensor, as torch.optim.Adam saves it, or a number) as a float >= 0."""
+    try:
+        step = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{where}: expected a step count (a number or a one-element tensor), "
+                         f"got {type(value).__name__}") from None
+    if not (0.0 <= step < 2.0**63) or step != int(step):
+        raise ValueError(f"{where}: a step count must be a whole number >= 0, got {step!r}")
+    return step
+
+
+def _param_name(k: int, j: int) -> str:
+    return f"param_groups[{k}]['params'][{j}]"
+
+
+class _Entry:
+    """A param that takes part in the step: where it is, its state, and how it is viewed."""
+
+    __slots__ = ("k", "j", "param", "state", "master", "flat", "name", "dtype", "stride", "grad_dtypes")
+
+    def __init__(self, k: int, j: int, param: torch.Tensor, state: dict, master: bool, flat: bool) -> None:
+        self.k, self.j, self.param, self.state, self.master, self.flat = k, j, param, state, master, flat
+        self.name = _param_name(k, j)
+        # What each new gradient is checked against (a change of the param's memory rebuilds the entry).
+        self.dtype, self.stride = param.dtype, param.stride()
+        self.grad_dtypes = (param.dtype, torch.float32) if master else (param.dtype,)
+
+
+class _Prepared:
+    """What a step needs, kept between steps while the groups, the params' grads and the state stay put."""
+
+    def __init__(self) -> None:
+        self.state_obj: Any = None
+        self.generation = -1
+        self.groups: Any = None
+        self.group_dicts: tuple = ()
+        self.param_lists: tuple = ()
+        self.amsgrad: tuple = ()          # what the plan was built with, per group
+        self.amsgrad_keys: tuple = ()     # bool(group.get("amsgrad")) then: a change means a rebuild
+        self.all_params: list = []
+        self.entries: list[_Entry] = []
+        self.positions: list[int] = []    # index in all_params of each entry
+        # The gradients and their views (an ndarray, or (indices, values) for a sparse grad).  Holding them
+        # holds their memory, so a gradient seen for the first time is let go after the step (None) --
+        # zero_grad() must free it -- and only one seen at two steps in a row (set_to_none=False, or
+        # accumulating) is kept.  The ids of last step's gradients tell which is which.
+        self.grad_objs: list = []
+        self.grad_arrays: list = []
+        self.grad_ids: list[int] = []
+        self.let_go: list[int] = []       # the entries whose gradients this step lets go of
+        self.ptrs: list[int] = []         # params' data_ptr(): a `p.data = ...` swap must not go unnoticed
+        self.plan: Any = None
+        self.buffer: Optional[torch.Tensor] = None  # the step counts; each state["step"] is a 0-d view of it
+        self.steps: Optional[np.ndarray] = None     # a NumPy view of the buffer
+        self.buffer_version = -1          # its version counter after our last step: a write into a count shows
+        self.written: tuple = ()          # the tensors whose version counters a step bumps
+
+
+class _FastAdamOptimizer(Optimizer):
+    """The machinery shared by :class:`Adam` and :class:`SparseAdam`."""
+
+    _step_supports_amp_scaling = True
+    #: Where eps enters: after the bias correction (Adam) or before it (torch.optim.SparseAdam).
+    _sparse_adam_eps = False
+
+    def __init__(self, params: Any, defaults: dict[str, Any], master_weights: bool,
+                 num_threads: Optional[int]) -> None:
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
+        self.master_weights = bool(master_weights)
+        self.num_threads = num_threads
+        self._prepared_step: Optional[_Prepared] = None
+        self._loading: Optional[dict] = None
+        super().__init__(params, defaults)
+        self.state = _State(None, self.state)
+
+    # -- torch.optim.Optimizer's interface ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group`, after checking its tensors.
+
+        Each param must be a dense CPU tensor of float32 or float64 (float16
+        or bfloat16 with ``master_weights=True``), C-contiguous or
+        channels_last, and appear once; a bad one raises before anything changes.
+        """
+        if isinstance(param_group, dict) and "params" in param_group:
+            k = len(self.param_groups)
+            self._check_group_options({**self.defaults, **param_group}, f"param_groups[{k}]")
+            params = param_group["params"]
+            # A list, as torch makes it (it may be a generator, which checking it would use up).
+            items = [params] if isinstance(params, torch.Tensor) else list(params)
+            param_group["params"] = items
+            seen: dict[int, int] = {}
+            for j, item in enumerate(items):
+                p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+                if isinstance(p, torch.Tensor):
+                    self._check_param(p, _param_name(k, j))
+                    if id(p) in seen:
+                        raise ValueError(f"{_param_name(k, j)} is {_param_name(k, seen[id(p)])} again; "
+                                         "each param may appear once (a step updates it once)")
+                    seen[id(p)] = j
+        super().add_param_group(param_group)
+        self._prepared_step = None
+
+    def _check_param(self, p: torch.Tensor, name: str) -> None:
+        if p.device.type != "cpu":
+            raise ValueError(f"{name} is on {p.device}; fastadam.torch steps CPU tensors in place")
+        if p.layout is not torch.strided:
+            raise ValueError(f"{name}: a {p.layout} param; fastadam.torch steps dense (strided) params")
+        if p.dtype in _LOW_PRECISION:
+            if not self.master_weights:
+                raise TypeError(f"{name}: dtype {p.dtype} needs master_weights=True (a float32 master copy "
+                                "and float32 moments are kept, and each step rounds the master into it)")
+            if p.dtype is torch.bfloat16:
+                try:
+                    import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the tensor
+                except ImportError:
+                    raise TypeError(f"{name}: a bfloat16 param needs the ml_dtypes package "
+                                    "(pip install ml_dtypes)") from None
+        elif p.dtype not in _WORK_DTYPES:
+            raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32, float64; float16 or bfloat16 "
+                            "with master_weights=True)")
+        if _layout(p) is None:
+            raise ValueError(f"{name}: a param with strides {p.stride()} (not C-contiguous nor channels_last); "
+                             "fastadam updates params in place and never works on a copy")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(master_weights=self.master_weights, num_threads=self.num_threads)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("master_weights", False)
+        self.__dict__.setdefault("num_threads", None)
+        self.__dict__.setdefault("_loading", None)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.state = _State(None, self.state)
+        self._prepared_step = None
+        if self._loading is not None:
+            self._take_loaded_state(self._loading)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state in torch.optim's format (see :meth:`torch.optim.Optimizer.state_dict`).
+
+        ``{"state": {i: {"step": tensor, "exp_avg": tensor, "exp_avg_sq":
+        tensor[, "max_exp_avg_sq"][, "master_param"]}}, "param_groups": [...]}``;
+        as in torch the tensors are the optimizer's own (no copies).  A
+        checkpoint of ``torch.optim.Adam`` loads into :class:`Adam` and the
+        other way round.
+        """
+        sd = super().state_dict()
+        state = sd.get("state") if isinstance(sd, dict) else None
+        if isinstance(state, dict):  # plain dicts: torch.load(weights_only=True) refuses other classes
+            sd["state"] = {k: self._saved_param_state(v) if isinstance(v, _ParamState) else v
+                           for k, v in state.items()}
+        return sd
+
+    def _saved_param_state(self, s: _ParamState) -> dict:
+        return dict(s)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of this class or of its ``torch.optim`` counterpart.
+
+        Everything is checked first (after the load pre-hooks): the groups'
+        options, and for each param a step count and state tensors of its
+        shape; a bad state dict raises ValueError naming the entry and changes
+        nothing.  The state tensors are copied in, so the optimizer never
+        shares them with ``state_dict``.  The float32 state of a float16 or
+        bfloat16 param stays float32 (torch's loader would cast it to the
+        param's dtype).
+        """
+        # Checking after every user pre-hook has had its say: a hook of our own, run last.
+        handle = self.register_load_state_dict_pre_hook(type(self)._check_and_hold)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def _check_and_hold(self, state_dict: dict[str, Any]) -> None:
+        """Load pre-hook: check ``state_dict`` against this optimizer; keep its state tensors for __setstate__."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else '?'}"
+                             f" param groups, this optimizer {len(self.param_groups)}")
+        if not isinstance(saved_state, dict):
+            raise ValueError(f"state_dict['state']: expected a dict, got {type(saved_state).__name__}")
+        held: dict[int, dict] = {}
+        for k, (saved, mine) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict['param_groups'][{k}]: expected a dict with a list of 'params'")
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"param_groups[{k}]: state_dict has {len(saved['params'])} params, "
+                                 f"this optimizer {len(mine['params'])}")
+            options = {**mine, **{key: value for key, value in saved.items() if key != "params"}}
+            where = f"state_dict['param_groups'][{k}]"
+            self._check_group_options(options, where)
+            try:
+                _check_range(options["lr"], options["betas"], options["eps"], options.get("weight_decay", 0.0))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            amsgrad = bool(options.get("amsgrad", False))
+            for j, (pid, p) in enumerate(zip(saved["params"], mine["params"])):
+                s = saved_state.get(pid)
+                if s is None:
+                    continue
+                where = f"state_dict['state'][{pid!r}] (for {_param_name(k, j)})"
+                if not isinstance(s, dict):
+                    raise ValueError(f"{where}: expected a dict, got {type(s).__name__}")
+                if not s:
+                    continue
+                if "step" not in s:
+                    raise ValueError(f"{where}: no 'step'")
+                _step_value(s["step"], f"{where}['step']")
+                required = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+                for key in required:
+                    if key not in s:
+                        raise ValueError(f"{where}: no {key!r}" + (" (the group has amsgrad=True)"
+                                                                   if key == "max_exp_avg_sq" else ""))
+                for key in _STATE_TENSORS:
+                    if key in s:
+                        t = s[key]
+                        if not isinstance(t, torch.Tensor) or t.shape != p.shape or \
+                                not (t.is_floating_point() and t.layout is torch.strided):
+                            got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) \
+                                else type(t).__name__
+                            raise ValueError(f"{where}[{key!r}]: expected a floating-point tensor of shape "
+                                             f"{tuple(p.shape)}, got {got}")
+                held[id(p)] = s
+        self._loading = held
+
+    def _take_loaded_state(self, held: dict[int, dict]) -> None:
+        """After torch's loader: state tensors copied in, and float32 kept as float32 for master-weighted params."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                s = self.state.get(p)
+                if not s:
+                    continue
+                original = held.get(id(p), {})
+                master = p.dtype in _LOW_PRECISION
+                for key in _STATE_TENSORS:
+                    if key not in s:
+                        continue
+                    # The loaded tensor may be the caller's own (torch's loader does not copy a tensor of the
+                    # right dtype): a copy, so that stepping never changes the state dict it came from.
+                    source = original.get(key, s[key]) if master else s[key]
+                    dtype = torch.float32 if master else p.dtype
+                    copy = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    with torch.no_grad():
+                        copy.copy_(source)
+                    s[key] = copy
+                if "step" in s:
+                    s["step"] = torch.tensor(_step_value(s["step"], "step"), dtype=_step_dtype())
+        self._loading = None
+
+    # -- the step --------------------------------------------------------------------------------------------
+
+    def _check_group_options(self, group: dict[str, Any], where: str) -> None:
+        for option in ("capturable", "differentiable"):
+            if group.get(option):
+                raise ValueError(f"{where}: {option}=True is not supported by fastadam.torch "
+                                 f"(its step runs on the CPU, outside autograd and CUDA graphs)")
+
+    def _hyper(self, group: dict[str, Any]) -> tuple:
+        raise NotImplementedError
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One step for every param that has a gradient, in one call of fastadam's kernel.
+
+        Params whose ``.grad`` is None are skipped and their step count stays.
+        The formula is :func:`fastadam.adam_step`'s (:func:`fastadam.sparse_adam_step`'s
+        for :class:`SparseAdam`).  Under ``torch.amp.GradScaler`` the
+        gradients are unscaled inside the same pass (``grad_scale``) and a step
+        with ``found_inf`` set changes nothing.  The params and the state are
+        updated in place, and their version counters are bumped, so autograd
+        sees the change.  Step hooks run as for any ``torch.optim`` optimizer.
+        """
+        # torch.optim wraps step() in a function that runs the step hooks inside a profiler range, which
+        # costs more than the whole step of a small model; this step is marked as hooked (below), and takes
+        # that same wrapper only when a hook is registered or a profiler is on.  A subclass's own step()
+        # is wrapped by torch.optim as usual, and lands here through super().step().
+        if type(self).step is _FastAdamOptimizer.step and (
+                self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_STEP_PRE_HOOKS
+                or _GLOBAL_STEP_POST_HOOKS or torch.autograd._profiler_enabled()):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pr = self._prepare()
+        try:
+            found_inf = getattr(self, "found_inf", None)
+            if not pr.entries or (found_inf is not None and float(found_inf) != 0.0):
+                return loss
+            grad_scale = getattr(self, "grad_scale", None)
+            hyper = [self._hyper(g) for g in self.param_groups]
+            try:
+                pr.plan.step(pr.grad_arrays, hyper, None if grad_scale is None else float(grad_scale), False,
+                             self.num_threads)
+            except (TypeError, ValueError) as e:
+                raise type(e)(self._named(str(e), pr.entries)) from None
+            np.add(pr.steps, 1, out=pr.steps)
+            torch.autograd.graph.increment_version(pr.written)
+            pr.buffer_version = pr.buffer._version
+            return loss
+        finally:
+            if pr.let_go:
+                for i in pr.let_go:
+                    pr.grad_objs[i] = pr.grad_arrays[i] = None
+                pr.let_go = []
+
+    def _prepare(self) -> _Prepared:
+        """The step's views, checked against the groups, grads and state of now; taken afresh where they moved."""
+        groups = self.param_groups
+        pr = self._prepared_step
+        if pr is None or self.state is not pr.state_obj or _generation[0] != pr.generation \
+                or groups is not pr.groups or len(groups) != len(pr.group_dicts):
+            return self._rebuild()
+        for g, known, params, amsgrad in zip(groups, pr.group_dicts, pr.param_lists, pr.amsgrad_keys):
+            if g is not known or g["params"] is not params or bool(g.get("amsgrad")) is not amsgrad \
+                    or g.get("capturable") or g.get("differentiable"):
+                return self._rebuild()
+        all_params = groups[0]["params"] if len(groups) == 1 else [p for g in groups for p in g["params"]]
+        if len(all_params) != len(pr.all_params) or not all(map(operator.is_, all_params, pr.all_params)):
+            return self._rebuild()
+        grads = [p.grad for p in all_params]
+        present = [g for g in grads if g is not None]
+        if len(present) != len(pr.grad_objs) or not all(map(operator.is_, present, pr.grad_objs)):
+            if [i for i, g in enumerate(grads) if g is not None] != pr.positions:
+                return self._rebuild()
+            let_go = []
+            for i, g in enumerate(present):
+                if g is not pr.grad_objs[i]:
+                    pr.grad_arrays[i] = self._grad_array(pr.entries[i], g)
+                    pr.grad_objs[i] = g
+                    if id(g) != pr.grad_ids[i]:  # (an id may be a freed tensor's: then g is kept one step more)
+                        let_go.append(i)
+                        pr.grad_ids[i] = id(g)
+            pr.let_go = let_go
+        if pr.entries:
+            if [e.param.data_ptr() for e in pr.entries] != pr.ptrs:
+                return self._rebuild()
+            if pr.buffer._version != pr.buffer_version:  # a step count was written into
+                pr.plan.steps = [int(c) for c in pr.steps]
+                pr.buffer_version = pr.buffer._version
+        return pr
+
+    def _amsgrad(self, group: dict[str, Any]) -> bool:
+        return False
+
+    def _rebuild(self) -> _Prepared:
+        # Every failure below is raised before the step writes anything.
+        with torch.no_grad():
+            return self._rebuild_unguarded()
+
+    def _rebuild_unguarded(self) -> _Prepared:
+        self._prepared_step = None
+        if not isinstance(self.state, _State):
+            self.state = _State(None, self.state)
+        groups = self.param_groups
+        pr = _Prepared()
+        pr.groups, pr.group_dicts = groups, tuple(groups)
+        pr.param_lists = tuple(g["params"] for g in groups)
+        for k, g in enumerate(groups):
+            self._check_group_options(g, f"param_groups[{k}]")
+        pr.amsgrad = tuple(self._amsgrad(g) for g in groups)
+        pr.amsgrad_keys = tuple(bool(g.get("amsgrad")) for g in groups)
+        pr.all_params = [p for g in groups for p in g["params"]]
+        grads: list[torch.Tensor] = []
+        position = 0
+        for k, g in enumerate(groups):
+            for j, p in enumerate(g["params"]):
+                grad = p.grad
+                if grad is not None:
+                    name = _param_name(k, j)
+                    self._check_param(p, name)
+                    state = self.state[p]
+                    master = p.dtype in _LOW_PRECISION
+                    self._adopt_state(state, p, master, pr.amsgrad[k], name)
+                    pr.entries.append(_Entry(k, j, p, state, master, bool(_layout(p))))
+                    pr.positions.append(position)
+                    grads.append(grad)
+                position += 1
+        if not pr.entries:
+            self._finish(pr)
+            return pr
+        pr.grad_arrays = [self._grad_array(e, g) for e, g in zip(pr.entries, grads)]
+        pr.grad_objs, pr.grad_ids, pr.let_go = grads, list(map(id, grads)), list(range(len(grads)))
+
+        # The step counts: one buffer, each state["step"] a 0-d view of it, so a step advances them all at once.
+        counts = [_step_value(e.state["step"], f"state of {e.name}: 'step'") for e in pr.entries]
+        buffer = torch.tensor(counts, dtype=_step_dtype())
+        for i, e in enumerate(pr.entries):
+            e.state["step"] = buffer[i]
+        pr.buffer, pr.steps = buffer, buffer.numpy()
+
+        masters, exp_avgs, exp_avg_sqs, maxes, models = [], [], [], [], []
+        for e in pr.entries:
+            s = e.state
+            work = s["master_param"] if e.master else e.param
+            masters.append(_view(work, e.flat, e.name))
+            models.append(_view(e.param, e.flat, e.name) if e.master else None)
+            exp_avgs.append(_view(s["exp_avg"], e.flat, e.name))
+            exp_avg_sqs.append(_view(s["exp_avg_sq"], e.flat, e.name))
+            maxes.append(_view(s["max_exp_avg_sq"], e.flat, e.name) if pr.amsgrad[e.k] else None)
+        try:
+            pr.plan = _core.AdamPlan(masters, exp_avgs, exp_avg_sqs, maxes, models, [e.k for e in pr.entries],
+                                     len(groups), self._sparse_adam_eps)
+        except (TypeError, ValueError) as err:
+            raise type(err)(self._named(str(err), pr.entries)) from None
+        pr.plan.steps = [int(c) for c in counts]
+        pr.ptrs = [e.param.data_ptr() for e in pr.entries]
+        written: list[torch.Tensor] = [buffer]
+        for e in pr.entries:
+            written.append(e.param)
+            written.extend(e.state[key] for key in _STATE_TENSORS if key in e.state)
+        pr.written = tuple(written)
+        pr.buffer_version = buffer._version
+        self._finish(pr)
+        return pr
+
+    def _finish(self, pr: _Prepared) -> None:
+        pr.state_obj = self.state
+        pr.generation = _generation[0]
+        self._prepared_step = pr
+
+    def _adopt_state(self, s: dict, p: torch.Tensor, master: bool, amsgrad: bool, name: str) -> None:
+        """Create the state of a param's first step, or check (and where needed lay out anew) what is there."""
+        work = torch.float32 if master else p.dtype
+        if len(s) == 0:
+            s["step"] = torch.tensor(0.0, dtype=_step_dtype())
+            s["exp_avg"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
+            if amsgrad:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
+        if "step" not in s:
+            raise ValueError(f"the state of {name} has no 'step'")
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key not in s:
+                if key == "max_exp_avg_sq" and not amsgrad:
+                    continue
+                raise ValueError(f"the state of {name} has no {key!r}" +
+                                 (" (amsgrad was switched on after its first step)" if key == "max_exp_avg_sq"
+                                  else ""))
+        if master and "master_param" not in s:
+            s["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        for key in _STATE_TENSORS:
+            if key not in s:
+                continue
+            t = s[key]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state of {name}: {key!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
+            if t.dtype is not work or t.device.type != "cpu" or t.layout is not torch.strided or \
+                    t.stride() != p.stride() or t.requires_grad:
+                # A state tensor put there by hand or loaded in another dtype or layout: the optimizer's state
+                # becomes a tensor laid out as the param, holding its values (and is the one updated).
+                fresh = torch.empty_like(p, dtype=work, memory_format=torch.preserve_format)
+                fresh.copy_(t.detach())
+                s[key] = fresh
+
+    def _grad_array(self, e: _Entry, g: torch.Tensor) -> Any:
+        """The gradient as the kernel reads it: an ndarray, or (indices, values) for a row-sparse one.
+
+        Run for every new gradient tensor, so only what torch does not already guarantee is checked here
+        (torch refuses a .grad of another shape or layout than sparse COO); the core checks the rest.
+        """
+        if g.is_sparse:
+            return self._sparse_grad(e, g)
+        if not g.is_cpu:
+            raise ValueError(f"the grad of {e.name} is on {g.device}; fastadam.torch steps CPU tensors")
+        if self._sparse_adam_eps:
+            raise RuntimeError(f"SparseAdam does not support dense gradients, please consider Adam instead "
+                               f"(the grad of {e.name} is dense)")
+        if g.dtype not in e.grad_dtypes:
+            raise TypeError(f"the grad of {e.name} is {g.dtype}, the param {e.dtype}")
+        if not (g.stride() == e.stride if e.flat else g.is_contiguous()):
+            # Autograd gives a grad the param's strides; one that differs is read from a copy laid out as the
+            # param (a gradient is only read, so nothing is lost).
+            g = torch.empty_like(e.param, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g.detach())
+        if g.requires_grad:
+            g = g.detach()
+        if e.flat:
+            g = g.as_strided((g.numel(),), (1,))
+        if g.dtype is torch.bfloat16:
+            return _core.as_array(g, f"the grad of {e.name}")
+        return g.numpy()
+
+    def _sparse_grad(self, e: _Entry, g: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        p = e.param
+        if e.master:
+            raise TypeError(f"the grad of {e.name} is sparse, which is not supported for {p.dtype} params with "
+                            "master weights")
+        if g.shape != p.shape or g.sparse_dim() != 1:
+            raise ValueError(f"the sparse grad of {e.name} must have the param's shape {tuple(p.shape)} and be "
+                             f"sparse along its first dimension only (sparse_dim 1, as nn.Embedding's), got shape "
+                             f"{tuple(g.shape)} with sparse_dim {g.sparse_dim()}")
+        if g.dtype is not p.dtype:
+            raise TypeError(f"the grad of {e.name} is {g.dtype}, the param {p.dtype}")
+        if e.flat:
+            raise ValueError(f"{e.name}: a sparse grad needs a C-contiguous param")
+        # Repeated rows of an uncoalesced grad are summed by fastadam, in the order they appear.
+        values = g._values().detach()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        return _view(g._indices()[0], False, f"the grad of {e.name}"), \
+            _view(values, False, f"the grad of {e.name}")
+
+    @staticmethod
+    def _named(message: str, entries: list[_Entry]) -> str:
+        """A message of the core, its list positions turned into the names of the params they stand for."""
+        roles = {"grads": "the grad of {}", "exp_avgs": "state[{}]['exp_avg']",
+                 "exp_avg_sqs": "state[{}]['exp_avg_sq']", "max_exp_avg_sqs": "state[{}]['max_exp_avg_sq']",
+                 "model_params": "{}"}
+
+        def name(match: re.Match) -> str:
+            role, i = match.group(1), int(match.group(2))
+            if i >= len(entries):
+                return match.group(0)
+            e = entries[i]
+            if role == "params":
+                return f"state[{e.name}]['master_param']" if e.master else e.name
+            return roles[role].format(e.name)
+
+        return re.sub(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|model_params)\[(\d+)\]", name, message)
+
+
+# The registries of torch.optim's global step hooks (register_optimizer_step_pre_hook); where a torch
+# version keeps them elsewhere, a non-empty stand-in sends every step through the hooks' wrapper.
+_GLOBAL_STEP_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {None: None})
+_GLOBAL_STEP_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {None: None})
+#: torch.optim's own wrapper, hooks and profiler range included, around the step.
+_hooked_step = Optimizer.profile_hook_step(_FastAdamOptimizer._step)
+
+
+def _step_dtype() -> torch.dtype:
+    """The dtype of a step count tensor: torch.optim's choice (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _check_range(lr: Any, betas: Any, eps: Any, weight_decay: Any, strict: bool = False) -> tuple:
+    """torch.optim's checks of the hyperparameters, with its messages; returns betas as a tuple."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not (0.0 < lr if strict else 0.0 <= lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not (0.0 < eps if strict else 0.0 <= eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    betas = tuple(float(b) if isinstance(b, torch.Tensor) else b for b in betas)
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    return betas
+
+
+class Adam(_FastAdamOptimizer):
+    r"""Adam for PyTorch CPU tensors, a drop-in for :class:`torch.optim.Adam` stepped by fastadam's kernel.
+
+    For each param with a gradient ``g``, with ``t`` its step count after
+    this step (the formula of :func:`fastadam.adam_step`)::
+
+        g  = g * (1 / grad_scale)                under torch.amp.GradScaler
+        g  = -g                                  if maximize
+        g  = g + weight_decay * p                if weight_decay and not decoupled_weight_decay
+        m  = beta1 * m + (1 - beta1) * g
+        v  = beta2 * v + (1 - beta2) * g * g
+        v' = max(v_max, v); v_max = v'           if amsgrad, else v' = v
+        u  = lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+        u  = u + (lr * weight_decay) * p         if weight_decay and decoupled_weight_decay (AdamW)
+        p  = p - u
+
+    The options, defaults and ``state_dict`` are ``torch.optim.Adam``'s.
+    ``foreach`` and ``fused`` are accepted and kept in the groups (for
+    checkpoints) but choose nothing: the step is always one fused pass.
+    ``capturable=True`` and ``differentiable=True`` are refused.  ``lr`` may
+    be a one-element tensor.  Beyond torch: a sparse COO gradient
+    (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
+    (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
+    through float32 master copies (``state["master_param"]``) and float32
+    moments; ``num_threads`` caps the threads of a step.
+
+    Params must be dense CPU tensors (float32, float64; float16/bfloat16 with
+    master weights), C-contiguous or channels_last.  Bitwise equal to
+    :class:`fastadam.Adam` (and so to :func:`fastadam.reference.adam_step`)
+    on the same data; against ``torch.optim.Adam`` within the ULPs stated in
+    the README (the fastadam.torch section's "Agreement").
+    """
+
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False, master_weights: bool = False,
+                 num_threads: Optional[int] = None) -> None:
+        betas = _check_range(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        self._check_group_options(defaults, type(self).__name__)
+        super().__init__(params, defaults, master_weights, num_threads)
+
+    def _amsgrad(self, group: dict[str, Any]) -> bool:
+        return bool(group["amsgrad"])
+
+    def _hyper(self, g: dict[str, Any]) -> tuple:
+        betas = g["betas"]
+        return (g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
+                g["amsgrad"], g["maximize"])
+
+
+class AdamW(Adam):
+    """AdamW for PyTorch CPU tensors, a drop-in for :class:`torch.optim.AdamW`: :class:`Adam` with
+    ``decoupled_weight_decay=True`` (always, as in torch, also after loading a state dict) and
+    ``weight_decay=1e-2`` by default.
+
+    The decay is ``p - ((lr * weight_decay) * p + u)`` with ``u`` the Adam
+    update: PyTorch's ``p * (1 - lr * weight_decay)`` without rounding the
+    factor (see the README's "AdamW's decoupled decay").
+    """
+
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, master_weights: bool = False,
+                 num_threads: Optional[int] = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, master_weights=master_weights, num_threads=num_threads)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class SparseAdam(_FastAdamOptimizer):
+    r"""Lazy Adam for sparse gradients, a drop-in for :class:`torch.optim.SparseAdam`.
+
+    Each param's gradient must be a sparse COO tensor sparse along the first
+    dimension (``nn.Embedding(sparse=True)`` makes one); repeated rows are
+    summed (fastadam coalesces them, in the order they appear), and only the
+    rows present are updated -- the moments of the others are not decayed.
+    For each such row ``r`` with summed gradient ``g`` and step ``t``
+    (:func:`fastadam.sparse_adam_step`'s formula, eps before the bias
+    correction as in torch)::
+
+        g    = -g                                if maximize
+        m[r] = beta1 * m[r] + (1 - beta1) * g
+        v[r] = beta2 * v[r] + (1 - beta2) * g * g
+        p[r] = p[r] - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m[r] / (sqrt(v[r]) + eps)
+
+    Options, defaults, checks and ``state_dict`` format (``"step"`` an int)
+    are torch's; a dense gradient raises RuntimeError, as there.
+    """
+
+    _sparse_adam_eps = True
+
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 maximize: bool = False, *, num_threads: Optional[int] = None) -> None:
+        betas = _check_range(lr, betas, eps, 0.0, strict=True)
+        defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+        super().__init__(params, defaults, False, num_threads)
+
+    def _hyper(self, g: dict[str, Any]) -> tuple:
+        betas = g["betas"]
+        return (g["lr"], betas[0], betas[1], g["eps"], 0.0, False, False, g.get("maximize", False))
+
+    def _saved_param_state(self, s: _ParamState) -> dict:
+        saved = dict(s)
+        if isinstance(saved.get("step"), torch.Tensor):
+            saved["step"] = int(saved["step"])  # torch.optim.SparseAdam counts steps in a Python int
+        return saved
