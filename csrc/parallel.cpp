@@ -109,6 +109,12 @@ void run_stretch(const std::int64_t* starts, std::size_t count, Position from, P
     }
 }
 
+// The whole call on the calling thread, in the default floating-point mode (fpmode.hpp).
+void run_on_caller(const std::int64_t* starts, std::size_t count, PieceFn fn) {
+    const DefaultFloatingPointMode fp_mode;
+    run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
+}
+
 // One call's work: `chunks` chunks of `chunk_elements` consecutive elements
 // (the last one shorter), over `seats` participants; seat 0 is the caller.
 struct Job {
@@ -190,10 +196,7 @@ class Pool {
     // times it: the measure learn() holds the workers' calls against.
     void run_alone(const std::int64_t* starts, std::size_t count, PieceFn fn) {
         const auto start = Clock::now();
-        {
-            const DefaultFloatingPointMode fp_mode;
-            run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
-        }
+        run_on_caller(starts, count, fn);
         const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
         const double sample = seconds / static_cast<double>(starts[count]);
         std::atomic<double>& pace = size_class(starts[count]).serial_seconds_per_element;
@@ -379,9 +382,7 @@ class Pool {
         std::atomic<double> serial_seconds_per_element{0};  // of its calls without workers (average; 0: none yet)
     };
     SizeClass& size_class(std::int64_t total) {
-        int order = 0;
-        while (order < 63 && (std::int64_t(1) << (order + 1)) <= total) ++order;
-        return size_classes_[order];
+        return size_classes_[63 - __builtin_clzll(static_cast<unsigned long long>(total | 1))];
     }
 
     struct {
@@ -452,8 +453,7 @@ void for_each_piece(const std::int64_t* starts, std::size_t count, int threads, 
         }
         if (p != nullptr && p->run(Job{starts, count, align, fn, chunk, chunks, seats})) return;
     }
-    const DefaultFloatingPointMode fp_mode;
-    run_stretch(starts, count, Position{0, 0}, Position{count, 0}, fn);
+    run_on_caller(starts, count, fn);
 }
 
 PoolStats pool_stats() {
