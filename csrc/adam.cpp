@@ -98,7 +98,7 @@ AdamTensor gather_tensor(const AdamTensor& table, const RowCoalescer& coalescer,
 }  // namespace
 
 AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
-                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize) {
+                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize, PyObject* eps_before_bias_correction) {
     AdamHyper h{to_double(lr, "lr"),
                 to_double(beta1, "betas[0]"),
                 to_double(beta2, "betas[1]"),
@@ -106,7 +106,8 @@ AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* 
                 to_double(weight_decay, "weight_decay"),
                 to_bool(decoupled, "decoupled_weight_decay"),
                 to_bool(amsgrad, "amsgrad"),
-                to_bool(maximize, "maximize")};
+                to_bool(maximize, "maximize"),
+                to_bool(eps_before_bias_correction, "eps_before_bias_correction")};
     require(h.lr >= 0.0, "lr", ">= 0", h.lr);
     require(h.beta1 >= 0.0 && h.beta1 < 1.0, "betas[0]", "in [0, 1)", h.beta1);
     require(h.beta2 >= 0.0 && h.beta2 < 1.0, "betas[1]", "in [0, 1)", h.beta2);
@@ -115,14 +116,14 @@ AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* 
     return h;
 }
 
-AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps) {
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step) {
     const DefaultFloatingPointMode fp_mode;  // the caller's rounding mode must not change a constant
     const double t = static_cast<double>(step);
     const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
-    // SparseAdam's sqrt(v) + eps is the kernel's sqrt(v) * 1 + eps: the
-    // multiplication by one is exact, so one formula serves both.
-    const bool sparse = eps == EpsPlacement::sparse_adam;
+    // sqrt(v) + eps is the kernel's sqrt(v) * 1 + eps: the multiplication by
+    // one is exact, so one formula serves both placements of eps.
+    const bool sparse = h.eps_before_bias_correction;
     const double step_size = sparse ? h.lr * std::sqrt(bias_correction2) / bias_correction1 : h.lr / bias_correction1;
     const double inv_bias_correction2_sqrt = sparse ? 1.0 : 1.0 / std::sqrt(bias_correction2);
     return {round_constants<float>(h, step_size, inv_bias_correction2_sqrt),
@@ -256,7 +257,7 @@ void sparse_adam_step(PyObject* param_obj, PyObject* indices_obj, PyObject* valu
     const auto unique = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, g.data, row_size, g.dtype);
     coalescer->sum_repeats(num_threads);
 
-    const AdamConstantsPair constants = make_constants(hyper, step, EpsPlacement::sparse_adam);
+    const AdamConstantsPair constants = make_constants(hyper, step);
     const AdamTensor table{p.data, nullptr, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant_of(hyper)};
     const AdamTensor rows_of_table = gather_tensor(table, *coalescer, unique, row_size);
     run_adam(&rows_of_table, 1, num_threads);
@@ -300,9 +301,8 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
 }
 
 AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-                   PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count,
-                   EpsPlacement eps)
-    : group_of_(std::move(group_of)), group_count_(group_count), eps_(eps) {
+                   PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count)
+    : group_of_(std::move(group_of)), group_count_(group_count) {
     const ArrayList p_list(params, kNames[0], false), m_list(exp_avgs, kNames[2], false),
         v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false),
         model_list(model_params, "model_params", false);
@@ -431,11 +431,11 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
         throw ArgValueError{"AdamPlan.step: expected a list of one hyperparameter tuple per group"};
     for (std::int64_t k = 0; k < group_count_; ++k) {
         PyObject* t = PyList_GET_ITEM(groups, k);
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 8)
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 9)
             throw ArgValueError{"AdamPlan.step: malformed hyperparameter tuple"};
         PyObject* const* f = &PyTuple_GET_ITEM(t, 0);
         try {
-            hyper_[static_cast<std::size_t>(k)] = check_hyper(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]);
+            hyper_[static_cast<std::size_t>(k)] = check_hyper(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]);
         } catch (ArgValueError& e) {
             e.message = "param_groups[" + std::to_string(k) + "]: " + e.message;
             throw;
@@ -506,7 +506,7 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
         if (last != SIZE_MAX && group_of_[last] == group_of_[i] && steps_[last] == steps_[i]) {
             tensors_[i].constants = tensors_[last].constants;
         } else {
-            constants_[i] = make_constants(h, t, eps_);
+            constants_[i] = make_constants(h, t);
             set_grad_scale(constants_[i], scaling.grad_scale);
             tensors_[i].constants = &constants_[i];
             last = i;

@@ -18,20 +18,21 @@ namespace fastadam {
 struct AdamHyper {
     double lr, beta1, beta2, eps, weight_decay;
     bool decoupled_weight_decay, amsgrad, maximize;
+    // Where eps enters the denominator.  false (Adam, PyTorch's Adam and
+    // AdamW): sqrt(v) / sqrt(1 - beta2^t) + eps.  true (the "eps hat" of
+    // Kingma & Ba's section 2, as Keras, TensorFlow, scikit-learn and
+    // torch.optim.SparseAdam place it): sqrt(v) + eps, with the step size
+    // lr * sqrt(1 - beta2^t) / (1 - beta1^t) instead.  Both are the same
+    // kernel formula with other constants (see make_constants).
+    bool eps_before_bias_correction;
 };
 
 // Converts and range-checks the hyperparameters (names them in errors).
 AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
-                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize);
-
-// Where eps enters the denominator.  Adam (and fastadam's lazy row update):
-// sqrt(v) / sqrt(1 - beta2^t) + eps.  torch.optim.SparseAdam: sqrt(v) + eps,
-// with the step size lr * sqrt(1 - beta2^t) / (1 - beta1^t) instead.  Both are
-// the same kernel formula with different constants (see make_constants).
-enum class EpsPlacement : std::uint8_t { adam, sparse_adam };
+                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize, PyObject* eps_before_bias_correction);
 
 // The constants of step t, computed in double and rounded once to each dtype.
-AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step, EpsPlacement eps = EpsPlacement::adam);
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step);
 std::uint8_t variant_of(const AdamHyper& h);
 
 // Loss scaling: gradients are multiplied by 1 / grad_scale (0: no scaling);
@@ -69,7 +70,7 @@ class AdamPlan {
     // model_params[i] is None, or the float16/bfloat16 copy that params[i]
     // (then a float32 master) is rounded into after each step.
     AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-             PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count, EpsPlacement eps);
+             PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count);
     ~AdamPlan();
     AdamPlan(const AdamPlan&) = delete;
     AdamPlan& operator=(const AdamPlan&) = delete;
@@ -77,7 +78,7 @@ class AdamPlan {
     // grads: one per param, an array or an (indices, values) row-sparse
     // gradient, which updates only those rows (the lazy update).
     // groups: one (lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-    // maximize) tuple per group.
+    // maximize, eps_before_bias_correction) tuple per group.
     bool step(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads);
 
     std::size_t size() const { return tensors_.size(); }
@@ -122,7 +123,6 @@ class AdamPlan {
     std::vector<AdamHyper> hyper_;      // per group, scratch for each step
     std::vector<AdamConstantsPair> constants_;  // per tensor, scratch for each step
     std::int64_t group_count_;
-    EpsPlacement eps_;
 };
 
 }  // namespace fastadam

@@ -102,10 +102,12 @@ PYBIND11_MODULE(_core, m) {
         [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
            py::handle max_exp_avg_sqs, py::handle step, py::handle lr, py::handle betas, py::handle eps,
            py::handle weight_decay, py::handle decoupled, py::handle amsgrad, py::handle maximize,
-           py::handle model_params, py::handle grad_scale, py::handle skip_if_nonfinite, py::handle num_threads) {
+           py::handle eps_before_bias_correction, py::handle model_params, py::handle grad_scale,
+           py::handle skip_if_nonfinite, py::handle num_threads) {
             const Betas b(betas);
             const AdamHyper h = check_hyper(lr.ptr(), b.beta1.ptr(), b.beta2.ptr(), eps.ptr(), weight_decay.ptr(),
-                                            decoupled.ptr(), amsgrad.ptr(), maximize.ptr());
+                                            decoupled.ptr(), amsgrad.ptr(), maximize.ptr(),
+                                            eps_before_bias_correction.ptr());
             return adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
                              step.ptr(), h, model_params.ptr(), to_loss_scaling(grad_scale, skip_if_nonfinite),
                              to_num_threads(num_threads));
@@ -119,7 +121,7 @@ PYBIND11_MODULE(_core, m) {
            py::handle num_threads) {
             const Betas b(betas);
             const AdamHyper h = check_hyper(lr.ptr(), b.beta1.ptr(), b.beta2.ptr(), eps.ptr(), py::float_(0.0).ptr(), Py_False,
-                                            Py_False, maximize.ptr());
+                                            Py_False, maximize.ptr(), Py_True);
             sparse_adam_step(param.ptr(), indices.ptr(), values.ptr(), exp_avg.ptr(), exp_avg_sq.ptr(), step.ptr(),
                              h, to_num_threads(num_threads));
         },
@@ -150,10 +152,9 @@ PYBIND11_MODULE(_core, m) {
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
                          py::handle max_exp_avg_sqs, py::handle model_params, std::vector<std::int64_t> group_of,
-                         std::int64_t groups, bool sparse_adam_eps) {
+                         std::int64_t groups) {
             return new AdamPlan(params.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
-                                model_params.ptr(), std::move(group_of), groups,
-                                sparse_adam_eps ? EpsPlacement::sparse_adam : EpsPlacement::adam);
+                                model_params.ptr(), std::move(group_of), groups);
         }))
         .def("step",
              [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle grad_scale,

@@ -250,6 +250,24 @@ def test_the_numpy_optimizer_and_the_torch_one_are_bitwise_equal():
             assert_bitwise_equal(opt.state[p][key].numpy(), numpy_opt.state[i][key], f"{key}[{i}]")
 
 
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_eps_before_bias_correction_is_bitwise_the_numpy_optimizers(cls):
+    # The epsilon of Keras and scikit-learn (see tests/test_eps_placement.py), a group key like the others.
+    ours, _ = twin_params([(300,), (6, 5)], torch.float64, channels_last=False)
+    arrays = [p.detach().numpy().copy() for p in ours]
+    opt = getattr(fastadam.torch, cls)(ours, lr=1e-2, eps=1e-3, eps_before_bias_correction=True)
+    numpy_opt = getattr(fastadam, cls)(arrays, lr=1e-2, eps=1e-3, eps_before_bias_correction=True)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        grads = [heavy_tailed(p.shape, torch.float64, gen) * 1e-3 for p in ours]
+        set_grads([ours], grads)
+        opt.step()
+        numpy_opt.step([g.numpy() for g in grads])
+    for i, (p, a) in enumerate(zip(ours, arrays)):
+        assert_bitwise_equal(p.detach().numpy(), a, f"params[{i}]")
+    assert opt.state_dict()["param_groups"][0]["eps_before_bias_correction"] is True
+
+
 # -- params without grads ----------------------------------------------------------------------------------
 
 def test_params_without_grads_are_skipped_and_their_step_count_stays_as_in_torch():

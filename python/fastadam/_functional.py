@@ -16,6 +16,7 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
               max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
+              eps_before_bias_correction: bool = False,
               model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
               skip_if_nonfinite: bool = False, num_threads: Optional[int] = None) -> bool:
     r"""Apply one Adam (or AdamW) step in place, in a single pass over memory.
@@ -29,6 +30,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         v  = beta2 * v + (1 - beta2) * g * g
         v' = max(v_max, v); v_max = v'           if amsgrad, else v' = v
         u  = lr / (1 - beta1**t) * m / (sqrt(v') / sqrt(1 - beta2**t) + eps)
+        u  = lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v') + eps)
+                                                 instead, if eps_before_bias_correction
         u  = u + (lr * weight_decay) * p         if weight_decay and decoupled_weight_decay (AdamW)
         p  = p - u
 
@@ -55,6 +58,13 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         The number of this step, counted from 1; it sets the bias corrections.
     max_exp_avg_sqs
         The running maximum of ``exp_avg_sqs``; required with ``amsgrad=True``.
+    eps_before_bias_correction
+        Add eps to ``sqrt(v')`` before the bias correction, which then moves
+        into the step size: the form of Keras, TensorFlow, scikit-learn's
+        ``MLPClassifier(solver="adam")`` and ``torch.optim.SparseAdam`` (the
+        "epsilon hat" of Kingma & Ba's section 2).  The two forms differ only
+        while ``sqrt(v')`` is not much larger than eps: the default's
+        effective eps is ``eps * sqrt(1 - beta2**t)``, smaller in early steps.
     model_params
         Mixed precision: float16 or bfloat16 (``ml_dtypes.bfloat16``) copies of
         the parameters, one per param.  ``params`` are then the float32 master
@@ -87,8 +97,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         check happens before the first write: a failing call changes nothing.
     """
     return _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps,
-                           weight_decay, decoupled_weight_decay, amsgrad, maximize, model_params, grad_scale,
-                           skip_if_nonfinite, num_threads)
+                           weight_decay, decoupled_weight_decay, amsgrad, maximize, eps_before_bias_correction,
+                           model_params, grad_scale, skip_if_nonfinite, num_threads)
 
 
 class RowSparseGrad(NamedTuple):

@@ -14,7 +14,8 @@ import numpy as np
 from . import _core
 from ._functional import RowSparseGrad
 
-_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize",
+                    "eps_before_bias_correction")
 #: The keys of a param group: exactly these, at construction and at every step.
 _GROUP_KEYS = frozenset(("params", *_HYPERPARAMETERS))
 #: Step counts are int64 in the core and each step adds one: a count must stay below 2**63 - 1.
@@ -87,7 +88,7 @@ def _check_group_hyperparameters(group: dict, where: str) -> None:
         # A zero-size step checks every hyperparameter and writes nothing.
         _core.adam_step(probe, probe, probe, probe, probe if group["amsgrad"] else None, 1, group["lr"], betas,
                         group["eps"], group["weight_decay"], group["decoupled_weight_decay"], group["amsgrad"],
-                        group["maximize"], None, None, False, None)
+                        group["maximize"], group["eps_before_bias_correction"], None, None, False, None)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
 
@@ -145,6 +146,10 @@ class Adam:
         override the defaults below for that group.
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         As in ``torch.optim.Adam``; ``decoupled_weight_decay=True`` is AdamW.
+    eps_before_bias_correction
+        Add eps to ``sqrt(v)`` before the bias correction, as Keras,
+        TensorFlow and scikit-learn do (see :func:`fastadam.adam_step`); a
+        per-group option like the others.
     num_threads
         The most threads a step uses (default: OpenMP's setting).
     master_weights
@@ -162,17 +167,14 @@ class Adam:
     """
 
 
-    #: Where eps enters: after the bias correction (Adam) or before it (torch.optim.SparseAdam).
-    _sparse_adam_eps = False
-
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 decoupled_weight_decay: bool = False, num_threads: Optional[int] = None,
-                 master_weights: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, eps_before_bias_correction: bool = False,
+                 num_threads: Optional[int] = None, master_weights: bool = False) -> None:
         self.master_weights = master_weights
         self.defaults: dict[str, Any] = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                              decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                                             maximize=maximize)
+                                             maximize=maximize, eps_before_bias_correction=eps_before_bias_correction)
         self.num_threads = num_threads
         items = _listed(params, "params", f"{type(self).__name__}([W])")
         if not items:
@@ -245,7 +247,7 @@ class Adam:
                               [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                               [s.get("max_exp_avg_sq") for s in states],
                               [p if "master_param" in s else None for s, p in zip(states, params)],
-                              group_of, group_count, self._sparse_adam_eps)
+                              group_of, group_count)
 
     def _commit(self, groups: list[dict], params: list[np.ndarray], states: list[dict], group_of: list[int]) -> None:
         """Take over checked groups and state (the plan over them is already in ``self._plan``)."""
@@ -356,7 +358,7 @@ class Adam:
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise TypeError(f"param_groups[{k}]: betas must be a pair (beta1, beta2), got {betas!r}")
             hyper.append((g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
-                          g["amsgrad"], g["maximize"]))
+                          g["amsgrad"], g["maximize"], g["eps_before_bias_correction"]))
         return self._plan.step(grads, hyper, grad_scale, skip_if_nonfinite, self.num_threads)
 
     # -- saving and restoring --------------------------------------------------------------------------------
@@ -583,9 +585,11 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 num_threads: Optional[int] = None, master_weights: bool = False) -> None:
+                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None,
+                 master_weights: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, num_threads=num_threads, master_weights=master_weights)
+                         decoupled_weight_decay=True, eps_before_bias_correction=eps_before_bias_correction,
+                         num_threads=num_threads, master_weights=master_weights)
 
 
 class SparseAdam(Adam):
@@ -595,12 +599,11 @@ class SparseAdam(Adam):
     updates only the rows it names (repeats summed), leaving the moments of
     the other rows undecayed; see :func:`fastadam.sparse_adam_step` for the
     formula, which adds eps before the bias correction as PyTorch's
-    SparseAdam does.  A dense array is also accepted, as a gradient for every
-    row.
+    SparseAdam does (``eps_before_bias_correction=True``, which a group may
+    override).  A dense array is also accepted, as a gradient for every row.
     """
-
-    _sparse_adam_eps = True
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, *, maximize: bool = False, num_threads: Optional[int] = None) -> None:
-        super().__init__(params, lr, betas, eps, maximize=maximize, num_threads=num_threads)
+        super().__init__(params, lr, betas, eps, maximize=maximize, eps_before_bias_correction=True,
+                         num_threads=num_threads)

@@ -11,6 +11,8 @@ Optimization* (ICLR 2015), with the options of ``torch.optim.Adam``:
     v_t = beta2 * v_{t-1} + (1 - beta2) * g_t * g_t            (second moment)
     v'_t = max(v'_{t-1}, v_t)                     if amsgrad, else v'_t = v_t
     u_t = lr / (1 - beta1^t) * m_t / (sqrt(v'_t) / sqrt(1 - beta2^t) + eps)
+    u_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_t / (sqrt(v'_t) + eps)
+                                                  instead, if eps_before_bias_correction
     u_t = u_t + lr * weight_decay * p_{t-1}       if weight_decay and decoupled      (AdamW)
     p_t = p_{t-1} - u_t
 
@@ -74,7 +76,8 @@ def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weig
               grad_scale: Optional[float] = None) -> AdamConstants:
     """Compute the step-``step`` constants in double, then round each to ``dtype``.
 
-    With ``eps_before_bias_correction`` (``torch.optim.SparseAdam``'s form,
+    With ``eps_before_bias_correction`` (the form of Keras, scikit-learn and
+    ``torch.optim.SparseAdam``,
     ``p - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``) the
     step size absorbs the second bias correction and its reciprocal becomes
     1, so that ``sqrt(v) * 1 + eps`` -- exact -- is SparseAdam's denominator.
@@ -109,6 +112,7 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
               max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
+              eps_before_bias_correction: bool = False,
               model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
               skip_if_nonfinite: bool = False) -> bool:
     """One Adam/AdamW step, in place, written as NumPy array expressions.
@@ -123,7 +127,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
     params_l, exp_avgs_l, exp_avg_sqs_l = _as_list(params), _as_list(exp_avgs), _as_list(exp_avg_sqs)
     max_l = _as_list(max_exp_avg_sqs) if amsgrad else [None] * len(params_l)
     models_l = _as_list(model_params) if model_params is not None else [None] * len(params_l)
-    cs = [constants(step, lr, betas, eps, weight_decay, p.dtype, grad_scale=grad_scale) for p in params_l]
+    cs = [constants(step, lr, betas, eps, weight_decay, p.dtype, grad_scale=grad_scale,
+                    eps_before_bias_correction=eps_before_bias_correction) for p in params_l]
     with np.errstate(invalid="ignore", over="ignore"):
         grads_l = [g.astype(p.dtype) * c.inv_grad_scale if grad_scale else g.astype(p.dtype, copy=False)
                    for p, g, c in zip(params_l, _as_list(grads), cs)]

@@ -214,8 +214,8 @@ class _FastAdamOptimizer(Optimizer):
     """The machinery shared by :class:`Adam` and :class:`SparseAdam`."""
 
     _step_supports_amp_scaling = True
-    #: Where eps enters: after the bias correction (Adam) or before it (torch.optim.SparseAdam).
-    _sparse_adam_eps = False
+    #: torch.optim.SparseAdam refuses dense gradients.
+    _sparse_only = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], master_weights: bool,
                  num_threads: Optional[int]) -> None:
@@ -570,7 +570,7 @@ class _FastAdamOptimizer(Optimizer):
             maxes.append(_view(s["max_exp_avg_sq"], e.flat, e.name) if pr.amsgrad[e.k] else None)
         try:
             pr.plan = _core.AdamPlan(masters, exp_avgs, exp_avg_sqs, maxes, models, [e.k for e in pr.entries],
-                                     len(groups), self._sparse_adam_eps)
+                                     len(groups))
         except (TypeError, ValueError) as err:
             raise type(err)(self._named(str(err), pr.entries)) from None
         pr.plan.steps = [int(c) for c in counts]
@@ -634,7 +634,7 @@ class _FastAdamOptimizer(Optimizer):
             return self._sparse_grad(e, g)
         if not g.is_cpu:
             raise ValueError(f"the grad of {e.name} is on {g.device}; fastadam.torch steps CPU tensors")
-        if self._sparse_adam_eps:
+        if self._sparse_only:
             raise RuntimeError(f"SparseAdam does not support dense gradients, please consider Adam instead "
                                f"(the grad of {e.name} is dense)")
         if g.dtype not in e.grad_dtypes:
@@ -746,7 +746,9 @@ class Adam(_FastAdamOptimizer):
     (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
     (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
     through float32 master copies (``state["master_param"]``) and float32
-    moments; ``num_threads`` caps the threads of a step.
+    moments; ``eps_before_bias_correction=True`` (also a group key) adds eps
+    before the bias correction, as Keras and scikit-learn do (see
+    :func:`fastadam.adam_step`); ``num_threads`` caps the threads of a step.
 
     Params must be dense CPU tensors (float32, float64; float16/bfloat16 with
     master weights), C-contiguous or channels_last.  Bitwise equal to
@@ -759,11 +761,14 @@ class Adam(_FastAdamOptimizer):
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False, master_weights: bool = False,
-                 num_threads: Optional[int] = None) -> None:
+                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None) -> None:
         betas = _check_range(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        if eps_before_bias_correction:
+            # Only when asked: a checkpoint of a default optimizer keeps torch.optim.Adam's group keys.
+            defaults["eps_before_bias_correction"] = True
         self._check_group_options(defaults, type(self).__name__)
         super().__init__(params, defaults, master_weights, num_threads)
 
@@ -773,7 +778,7 @@ class Adam(_FastAdamOptimizer):
     def _hyper(self, g: dict[str, Any]) -> tuple:
         betas = g["betas"]
         return (g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
-                g["amsgrad"], g["maximize"])
+                g["amsgrad"], g["maximize"], g.get("eps_before_bias_correction", False))
 
 
 class AdamW(Adam):
@@ -790,10 +795,11 @@ class AdamW(Adam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, master_weights: bool = False,
-                 num_threads: Optional[int] = None) -> None:
+                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, master_weights=master_weights, num_threads=num_threads)
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         eps_before_bias_correction=eps_before_bias_correction, num_threads=num_threads)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -821,7 +827,7 @@ class SparseAdam(_FastAdamOptimizer):
     are torch's; a dense gradient raises RuntimeError, as there.
     """
 
-    _sparse_adam_eps = True
+    _sparse_only = True
 
     def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  maximize: bool = False, *, num_threads: Optional[int] = None) -> None:
@@ -831,7 +837,7 @@ class SparseAdam(_FastAdamOptimizer):
 
     def _hyper(self, g: dict[str, Any]) -> tuple:
         betas = g["betas"]
-        return (g["lr"], betas[0], betas[1], g["eps"], 0.0, False, False, g.get("maximize", False))
+        return (g["lr"], betas[0], betas[1], g["eps"], 0.0, False, False, g.get("maximize", False), True)
 
     def _saved_param_state(self, s: _ParamState) -> dict:
         saved = dict(s)
