@@ -86,7 +86,7 @@ CheckedArray check_row_values(PyObject* values, const ArgName& values_name, PyOb
 AdamTensor gather_tensor(const AdamTensor& table, const RowCoalescer& coalescer, const RowCoalescer::Rows& rows,
                          std::int64_t row_size) {
     AdamTensor t = table;
-    t.grad = nullptr;
+    t.grad.data = nullptr;
     t.rows = coalescer.rows(rows.first);
     t.grad_rows = coalescer.grads(rows.first);
     t.row_size = row_size;
@@ -200,22 +200,29 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
         overlap->add(grad_array, lists[1].name(i), Access::read);
         overlap->add(m, lists[2].name(i), Access::write);
         overlap->add(v, lists[3].name(i), Access::write);
-        AdamTensor t{p.data, grad, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant};
+        AdamTensor t;
+        t.param.data = p.data;
+        t.grad = {grad, grad_storage};
+        t.exp_avg.data = m.data;
+        t.exp_avg_sq.data = v.data;
+        t.size = p.size;
+        t.constants = &constants;
+        t.dtype = p.dtype;
+        t.variant = variant;
         if (has_max) {
             const CheckedArray x = check_float_array(lists[4][i], lists[4].name(i), Access::write);
             check_same_layout(x, lists[4].name(i), p, p_name);
             overlap->add(x, lists[4].name(i), Access::write);
-            t.max_exp_avg_sq = x.data;
+            t.max_exp_avg_sq.data = x.data;
         }
         if (has_model) {
             if (p.dtype != DType::float32)
                 throw ArgTypeError{p_name.str() + ": the master copy of a model param must be float32, got float64"};
-            PyArrayObject* model = check_16bit_array(lists[5][i], lists[5].name(i), Access::write, t.model_storage);
+            PyArrayObject* model = check_16bit_array(lists[5][i], lists[5].name(i), Access::write, t.model.storage);
             check_same_shape(model, lists[5].name(i), p.array, p_name);
             overlap->add(model, lists[5].name(i), Access::write);
-            t.model = PyArray_DATA(model);
+            t.model.data = PyArray_DATA(model);
         }
-        t.grad_storage = grad_storage;
         tensors->push_back(t);
     }
     overlap->check();
@@ -258,7 +265,14 @@ void sparse_adam_step(PyObject* param_obj, PyObject* indices_obj, PyObject* valu
     coalescer->sum_repeats(num_threads);
 
     const AdamConstantsPair constants = make_constants(hyper, step);
-    const AdamTensor table{p.data, nullptr, m.data, v.data, nullptr, p.size, &constants, p.dtype, variant_of(hyper)};
+    AdamTensor table;
+    table.param.data = p.data;
+    table.exp_avg.data = m.data;
+    table.exp_avg_sq.data = v.data;
+    table.size = p.size;
+    table.constants = &constants;
+    table.dtype = p.dtype;
+    table.variant = variant_of(hyper);
     const AdamTensor rows_of_table = gather_tensor(table, *coalescer, unique, row_size);
     run_adam(&rows_of_table, 1, num_threads);
 }
@@ -338,16 +352,23 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
             if (has_max) hold_written(x.array, i, "max_exp_avg_sq");
             params_.push_back(p.array);
             has_max_.push_back(has_max);
-            tensors_.push_back({p.data, nullptr, m.data, v.data, max_data, p.size, nullptr, p.dtype, 0});
+            AdamTensor t;
+            t.param.data = p.data;
+            t.exp_avg.data = m.data;
+            t.exp_avg_sq.data = v.data;
+            t.max_exp_avg_sq.data = max_data;
+            t.size = p.size;
+            t.dtype = p.dtype;
+            tensors_.push_back(t);
             if (model_list[i] != Py_None) {
                 if (p.dtype != DType::float32)
                     throw ArgTypeError{p_list.name(i).str() + ": the master copy of a model param must be float32"};
                 PyArrayObject* model = check_16bit_array(model_list[i], model_list.name(i), Access::write,
-                                                         tensors_.back().model_storage);
+                                                         tensors_.back().model.storage);
                 check_same_shape(model, model_list.name(i), p.array, p_list.name(i));
                 overlap.add(model, model_list.name(i), Access::write);
                 hold_written(model, i, "params");
-                tensors_.back().model = PyArray_DATA(model);
+                tensors_.back().model.data = PyArray_DATA(model);
             }
         }
         overlap.check();
@@ -478,7 +499,7 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             const std::string i_str = where + ".indices", v_str = where + ".values";
             const ArgName i_name{i_str.c_str(), -1}, v_name{v_str.c_str(), -1};
             PyObject* indices = PyTuple_GET_ITEM(item, 0);
-            if (tensors_[i].model != nullptr)
+            if (tensors_[i].model.data != nullptr)
                 throw ArgTypeError{where + ": row-sparse gradients are not supported for params with a "
                                            "float16/bfloat16 model copy"};
             const CheckedArray val = check_row_values(PyTuple_GET_ITEM(item, 1), v_name, indices, i_name, p, p_name);
@@ -488,12 +509,12 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             table_geometry(p, p_name, rows, row_size);
             (*sparse_rows)[i] = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
                                            row_size, val.dtype);
-            tensors_[i].grad_storage = Storage::same;
+            tensors_[i].grad.storage = Storage::same;
             any_sparse = true;
             continue;
         }
         PyArrayObject* g_array = nullptr;
-        tensors_[i].grad_storage = check_grad(item, g_list.name(i), p, p_name, tensors_[i].grad, g_array);
+        tensors_[i].grad.storage = check_grad(item, g_list.name(i), p, p_name, tensors_[i].grad.data, g_array);
         check_not_written(reinterpret_cast<std::uintptr_t>(PyArray_DATA(g_array)),
                           static_cast<std::size_t>(PyArray_NBYTES(g_array)), g_list.name(i));
     }

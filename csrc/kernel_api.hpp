@@ -28,8 +28,22 @@ enum AdamVariant : std::uint8_t {
 constexpr unsigned kVariantCount = 1u << 3;
 constexpr unsigned kVariantMask = kVariantCount - 1u;
 
-// How a gradient or a model copy is stored when it is not the working dtype.
+// How one stream of a tensor (its gradient, a moment, the model copy) is
+// stored when it is not the working dtype.  The kernels compute in the
+// working dtype; a stream in another storage is widened into it before the
+// update and narrowed back after (see adam_loops.hpp's staged loop).
 enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2 };
+
+// Where one stream of a tensor lives, and how it is stored.
+struct Stream {
+    void* data = nullptr;
+    Storage storage = Storage::same;
+};
+// A stream the step only reads (the gradient).
+struct ReadStream {
+    const void* data = nullptr;
+    Storage storage = Storage::same;
+};
 
 // The per-element constants, rounded from double to the working dtype once on
 // the host.  fastadam.reference derives exactly the same values.
@@ -55,33 +69,31 @@ struct AdamConstantsPair {
     AdamConstants<double> f64;
 };
 
-// One parameter's buffers.  All five are contiguous and hold `size` elements
-// of `dtype`; max_exp_avg_sq is null unless the variant has kAmsgrad.
+// One parameter's streams, `size` elements each, contiguous.  The param is
+// in the working dtype `dtype`; max_exp_avg_sq.data is null unless the
+// variant has kAmsgrad; model.data is null unless the updated param is also
+// rounded (to nearest-even) into a float16/bfloat16 model copy.  Storages
+// other than `same` are for float32 params only.
 //
 // With `rows` set, the tensor is instead a gather of rows from a table whose
-// rows hold `row_size` elements (param, exp_avg, ... point at the table):
-// element e is column e % row_size of row rows[e / row_size], and that row's
-// gradient is grad_rows[e / row_size]; size = row count * row_size.  This is
-// how a row-sparse gradient updates only the rows it names.
+// rows hold `row_size` elements (the streams point at the table): element e
+// is column e % row_size of row rows[e / row_size], and that row's gradient
+// is grad_rows[e / row_size] (grad.storage still applies); size = row count *
+// row_size.  This is how a row-sparse gradient updates only the rows it names.
 struct AdamTensor {
-    void* param;
-    const void* grad;
-    void* exp_avg;
-    void* exp_avg_sq;
-    void* max_exp_avg_sq;
-    std::int64_t size;
-    const AdamConstantsPair* constants;
-    DType dtype;
-    std::uint8_t variant;
+    Stream param;
+    ReadStream grad;
+    Stream exp_avg;
+    Stream exp_avg_sq;
+    Stream max_exp_avg_sq;
+    Stream model;
+    std::int64_t size = 0;
+    const AdamConstantsPair* constants = nullptr;
+    DType dtype = DType::float32;
+    std::uint8_t variant = 0;
     const std::int64_t* rows = nullptr;
     const void* const* grad_rows = nullptr;
     std::int64_t row_size = 0;
-    // Mixed precision (float32 params only): the gradient may be float16 or
-    // bfloat16, and `model` (if set) receives the updated param rounded to
-    // nearest-even in `model_storage`.
-    void* model = nullptr;
-    Storage grad_storage = Storage::same;
-    Storage model_storage = Storage::same;  // same: no model copy
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,

@@ -1,4 +1,4 @@
-// One instruction-set level's kernel table: the dispatch on dtype, storage and
+// One instruction-set level's kernel table: the dispatch on dtype and
 // variant, the float64 kernels, the skip_if_nonfinite check and the probe.
 //
 // CMake compiles this file and the other adam_*.cpp files of this folder once
@@ -9,28 +9,18 @@
 namespace fastadam {
 namespace FASTADAM_LEVEL {
 
-const VariantTable kFloat64Kernels = variants<double, kSame, kSame>();
+const VariantTable kFloat64Kernels = variants<double>();
 
 namespace {
 
 void adam_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
-    const VariantTable* family;
-    if (t.dtype == DType::float64) {
-        family = &kFloat64Kernels;
-    } else {
-        const auto model = static_cast<int>(t.model_storage);
-        switch (t.grad_storage) {
-            case Storage::float16: family = &kFloat16GradKernels[model]; break;
-            case Storage::bfloat16: family = &kBfloat16GradKernels[model]; break;
-            default: family = &kFloat32Kernels[model]; break;
-        }
-    }
-    family->fn[t.variant & kVariantMask](t, begin, end);
+    const VariantTable& family = t.dtype == DType::float64 ? kFloat64Kernels : kFloat32Kernels;
+    family.fn[t.variant & kVariantMask](t, begin, end);
 }
 
 bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
     if (t.dtype == DType::float64) return nonfinite_range_typed<double, kSame>(t, begin, end);
-    switch (t.grad_storage) {
+    switch (t.grad.storage) {
         case Storage::float16: return nonfinite_range_typed<float, kHalf>(t, begin, end);
         case Storage::bfloat16: return nonfinite_range_typed<float, kBf16>(t, begin, end);
         default: return nonfinite_range_typed<float, kSame>(t, begin, end);

@@ -160,27 +160,26 @@ FASTADAM_INLINE const AdamConstants<T>& constants_for(const AdamConstantsPair& p
     }
 }
 
-// The tensor's buffers as typed locals: held in registers for the whole
-// range rather than re-read from the AdamTensor after every store.  The
-// gradient is a T or a 16-bit value (per Grad); `model` is the optional
-// 16-bit copy of the params.
-template <class T>
-struct AdamBuffers {
-    T* param;
-    const void* grad;
-    T* exp_avg;
-    T* exp_avg_sq;
-    T* max_exp_avg_sq;
-    std::uint16_t* model;
-};
-
 template <class T, Storage S, class Block>
 FASTADAM_INLINE typename Block::V load_grad(const void* grad, std::int64_t i, const Block& block) {
     if constexpr (S == Storage::same) return block.load(static_cast<const T*>(grad) + i);
     else return block.template load16<S>(static_cast<const std::uint16_t*>(grad) + i);
 }
 
-template <class T, unsigned Variant, Storage Grad, Storage Model, class Block>
+// The streams of a stretch of elements, as typed locals in the working
+// dtype: held in registers for the whole stretch rather than re-read from the
+// AdamTensor after every store.  Each points at the stream in memory, or, in
+// the staged loop, at a tile that holds the stream widened to T.
+template <class T>
+struct AdamBuffers {
+    T* param;
+    const T* grad;
+    T* exp_avg;
+    T* exp_avg_sq;
+    T* max_exp_avg_sq;
+};
+
+template <class T, unsigned Variant, class Block>
 FASTADAM_INLINE void adam_block(const AdamBuffers<T>& b, std::int64_t i, const Block& block,
                                 const BlockCoefficients<T>& coefficients) {
     using V = typename Block::V;
@@ -192,13 +191,12 @@ FASTADAM_INLINE void adam_block(const AdamBuffers<T>& b, std::int64_t i, const B
     V v_max = p;  // unused unless amsgrad; any initialised value will do
     if constexpr (amsgrad) v_max = block.load(b.max_exp_avg_sq + i);
 
-    adam_update<Variant>(p, load_grad<T, Grad>(b.grad, i, block), m, v, v_max, c, Block::sqrt);
+    adam_update<Variant>(p, block.load(b.grad + i), m, v, v_max, c, Block::sqrt);
 
     block.store(b.param + i, p);
     block.store(b.exp_avg + i, m);
     block.store(b.exp_avg_sq + i, v);
     if constexpr (amsgrad) block.store(b.max_exp_avg_sq + i, v_max);
-    if constexpr (Model != Storage::same) block.template store16<Model>(b.model + i, p);
 }
 
 // Elements before `p + i` reaches a register-aligned address (0 when it
@@ -252,11 +250,134 @@ FASTADAM_INLINE void for_each_block(const T* aligned_by, std::int64_t i, std::in
     for_each_short_block<T>(i, end, block);
 }
 
+// The update of elements [begin, end) of the buffers: the one loop every
+// kernel runs, over memory (direct) or over tiles (staged).  Not inlined, so
+// that its body is compiled once per (dtype, variant) for both callers.  The
+// buffers and the coefficients are copied into locals that no store through
+// the buffers can alias: they stay in registers (or, for constants that do
+// not fit, on the stack) instead of being re-read after every store.
+template <class T, unsigned Variant>
+__attribute__((noinline)) void update_span(const AdamBuffers<T>& buffers, std::int64_t begin, std::int64_t end,
+                                           const T* aligned_by, const BlockCoefficients<T>& coefficients) {
+    const AdamBuffers<T> b = buffers;
+    const BlockCoefficients<T> c = coefficients;
+    for_each_block(aligned_by, begin, end, [&](std::int64_t j, const auto& kind) FASTADAM_LAMBDA_INLINE {
+        adam_block<T, Variant>(b, j, kind, c);
+    });
+}
+
+// The bytes of n elements of a stream stored as `storage`, working dtype T.
 template <class T>
-FASTADAM_INLINE AdamBuffers<T> buffers_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
-    auto at = [offset](void* p) { return p == nullptr ? nullptr : static_cast<T*>(p) + offset; };
-    auto* model = t.model == nullptr ? nullptr : static_cast<std::uint16_t*>(t.model) + offset;
-    return {at(t.param), grad, at(t.exp_avg), at(t.exp_avg_sq), at(t.max_exp_avg_sq), model};
+FASTADAM_INLINE std::int64_t stream_bytes(Storage storage, std::int64_t n) {
+    return n * (storage == Storage::same ? std::int64_t{sizeof(T)} : std::int64_t{2});
+}
+
+template <class T>
+FASTADAM_INLINE void* advance(void* p, Storage storage, std::int64_t n) {
+    return p == nullptr ? nullptr : static_cast<char*>(p) + stream_bytes<T>(storage, n);
+}
+template <class T>
+FASTADAM_INLINE const void* advance(const void* p, Storage storage, std::int64_t n) {
+    return static_cast<const char*>(p) + stream_bytes<T>(storage, n);
+}
+
+// The staged loop's unit: a tile of this many elements per stream, on the
+// stack (a few KiB: it stays in L1).
+constexpr std::int64_t kTile = 512;
+
+// n 16-bit values as T (exact: every float16 and bfloat16 is a float).
+template <Storage S>
+FASTADAM_INLINE void widen_span(const std::uint16_t* from, float* to, std::int64_t n) {
+    constexpr int width = Simd<float>::width;
+    std::int64_t i = 0;
+    for (; i + width <= n; i += width) store_full<float>(to + i, FullBlock<float>{}.template load16<S>(from + i));
+    for (; i < n; ++i) to[i] = widen16<S>(from[i]);
+}
+
+// n values rounded to nearest-even into 16 bits (the vector and the scalar
+// conversions of simd.hpp round alike).
+template <Storage S>
+FASTADAM_INLINE void narrow_span(const float* from, std::uint16_t* to, std::int64_t n) {
+    constexpr int width = Simd<float>::width;
+    std::int64_t i = 0;
+    for (; i + width <= n; i += width) FullBlock<float>{}.template store16<S>(to + i, load_full<float>(from + i));
+    for (; i < n; ++i) to[i] = narrow16<S>(from[i]);
+}
+
+// A stream's n elements at `data` as float: the memory itself when stored as
+// float, else `tile` holding them widened.
+FASTADAM_INLINE const float* widened(const void* data, Storage storage, float* tile, std::int64_t n) {
+    switch (storage) {
+        case Storage::float16: widen_span<Storage::float16>(static_cast<const std::uint16_t*>(data), tile, n); return tile;
+        case Storage::bfloat16: widen_span<Storage::bfloat16>(static_cast<const std::uint16_t*>(data), tile, n); return tile;
+        default: return static_cast<const float*>(data);
+    }
+}
+
+FASTADAM_INLINE void narrow_into(const float* from, void* data, Storage storage, std::int64_t n) {
+    auto* to = static_cast<std::uint16_t*>(data);
+    if (storage == Storage::float16) narrow_span<Storage::float16>(from, to, n);
+    else if (storage == Storage::bfloat16) narrow_span<Storage::bfloat16>(from, to, n);
+}
+
+// The streams of one stretch (the tensor, or one row of a gather) at its
+// element 0.
+struct StretchStreams {
+    void* param;
+    const void* grad;
+    void* exp_avg;
+    void* exp_avg_sq;
+    void* max_exp_avg_sq;
+    void* model;
+};
+
+template <class T>
+FASTADAM_INLINE StretchStreams stretch_at(const AdamTensor& t, std::int64_t offset, const void* grad) {
+    return {advance<T>(t.param.data, t.param.storage, offset),
+            grad,
+            advance<T>(t.exp_avg.data, t.exp_avg.storage, offset),
+            advance<T>(t.exp_avg_sq.data, t.exp_avg_sq.storage, offset),
+            advance<T>(t.max_exp_avg_sq.data, t.max_exp_avg_sq.storage, offset),
+            advance<T>(t.model.data, t.model.storage, offset)};
+}
+
+// Every stream in the working dtype, no model copy: the update runs on memory.
+FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
+    return t.grad.storage == Storage::same && t.exp_avg.storage == Storage::same &&
+           t.exp_avg_sq.storage == Storage::same && t.model.data == nullptr;
+}
+
+// The staged loop (float32 params): tile by tile, each stream not stored as
+// float is widened into a tile, the same update_span runs on the tiles and
+// the float streams in memory, and the tiles of the streams it wrote are
+// narrowed back (the param, also into the model copy).  Widening is exact and
+// narrowing rounds per element, so the bits are those of one fused pass.
+// After a short first tile, every tile starts where the param is
+// register-aligned, so that neither the tiles nor the streams in memory are
+// read or written across cache lines.
+template <unsigned Variant>
+void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t begin, std::int64_t end,
+                    const BlockCoefficients<float>& c) {
+    alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile];
+    const std::int64_t head = elements_to_alignment(static_cast<const float*>(s.param), begin, end);
+    for (std::int64_t i = begin; i < end;) {
+        const std::int64_t tile = i == begin && head > 0 ? head : kTile;
+        const std::int64_t n = tile < end - i ? tile : end - i;
+        float* const param = static_cast<float*>(s.param) + i;
+        const float* const grad = widened(advance<float>(s.grad, t.grad.storage, i), t.grad.storage, grad_tile, n);
+        void* const exp_avg_at = advance<float>(s.exp_avg, t.exp_avg.storage, i);
+        void* const exp_avg_sq_at = advance<float>(s.exp_avg_sq, t.exp_avg_sq.storage, i);
+        // The moments widened in place in their tiles (or used in memory).
+        auto* const exp_avg = const_cast<float*>(widened(exp_avg_at, t.exp_avg.storage, exp_avg_tile, n));
+        auto* const exp_avg_sq = const_cast<float*>(widened(exp_avg_sq_at, t.exp_avg_sq.storage, exp_avg_sq_tile, n));
+        auto* const max_exp_avg_sq = s.max_exp_avg_sq == nullptr ? nullptr : static_cast<float*>(s.max_exp_avg_sq) + i;
+        update_span<float, Variant>(AdamBuffers<float>{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq}, 0, n,
+                                    param, c);
+        narrow_into(exp_avg, exp_avg_at, t.exp_avg.storage, n);
+        narrow_into(exp_avg_sq, exp_avg_sq_at, t.exp_avg_sq.storage, n);
+        if (s.model != nullptr) narrow_into(param, advance<float>(s.model, t.model.storage, i), t.model.storage, n);
+        i += n;
+    }
 }
 
 // Rows this far ahead are prefetched: table rows are scattered, so the
@@ -271,25 +392,22 @@ constexpr std::int64_t kPrefetchRows = 4;
 template <class T>
 FASTADAM_INLINE void prefetch_row(const AdamTensor& t, std::int64_t row) {
     const std::int64_t offset = row * t.row_size;
-    const std::int64_t bytes = t.row_size * static_cast<std::int64_t>(sizeof(T));
-    void* const tables[] = {t.param, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq};
-    for (void* base : tables) {
-        if (base == nullptr) continue;
-        const char* p = reinterpret_cast<const char*>(static_cast<T*>(base) + offset);
+    const Stream* const streams[] = {&t.param, &t.exp_avg, &t.exp_avg_sq, &t.max_exp_avg_sq};
+    for (const Stream* stream : streams) {
+        if (stream->data == nullptr) continue;
+        const char* p = static_cast<const char*>(advance<T>(stream->data, stream->storage, offset));
+        const std::int64_t bytes = stream_bytes<T>(stream->storage, t.row_size);
         for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1, 3);
     }
 }
 
 // A dense range is one stretch; a row gather is a stretch per row, walked in
-// the same loop so that the loop body is compiled once (a second copy would
-// double the build).  The buffers and the coefficients are locals that no
-// store through the buffers can alias: they stay in registers (or, for
-// constants that do not fit, on the stack) instead of being re-read after
-// every store.
-template <class T, unsigned Variant, Storage Grad, Storage Model>
+// the same loop.  Each stretch runs direct or staged.
+template <class T, unsigned Variant>
 void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end) {
     if (begin >= end) return;
     const BlockCoefficients<T> c = broadcast_for_blocks(constants_for<T>(*t.constants));
+    const bool direct = is_direct(t);
     const bool gather = t.rows != nullptr;
     const std::int64_t row_size = gather ? t.row_size : end;
     const std::int64_t row_count = gather ? t.size / t.row_size : 1;
@@ -299,11 +417,16 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
         if (gather && k + kPrefetchRows < row_count) prefetch_row<T>(t, t.rows[k + kPrefetchRows]);
         const std::int64_t rest = row_size - column;  // (no std::min: see level.hpp)
         const std::int64_t stop = column + (rest < end - e ? rest : end - e);
-        const AdamBuffers<T> b = gather ? buffers_at<T>(t, t.rows[k] * row_size, t.grad_rows[k])
-                                        : buffers_at<T>(t, 0, t.grad);
-        for_each_block(b.param, column, stop, [&](std::int64_t j, const auto& kind) FASTADAM_LAMBDA_INLINE {
-            adam_block<T, Variant, Grad, Model>(b, j, kind, c);
-        });
+        const StretchStreams s = gather ? stretch_at<T>(t, t.rows[k] * row_size, t.grad_rows[k])
+                                        : stretch_at<T>(t, 0, t.grad.data);
+        if (direct) {
+            const AdamBuffers<T> b{static_cast<T*>(s.param), static_cast<const T*>(s.grad),
+                                   static_cast<T*>(s.exp_avg), static_cast<T*>(s.exp_avg_sq),
+                                   static_cast<T*>(s.max_exp_avg_sq)};
+            update_span<T, Variant>(b, column, stop, b.param, c);
+        } else if constexpr (sizeof(T) == sizeof(float)) {
+            staged_stretch<Variant>(t, s, column, stop, c);
+        }
         e += stop - column;
     }
 }
@@ -317,31 +440,28 @@ struct VariantTable {
     AdamRangeFn fn[kVariantCount];
 };
 
-template <class T, Storage Grad, Storage Model, unsigned Variant>
+template <class T, unsigned Variant>
 constexpr AdamRangeFn kernel_for() {
     if constexpr ((Variant & kL2WeightDecay) != 0 && (Variant & kDecoupledDecay) != 0) return nullptr;
-    else return &adam_range_typed<T, Variant, Grad, Model>;
+    else return &adam_range_typed<T, Variant>;
 }
 
-template <class T, Storage Grad, Storage Model, std::size_t... Variant>
+template <class T, std::size_t... Variant>
 constexpr VariantTable make_variant_table(std::index_sequence<Variant...>) {
-    return VariantTable{{kernel_for<T, Grad, Model, Variant>()...}};
+    return VariantTable{{kernel_for<T, Variant>()...}};
 }
 
-// The kernels of one (dtype, gradient storage, model storage) family.
-template <class T, Storage Grad, Storage Model>
+// The kernels of one working dtype, every storage of every stream included.
+template <class T>
 constexpr VariantTable variants() {
-    return make_variant_table<T, Grad, Model>(std::make_index_sequence<kVariantCount>{});
+    return make_variant_table<T>(std::make_index_sequence<kVariantCount>{});
 }
 
 constexpr Storage kSame = Storage::same, kHalf = Storage::float16, kBf16 = Storage::bfloat16;
 
-// The families, indexed by model storage, each defined in its own
-// translation unit so that the level's kernels compile in parallel.
-extern const VariantTable kFloat32Kernels[3];      // float32 gradients    (adam_float32.cpp)
-extern const VariantTable kFloat16GradKernels[3];  // float16 gradients    (adam_float16_grads.cpp)
-extern const VariantTable kBfloat16GradKernels[3]; // bfloat16 gradients   (adam_bfloat16_grads.cpp)
-extern const VariantTable kFloat64Kernels;         //                      (adam_kernels.cpp)
+// Each in its own translation unit, so that a level's kernels compile in parallel.
+extern const VariantTable kFloat32Kernels;  // (adam_float32.cpp)
+extern const VariantTable kFloat64Kernels;  // (adam_kernels.cpp)
 
 // skip_if_nonfinite's check: is any g * inv_grad_scale NaN or infinite?
 template <class T, Storage Grad>
@@ -369,7 +489,7 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
         for_each_block(static_cast<const T*>(nullptr), i, stop, check);
     };
     if (t.rows == nullptr) {
-        check_span(t.grad, begin, end);
+        check_span(t.grad.data, begin, end);
     } else {
         for (std::int64_t e = begin; e < end;) {  // a row gather: each row's gradient is its own buffer
             const std::int64_t k = e / t.row_size, column = e % t.row_size;
