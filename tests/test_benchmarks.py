@@ -1,11 +1,13 @@
-"""The benchmark suites run, check their contenders' results, and write their JSON.
+"""The benchmarks run, check their contenders' results, and write what they are told to.
 
 Only that they work is tested here; their timings are for benchmarks/, never
-for a unit test.
+for a unit test.  ``python -m fastadam bench`` is the installed, user-facing
+tool; the scripts in benchmarks/ are the project's own suites.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,34 +16,91 @@ from pathlib import Path
 import pytest
 
 import fastadam
-from fastadam import _bench_sparse_mixed
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+#: A few seconds' worth of the user tool: two sizes, a list case, one thread, float32 Adam.
+QUICK_USER_RUN = ["--quick", "--sizes", "12,16", "--threads", "1", "--dtype", "float32", "--cases",
+                  "single,small-tensors"]
 
 
-def test_the_step_suite_runs_checks_and_writes_its_results(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "fastadam", "bench", "--quick", "--sizes", "12,16", "--threads",
-                             "1", "--dtype", "float32", "--cases", "single,small-tensors", "--no-plot", "--json",
-                             str(out)], capture_output=True, text=True, timeout=600)
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_user_bench_reports_measurements_and_writes_only_where_out_says(tmp_path):
+    result = run(["-m", "fastadam", "bench", *QUICK_USER_RUN, "--out", "mine"], cwd=tmp_path)
+    expected = {"mine/bench.json"}
+    if importlib.util.find_spec("matplotlib") is not None:
+        expected.add("mine/bench.png")
+    else:
+        assert "matplotlib is not installed, so no plot was drawn" in result.stdout
+    assert files_under(tmp_path) == expected
+    # Measurements and ratios, not the project's targets.
+    for word in ("MET", "NO DATA", "target", "Target"):
+        assert word not in result.stdout
+    assert "%probe" in result.stdout and "np-ref" in result.stdout
+    assert "other processes' load while timing" in result.stdout
+    document = json.loads((tmp_path / "mine" / "bench.json").read_text())
+    assert document["machine"]["cores"] >= 1 and document["fastadam"]["isa"]
+    assert {r["label"] for r in document["results"]} == {"2^12", "2^16", "small-tensors"}
+    for r in document["results"]:
+        assert set(r["contenders"]) == {"probe", "exact probe", "fastadam.adam_step", "fastadam.Adam.step",
+                                        "numpy reference"}
+        assert r["other_load_cores"] is None or r["other_load_cores"] >= 0
+        for c in r["contenders"].values():
+            assert len(c["seconds"]) == 3 and c["gb_per_s"] > 0 and c["percent_of_probe"]["median"] > 0
+
+
+def test_the_user_bench_writes_nothing_without_out(tmp_path):
+    result = run(["-m", "fastadam", "bench", *QUICK_USER_RUN, "--cases", "single", "--sizes", "12"], cwd=tmp_path)
+    assert files_under(tmp_path) == set()
+    assert "nothing written (--out DIR keeps the results and the plot)" in result.stdout
+
+
+def test_the_user_bench_says_when_matplotlib_is_missing(tmp_path):
+    # matplotlib made unimportable in this process only (None in sys.modules).
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from fastadam.__main__ import main\n"
+            f"sys.exit(main(['bench', *{QUICK_USER_RUN!r}, '--cases', 'single', '--sizes', '12', '--out', 'o']))")
+    result = run(["-c", code], cwd=tmp_path)
+    assert "matplotlib is not installed, so no plot was drawn" in result.stdout
+    assert files_under(tmp_path) == {"o/bench.json"}
+
+
+def test_the_user_bench_names_itself_in_its_help(tmp_path):
+    result = run(["-m", "fastadam", "bench", "--help"], cwd=tmp_path)
+    assert result.stdout.startswith("usage: python -m fastadam bench ")
+
+
+def test_the_project_step_suite_runs_checks_and_writes_its_results(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run([str(BENCHMARKS / "bench_step.py"), *QUICK_USER_RUN, "--no-plot", "--json", str(out)],
+                 cwd=tmp_path)
     document = json.loads(out.read_text())
     # Both limits ran (each checked against its formula before it was timed),
     # and every contender is reported against each of them.
-    assert {"probe", "exact probe"} <= set(document["contenders"])
+    assert {"probe", "exact probe", "numpy out="} <= set(document["contenders"])
     assert document["results"]
     for r in document["results"]:
-        assert {"probe", "exact probe", "fastadam.adam_step"} <= set(r["contenders"])
+        assert {"probe", "exact probe", "fastadam.adam_step", "numpy out="} <= set(r["contenders"])
         for c in r["contenders"].values():
             assert c["percent_of_probe"]["median"] > 0 and c["percent_of_exact_probe"]["median"] > 0
-    assert "%exact" in result.stdout
+    assert "%exact" in result.stdout and "Targets" in result.stdout
     assert any("of the exact probe" in t["description"] for t in document["targets"])
+    assert {t["status"] for t in document["targets"]} <= {"MET", "NOT MET", "NO DATA"}
 
 
 def test_the_sparse_and_mixed_suite_runs_and_writes_its_results(tmp_path):
     out = tmp_path / "sparse_mixed.json"
-    status = _bench_sparse_mixed.main(["--rows", "20000", "--dim", "16", "--indices", "500", "--mixed-size",
-                                       "70000", "--threads", "1", "--repeats", "2", "--sample-seconds", "0.002",
-                                       "--json", str(out)])
-    assert status == 0
+    run([str(BENCHMARKS / "bench_sparse_mixed.py"), "--rows", "20000", "--dim", "16", "--indices", "500",
+         "--mixed-size", "70000", "--threads", "1", "--repeats", "2", "--sample-seconds", "0.002", "--json",
+         str(out)], cwd=tmp_path)
     results = json.loads(out.read_text())
     assert results["sparse"][0]["unique_rows"] <= 500
     assert results["sparse"][0]["dense_over_sparse"] > 0
@@ -51,7 +110,7 @@ def test_the_sparse_and_mixed_suite_runs_and_writes_its_results(tmp_path):
 def training_loop_results(tmp_path_factory):
     """One tiny run of benchmarks/bench_training_loop.py, quiet and beside a busy process."""
     out = tmp_path_factory.mktemp("training_loop") / "loop.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training_loop.py"
+    script = BENCHMARKS / "bench_training_loop.py"
     # 6e4 parameters: above the serial cut-off, so the default contender really runs on several threads.
     result = subprocess.run([sys.executable, str(script), "--quick", "--sizes", "2e3,6e4", "--seconds", "0.2",
                              "--busy", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)

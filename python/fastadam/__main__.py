@@ -8,8 +8,10 @@ Commands:
     fastadam.Adam and by the NumPy reference, checks that both copies stay
     bitwise identical and times the optimizer steps (see ``fastadam._demo``).
 
-``python -m fastadam bench [args...]``
-    The optimizer-step benchmark; the arguments go to ``fastadam._bench.main``.
+``python -m fastadam bench [--quick] [--out DIR] [args...]``
+    How fast the step runs on this machine: measurements and ratios against
+    the memory-bandwidth limit and the NumPy reference (see ``fastadam._bench``;
+    ``--help`` lists the options).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _bench(args: list[str]) -> Optional[int]:
             raise  # the module exists but one of *its* imports failed: show that
         print(f"python -m fastadam bench: this installation has no {name}", file=sys.stderr)
         return 2
-    return bench.main(args)
+    return bench.main(args, prog="python -m fastadam bench")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:

@@ -1,41 +1,42 @@
-"""fastadam's benchmark suite: the step against the memory-bandwidth limit and against its peers.
+"""``python -m fastadam bench``: how fast the Adam step runs on this machine.
 
-Run it as ``python -m fastadam bench`` or ``python benchmarks/bench_step.py``;
-``--help`` lists the options; ``--quick`` runs a subset in well under a minute.
+For users measuring their own machine.  It reports measurements and ratios,
+nothing else: how many elements and GB a second ``fastadam.adam_step`` and
+``fastadam.Adam.step`` move, that as a percentage of the machine's memory
+bandwidth limit (the *probe*) and of the in-cache limit (the *exact probe*),
+and the NumPy reference's time over fastadam's.  ``--help`` lists the
+options; ``--quick`` runs a subset in well under a minute; ``--out DIR``
+keeps the results (``bench.json``) and, with matplotlib, a plot
+(``bench.png``); without ``--out`` nothing is written.
 
 How it measures
 ---------------
 * **Same buffers.**  Each case (one array of 2^k elements, the parameter list
   of ResNet-18, or 1,000 small tensors; float32 or float64; Adam, AdamW or
   AMSGrad; one thread count) allocates one set of arrays, and every contender
-  steps those arrays in place.  PyTorch and DeepSpeed get zero-copy tensors
-  (``torch.from_numpy``) with their optimizer state pointed at the same moment
-  arrays.  Only ``fastadam.Adam`` keeps moment arrays of its own, as it owns
-  them by design; they start as copies of the case's.
-* **The limits** are ``fastadam._core.probe_step``, compiled into the extension
-  with the kernel's flags and its loop shape: it reads the four arrays and
-  writes three, as the step does, with a multiply-add per array in place of
-  the update -- the memory limit; and the *exact probe*
-  (``probe_step(..., exact=True)``): the same traffic plus exactly one
-  correctly rounded division and one square root per element, the work the
-  bitwise contract requires, which bounds the step in cache.
+  steps those arrays in place (``fastadam.Adam`` on moments of its own that
+  start as copies).
+* **The limits** are ``fastadam._core.probe_step``, compiled with the kernel's
+  flags and loop shape: the probe reads the four arrays and writes three, as
+  the step does, with a multiply-add in place of the update (the memory
+  limit); the exact probe adds exactly one correctly rounded division and one
+  square root per element, the work the bitwise contract requires (the limit
+  for arrays that fit in cache).
 * **Interleaved.**  Each repeat times every contender once in turn, so that
-  the drift of a shared machine hits them alike.  A figure is the median over
-  the repeats; a ratio is the median of the per-repeat ratios, with their min
-  and max.
-* **Many calls per sample**, as ``timeit`` does: a sample lasts about
-  ``SAMPLE_SECONDS``, so a per-call time of a microsecond is meaningful.  The
-  steps repeat on the same buffers; the values stay finite and normal.
+  the drift of a shared machine hits them alike.  A figure is the median
+  over the repeats; a ratio is the median of the per-repeat ratios.  A sample
+  times many calls back to back (as ``timeit`` does).
 * **Checked.**  Before timing, each contender takes one step on copies of the
-  case's arrays (of their first ``CHECK_ELEMENTS`` elements for a larger
-  array), compared with :func:`fastadam.reference.adam_step`: fastadam and the
-  ``out=`` NumPy version must match it bit for bit, PyTorch and DeepSpeed within
-  a loose tolerance.  A wrong result stops the run with an error.
+  case's arrays, compared bit for bit with :func:`fastadam.reference.adam_step`
+  (the probes with their own formulas).  A wrong result stops the run.
+* **Flagged.**  A figure whose repeats spread over ``NOISY_SPREAD`` (max/min)
+  is marked ``~``; a case timed while other processes kept more than
+  ``BUSY_NEIGHBOUR_CORES`` cores busy is marked ``!`` (its figures, thread
+  scaling above all, are not the kernel's).  Both show in the plot too.
 
-Metrics: elements/s; GB/s, counting 7 accesses of the element size per element
-(read p, g, m, v; write p, m, v), 9 with AMSGrad (v_max read and written);
-percent of the probe and of the exact probe (bandwidth over theirs, per repeat); and
-the time ratio ``contender / fastadam.adam_step`` (above 1: fastadam is faster).
+The project's own suite (its targets, PyTorch and DeepSpeed side by side, the
+thread cut-off sweep) is ``benchmarks/bench_step.py`` in the repository; it
+builds on this module.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import contextlib
 import datetime
 import functools
 import gc
-import importlib
 import itertools
 import json
 import math
@@ -76,29 +76,22 @@ CHECK_ELEMENTS = 1 << 22
 #: Relative tolerance for contenders that round differently from fastadam.reference.
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
 
-#: Exponents k of the default single-array sizes 2^k.  2^26 elements is the
-#: largest that keeps a float64 AMSGrad case (five 512 MiB arrays, fastadam.Adam's
-#: own state and the NumPy reference's temporaries: about 7 GiB) well inside a
-#: 24 GiB machine, and the whole suite near a quarter of an hour on two cores.
-DEFAULT_SIZE_EXPONENTS = tuple(range(10, 27))
+#: Exponents k of the default single-array sizes 2^k.  At 2^24 elements a
+#: float64 AMSGrad case (five 128 MiB arrays, fastadam.Adam's own state and the
+#: NumPy reference's temporaries) needs about 2 GiB, and arrays far larger
+#: than any cache show the memory limit already.
+DEFAULT_SIZE_EXPONENTS = tuple(range(10, 25))
 QUICK_SIZE_EXPONENTS = (12, 16, 20)
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 3
 QUICK_SAMPLE_SECONDS = 0.002
-#: The threshold sweep: sizes 2^10 .. 2^18 in steps of a half power of two.
-THRESHOLD_SIZES = tuple(round(2 ** (k / 2)) for k in range(20, 37))
 
 CASE_FAMILIES = ("single", "resnet18", "small-tensors")
-DEFAULT_JSON = Path("benchmarks/results/bench_step.json")
-DEFAULT_THRESHOLD_JSON = Path("benchmarks/results/bench_threshold.json")
-DEFAULT_PLOT = Path("benchmarks/results/bench_step.png")
 
 PROBE = "probe"
 EXACT_PROBE = "exact probe"
 FASTADAM = "fastadam.adam_step"
 FASTADAM_OPTIMIZER = "fastadam.Adam.step"
-TORCH_FUSED = "torch fused"
-DEEPSPEED = "deepspeed"
 
 Step = Callable[[], None]
 
@@ -337,167 +330,16 @@ def _bind_numpy_reference(b: Buffers, variant: Variant, threads: int) -> Bound:
                                              max_exp_avg_sqs=max_exp_avg_sqs, **options), b)
 
 
-class NumpyOutStep:
-    """The step written carefully in NumPy: every ufunc writes into an existing array.
-
-    Two scratch arrays as long as the largest parameter are allocated once,
-    when the object is built, so a call allocates no temporary.  The operations,
-    their order and their constants are fastadam.reference's, so the result is
-    the reference's bit for bit; what differs is only the memory traffic.  It
-    is what a careful NumPy user can do: still a pass over memory per ufunc,
-    on one thread.
-    """
-
-    def __init__(self, b: Buffers, variant: Variant) -> None:
-        self.variant = variant
-        options = variant.options()
-        constants = {}  # per dtype: the same step, so the same scalars for every tensor
-        scratch = {}
-        for p in b.params:
-            if p.dtype not in constants:
-                constants[p.dtype] = reference.constants(1, options["lr"], options["betas"], options["eps"],
-                                                         options["weight_decay"], p.dtype)
-                largest = max(q.size for q in b.params if q.dtype == p.dtype)
-                scratch[p.dtype] = (np.empty(largest, p.dtype), np.empty(largest, p.dtype))
-        maxima = b.max_exp_avg_sqs if variant.amsgrad else [None] * len(b.params)
-        # Per tensor, views of the scratch in its shape: made here, not per call.
-        self.tensors = [(p, g, m, v, v_max, constants[p.dtype],
-                         *(s[:p.size].reshape(p.shape) for s in scratch[p.dtype]))
-                        for p, g, m, v, v_max in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, maxima)]
-
-    def __call__(self) -> None:
-        decoupled, amsgrad = self.variant.decoupled, self.variant.amsgrad
-        for p, g, m, v, v_max, c, t1, t2 in self.tensors:
-            # m = beta1 * m + (1 - beta1) * g
-            np.multiply(m, c.beta1, out=m)
-            np.multiply(g, c.one_minus_beta1, out=t1)
-            np.add(m, t1, out=m)
-            # v = beta2 * v + ((1 - beta2) * g) * g
-            np.multiply(v, c.beta2, out=v)
-            np.multiply(g, c.one_minus_beta2, out=t1)
-            np.multiply(t1, g, out=t1)
-            np.add(v, t1, out=v)
-            second_moment = v
-            if amsgrad:
-                np.maximum(v_max, v, out=v_max)
-                second_moment = v_max
-            # u = (step_size * m) / (sqrt(v') * inv_bias_correction2_sqrt + eps)
-            np.sqrt(second_moment, out=t1)
-            np.multiply(t1, c.inv_bias_correction2_sqrt, out=t1)
-            np.add(t1, c.eps, out=t1)
-            np.multiply(m, c.step_size, out=t2)
-            np.divide(t2, t1, out=t2)
-            if decoupled:  # u = (lr * weight_decay) * p + u
-                np.multiply(p, c.lr_weight_decay, out=t1)
-                np.add(t1, t2, out=t2)
-            np.subtract(p, t2, out=p)
-
-
-def _bind_numpy_out(b: Buffers, variant: Variant, threads: int) -> Bound:
-    return Bound(NumpyOutStep(b, variant), b)
-
-
-def _torch_params(b: Buffers) -> list:
-    """Zero-copy tensors over the case's parameters, with the gradients as their .grad."""
-    import torch
-
-    params = [torch.from_numpy(p) for p in b.params]
-    for t, g in zip(params, b.grads):
-        t.grad = torch.from_numpy(g)
-    return params
-
-
-def _bind_torch(b: Buffers, variant: Variant, threads: int, *, implementation: str) -> Bound:
-    import torch
-
-    params = _torch_params(b)
-    optimizer_class = torch.optim.AdamW if variant.decoupled else torch.optim.Adam
-    optimizer = optimizer_class(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=variant.adamw_weight_decay,
-                                amsgrad=variant.amsgrad, **{implementation: True})
-    # The state torch would create on the first step (a float32 step counter,
-    # the moments), but over the case's arrays: torch steps the same memory.
-    for i, t in enumerate(params):
-        state = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.from_numpy(b.exp_avgs[i]),
-                 "exp_avg_sq": torch.from_numpy(b.exp_avg_sqs[i])}
-        if variant.amsgrad:
-            state["max_exp_avg_sq"] = torch.from_numpy(b.max_exp_avg_sqs[i])
-        optimizer.state[t] = state
-    return Bound(optimizer.step, b)
-
-
-def _bind_deepspeed(b: Buffers, variant: Variant, threads: int) -> Bound:
-    import torch
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    params = _torch_params(b)
-    optimizer = DeepSpeedCPUAdam(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=variant.adamw_weight_decay,
-                                 adamw_mode=variant.decoupled)
-    # DeepSpeed creates its state on the first step only for a parameter without one.
-    for i, t in enumerate(params):
-        optimizer.state[t] = {"step": 0, "exp_avg": torch.from_numpy(b.exp_avgs[i]),
-                              "exp_avg_sq": torch.from_numpy(b.exp_avg_sqs[i])}
-    return Bound(optimizer.step, b)
-
-
-def _deepspeed_supports(dtype: np.dtype, variant: Variant) -> bool:
-    # DeepSpeedCPUAdam has float32 (and half) kernels only, and no AMSGrad.
-    return dtype == np.float32 and not variant.amsgrad
-
-
-def _import_optional(name: str) -> tuple[Any, str]:
-    """The module, or None and why it could not be imported."""
-    try:
-        return importlib.import_module(name), ""
-    except Exception as e:  # a broken install raises more than ImportError
-        return None, f"{type(e).__name__}: {e}"
-
-
-@dataclass
-class Peers:
-    """The optional libraries found, and why the others are missing."""
-
-    torch: Any = None
-    deepspeed: Any = None
-    missing: dict[str, str] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        found = [f"{m.__name__} {m.__version__}" for m in (self.torch, self.deepspeed) if m is not None]
-        lost = [f"{name} ({why})" for name, why in self.missing.items()]
-        return ", ".join(found) + (f"; not importable: {'; '.join(lost)}" if lost else "")
-
-
-def find_peers() -> Peers:
-    peers = Peers()
-    for name in ("torch", "deepspeed"):
-        module, why = _import_optional(name)
-        if module is None:
-            peers.missing[name] = why
-        setattr(peers, name, module)
-    return peers
-
 
 ADAM_STEP = Contender(FASTADAM, "adam_step", _bind_adam_step, "bitwise")
-#: The contenders that need nothing beyond NumPy, the probes first.
+#: The contenders that need nothing beyond NumPy, the probes first (run_case needs the first three).
 BUILTIN_CONTENDERS = (
     Contender(PROBE, "probe", _bind_probe, "probe"),
     Contender(EXACT_PROBE, "exact", functools.partial(_bind_probe, exact=True), "exact probe"),
     ADAM_STEP,
     Contender(FASTADAM_OPTIMIZER, "Adam.step", _bind_adam_optimizer, "bitwise"),
     Contender("numpy reference", "np-ref", _bind_numpy_reference, "bitwise"),
-    Contender("numpy out=", "np-out", _bind_numpy_out, "bitwise"),
 )
-
-
-def contenders(peers: Peers) -> list[Contender]:
-    """Every contender this environment can run: the built-in ones, then PyTorch's and DeepSpeed's."""
-    found = list(BUILTIN_CONTENDERS)
-    if peers.torch is not None:
-        found += [Contender(TORCH_FUSED, "t-fused", functools.partial(_bind_torch, implementation="fused"), "close"),
-                  Contender("torch foreach", "t-foreach", functools.partial(_bind_torch, implementation="foreach"),
-                            "close")]
-    if peers.deepspeed is not None:
-        found.append(Contender(DEEPSPEED, "deepspeed", _bind_deepspeed, "close", _deepspeed_supports))
-    return found
 
 
 # -- checking -----------------------------------------------------------------------------------------------
@@ -706,15 +548,6 @@ class Progress:
             sys.stderr.flush()
 
 
-def _use_threads(peers: Peers, threads: int) -> None:
-    """Run the peers on `threads` threads: torch's setting also governs DeepSpeed's OpenMP loops.
-
-    fastadam gets its count per call, so the OpenMP setting torch changes on
-    the way does not matter to it.
-    """
-    if peers.torch is not None:
-        peers.torch.set_num_threads(threads)
-
 
 def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffers: Buffers, start: Buffers,
              expected: Buffers, expected_probes: dict[str, Buffers], present: list[Contender],
@@ -757,8 +590,13 @@ def run_case(case: Case, dtype: np.dtype, variant: Variant, threads: int, buffer
             "contenders": results}
 
 
-def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
-    everyone = contenders(peers)
+def run_suite(settings: Settings, everyone: Sequence[Contender],
+              use_threads: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+    """Every case of `settings` with every contender of `everyone` (BUILTIN_CONTENDERS first) that supports it.
+
+    ``use_threads(n)``, if given, is called before the cases at n threads
+    (for contenders whose thread count is a global setting).
+    """
     progress = Progress(len(settings.cases) * len(settings.dtypes) * len(settings.variants) * len(settings.threads))
     with_max = any(v.amsgrad for v in settings.variants)
     results = []
@@ -774,7 +612,8 @@ def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
                     expected = expected_step(start, variant)
                     for threads in settings.threads:
                         progress.advance(f"{case.label} {dtype.name} {variant.name} {threads} thread(s)")
-                        _use_threads(peers, threads)
+                        if use_threads is not None:
+                            use_threads(threads)
                         results.append(run_case(case, dtype, variant, threads, buffers, start, expected,
                                                 probe_results, present, settings))
                 del buffers, start, probe_results  # before the next case allocates its own
@@ -782,60 +621,6 @@ def run_suite(settings: Settings, peers: Peers) -> list[dict[str, Any]]:
         progress.close()
     return results
 
-
-def measure_latency(settings: Settings) -> dict[str, Any]:
-    """One 4096-element float32 step from Python, as a user writes it, with the default options.
-
-    ``adam_step(p, g, m, v, step=1)`` and ``opt.step([g])``, interleaved with
-    an empty call whose time (the timing loop and one lambda call) is reported
-    as ``overhead`` and included in the others: the figures are end to end.
-    """
-    b = Buffers.random([(4096,)], np.dtype(np.float32), with_max=False, single=True)
-    p, g, m, v = b.params[0], b.grads[0], b.exp_avgs[0], b.exp_avg_sqs[0]
-    optimizer = Adam([p])
-    grads = [g]
-    steps = {FASTADAM: lambda: adam_step(p, g, m, v, step=1), FASTADAM_OPTIMIZER: lambda: optimizer.step(grads),
-             "overhead": lambda: None}
-    numbers = {name: calls_per_sample(step, settings.sample_seconds) for name, step in steps.items()}
-    samples = interleaved_samples(steps, numbers, max(settings.repeats, DEFAULT_REPEATS))
-    return {"elements": 4096, "dtype": "float32",
-            "seconds": {name: {**_spread(s), "samples": s, "calls_per_sample": numbers[name]}
-                        for name, s in samples.items()}}
-
-
-def threshold_sweep(dtypes: Sequence[np.dtype], repeats: int, sample_seconds: float) -> dict[str, Any]:
-    """fastadam.adam_step on 1 vs 2 threads over THRESHOLD_SIZES: where two threads start to win.
-
-    Calls below the kernel's serial cut-off run on one thread whatever they
-    ask for, so there the two columns time the same code; the sweep shows
-    whether two threads already win just above the cut-off (it could be
-    lower) or still lose there (it should be higher).
-    """
-    cutoffs = {name: int(n) for name, n in config()["parallel_threshold_elements"].items()}
-    variant = VARIANTS["adam"]
-    out: dict[str, Any] = {"cutoff_elements": cutoffs, "variant": variant.name, "dtypes": {}}
-    for dtype in dtypes:
-        cutoff = cutoffs[dtype.name]
-        rows = []
-        for n in THRESHOLD_SIZES:
-            buffers = Buffers.random([(n,)], dtype, with_max=False, single=True)
-            expected = expected_step(buffers, variant)
-            for threads in (1, 2):
-                check_contender(ADAM_STEP, buffers, expected, variant, threads, f"{n} {dtype.name}")
-            steps = {f"{t}": ADAM_STEP.bind(buffers, variant, t).step for t in (1, 2)}
-            numbers = {name: calls_per_sample(step, sample_seconds) for name, step in steps.items()}
-            samples = interleaved_samples(steps, numbers, repeats)
-            rows.append({"elements": n, "serial_both": n < cutoff, "one_thread_s": _spread(samples["1"]),
-                         "two_threads_s": _spread(samples["2"]),
-                         "speedup": _spread([a / b for a, b in zip(samples["1"], samples["2"])])})
-        # The smallest size from which on two threads win at every larger size.
-        wins_from = None
-        for row in reversed(rows):
-            if row["speedup"]["median"] <= 1.0:
-                break
-            wins_from = row["elements"]
-        out["dtypes"][dtype.name] = {"rows": rows, "two_threads_win_from": wins_from}
-    return out
 
 
 # -- reporting ----------------------------------------------------------------------------------------------
@@ -849,10 +634,6 @@ def _format_seconds(s: float) -> str:
     return f"{s:.2f} s"
 
 
-def _format_size(n: int) -> str:
-    k = n.bit_length() - 1
-    return f"2^{k}" if n == 1 << k else f"{n:,}"
-
 
 def _row_label(r: dict[str, Any]) -> str:
     return r["label"] if r["case"] == "single" else f"{r['label']} ({r['tensors']} tensors)"
@@ -860,10 +641,6 @@ def _row_label(r: dict[str, Any]) -> str:
 
 def _disturbed(r: dict[str, Any]) -> bool:
     return (r["other_load_cores"] or 0.0) > BUSY_NEIGHBOUR_CORES
-
-
-def _where(r: dict[str, Any]) -> str:
-    return f"{_row_label(r)} {r['dtype']} {r['variant']}, {r['threads']} thread(s)"
 
 
 #: A table cell is marked noisy when its repeats' max/min exceeds this.
@@ -903,159 +680,148 @@ def format_tables(results: list[dict[str, Any]], everyone: list[Contender]) -> s
     return "\n".join(lines)
 
 
-def format_latency(latency: dict[str, Any]) -> str:
-    s = latency["seconds"]
-    parts = [f"{name} {_format_seconds(s[name]['median'])} ({_format_seconds(s[name]['min'])}-"
-             f"{_format_seconds(s[name]['max'])})" for name in (FASTADAM, FASTADAM_OPTIMIZER)]
-    return (f"One 4096-element float32 step from Python, end to end: {', '.join(parts)}; "
-            f"timing loop overhead {_format_seconds(s['overhead']['median'])} (included)")
+
+def _noisy(seconds: Sequence[float]) -> bool:
+    return max(seconds) > NOISY_SPREAD * min(seconds)
 
 
-def format_threshold(sweep: dict[str, Any]) -> str:
-    cutoffs = ", ".join(f"{_format_size(n)} elements for {name}" for name, n in sweep["cutoff_elements"].items())
-    lines = [f"Threshold sweep: fastadam.adam_step ({sweep['variant']}), 1 vs 2 threads; the kernel's serial "
-             f"cut-off is {cutoffs} (below it both calls run on one thread)"]
-    for dtype, result in sweep["dtypes"].items():
-        lines += ["", f"{dtype}", f"{'elements':>10}{'1 thread':>13}{'2 threads':>13}{'speedup':>9}  (min-max)"]
-        for row in result["rows"]:
-            sp = row["speedup"]
-            note = "  serial: below the cut-off" if row["serial_both"] else ""
-            lines.append(f"{row['elements']:>10,}{_format_seconds(row['one_thread_s']['median']):>13}"
-                         f"{_format_seconds(row['two_threads_s']['median']):>13}{sp['median']:>8.2f}x"
-                         f"  ({sp['min']:.2f}-{sp['max']:.2f}){note}")
-        win = result["two_threads_win_from"]
-        lines.append(f"{dtype}: two threads win from {win:,} elements on" if win is not None
-                     else f"{dtype}: two threads do not win at the largest size swept")
-    return "\n".join(lines)
+def format_notes(results: list[dict[str, Any]]) -> list[str]:
+    """What the ~ and ! marks of this run amount to, and the other processes' load over the run."""
+    notes = []
+    noisy = sum(any(_noisy(c["seconds"]) for c in r["contenders"].values()) for r in results)
+    if noisy:
+        notes.append(f"~ {noisy} of {len(results)} cases have a figure whose repeats spread over {NOISY_SPREAD:g}x "
+                     f"(max/min): take their medians as rough")
+    loads = [r["other_load_cores"] for r in results if r["other_load_cores"] is not None]
+    busy = sum(map(_disturbed, results))
+    if busy:
+        notes.append(f"! {busy} of {len(results)} cases ran while other processes kept over "
+                     f"{BUSY_NEIGHBOUR_CORES:g} cores busy: their figures, thread scaling above all, are not the "
+                     f"kernel's; rerun them on a quiet machine (--sizes, --cases, --threads)")
+    if loads:
+        notes.append(f"other processes' load while timing: {statistics.median(loads):.2f} cores (median), "
+                     f"{min(loads):.2f}-{max(loads):.2f} over the cases, on {available_cores()} usable cores")
+    return notes
 
 
-@dataclass
-class Target:
-    description: str
-    status: str  # "MET", "NOT MET" or "NO DATA"
-    detail: str
-
-    def line(self) -> str:
-        return f"  {self.status:<8} {self.description}: {self.detail}"
-
-
-def _at_least_target(description: str, values: list[tuple[float, dict[str, Any]]], limit: float,
-                      unit: str) -> Target:
-    """MET when every value (with the result it came from) is >= limit; reports the worst."""
-    if not values:
-        return Target(description, "NO DATA", "no matching case was measured")
-    worst, where = min(values, key=lambda v: v[0])
-    failing = [v for v in values if v[0] < limit]
-    detail = f"worst {worst:.{1 if unit == '%' else 2}f}{unit} ({_where(where)}) over {len(values)} cases"
-    if failing:
-        detail += f"; {len(failing)} below {limit:g}{unit}"
-    return Target(description, "NOT MET" if failing else "MET", detail)
+def plot_title(results: list[dict[str, Any]], machine: dict[str, Any], cfg: dict[str, Any]) -> str:
+    libraries = ", ".join(f"{name} {machine[name]}" for name in ("python", "numpy", "torch", "deepspeed")
+                          if machine.get(name))
+    title = (f"fastadam {cfg['version']}, ISA level {cfg['isa']} ({cfg['vector_bits']}-bit vectors); "
+             f"{machine['cpu']}, {machine['cores']} usable cores\n{libraries}; {machine['platform']}")
+    busy = sum(map(_disturbed, results))
+    if busy:
+        title += f"\n! {busy} of {len(results)} cases ran on a busy machine (red x): not the kernel's figures"
+    return title
 
 
-def evaluate_targets(results: list[dict[str, Any]], latency: Optional[dict[str, Any]]) -> list[Target]:
-    def single(lo_exp: int, hi_exp: Optional[int] = None) -> list[dict[str, Any]]:
-        return [r for r in results if r["case"] == "single" and r["elements"] >= 1 << lo_exp
-                and (hi_exp is None or r["elements"] <= 1 << hi_exp)]
+def plot(results: list[dict[str, Any]], everyone: list[Contender], path: Path, title: str) -> None:
+    """GB/s of every contender: against size for the single arrays, as bars for the lists of tensors.
 
-    def percent(rs: list[dict[str, Any]], who: str = FASTADAM,
-                of: str = "percent_of_probe") -> list[tuple[float, dict[str, Any]]]:
-        return [(r["contenders"][who][of]["median"], r) for r in rs]
+    One row of panels per dtype and variant (and kind of case), one column
+    per thread count; the probes are black.  Cases timed on a busy machine
+    are crossed in red, figures with noisy repeats ringed in grey.  Needs
+    matplotlib (an ImportError otherwise).
+    """
+    from matplotlib.figure import Figure
 
-    def versus(rs: list[dict[str, Any]], peers: Sequence[str], who: str = FASTADAM) -> list:
-        """`who`'s speedup over the fastest of `peers` present in each result (from the tables' ratios)."""
-        values = []
-        for r in rs:
-            ratios = [r["contenders"][p]["ratio"]["median"] for p in peers if p in r["contenders"]]
-            if ratios:
-                values.append((min(ratios) / r["contenders"][who]["ratio"]["median"], r))
-        return values
-
-    targets = [
-        _at_least_target("2^12..2^26, every thread count, dtype and variant: >= 1.0x the faster of torch fused / "
-                         "DeepSpeed (where it runs: float32 Adam, AdamW)",
-                         versus(single(12, 26), (TORCH_FUSED, DEEPSPEED)), 1.0, "x"),
-        _at_least_target(">= 2^22 elements: >= 95% of the probe", percent(single(22)), 95.0, "%"),
-        _at_least_target("2^14..2^20 elements: >= 75% of the probe", percent(single(14, 20)), 75.0, "%"),
-        _at_least_target("2^14..2^20 elements: >= 95% of the exact probe (one division and square root an element)",
-                         percent(single(14, 20), of="percent_of_exact_probe"), 95.0, "%"),
-    ]
-    for who, limit in ((FASTADAM, 2e-6), (FASTADAM_OPTIMIZER, 3e-6)):
-        description = f"4096-element float32 step through {who}: < {limit * 1e6:g} µs"
-        if latency is None:
-            targets.append(Target(description, "NO DATA", "not measured (needs the single case)"))
-        else:
-            t = latency["seconds"][who]["median"]
-            targets.append(Target(description, "MET" if t < limit else "NOT MET", f"{_format_seconds(t)} (median)"))
-    resnet = [r for r in results if r["case"] == "resnet18"]
-    small = [r for r in results if r["case"] == "small-tensors"]
-    for who in (FASTADAM, FASTADAM_OPTIMIZER):
-        targets += [
-            _at_least_target(f"ResNet-18 list, {who}: >= 95% of the probe", percent(resnet, who), 95.0, "%"),
-            _at_least_target(f"ResNet-18 list, {who}: >= 1.0x torch fused", versus(resnet, (TORCH_FUSED,), who),
-                             1.0, "x"),
-            _at_least_target(f"ResNet-18 list, {who}: >= 1.0x DeepSpeed", versus(resnet, (DEEPSPEED,), who),
-                             1.0, "x"),
-            _at_least_target(f"1,000 small tensors, {who}: >= 90% of the probe", percent(small, who), 90.0, "%"),
-        ]
-    # Two threads against one, for the large arrays measured at both counts.
-    speedups = []
-    for r2 in single(22):
-        if r2["threads"] == 2:
-            for r1 in single(22):
-                if r1["threads"] == 1 and all(r1[k] == r2[k] for k in ("elements", "dtype", "variant")):
-                    speedups.append((r1["contenders"][FASTADAM]["median_s"] / r2["contenders"][FASTADAM]["median_s"],
-                                     r2))
-    targets.append(_at_least_target(">= 2^22 elements: two threads faster than one (speedup)", speedups, 1.0, "x"))
-    return targets
-
-
-def plot(results: list[dict[str, Any]], everyone: list[Contender], path: Path) -> bool:
-    """GB/s against size for every contender on the single-array cases; False without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    singles = [r for r in results if r["case"] == "single"]
-    if not singles:
-        return False
-    rows = sorted({(r["dtype"], r["variant"]) for r in singles})
-    columns = sorted({r["threads"] for r in singles})
-    figure = Figure(figsize=(5.5 * len(columns), 3.6 * len(rows)), layout="constrained")
-    axes = figure.subplots(len(rows), len(columns), squeeze=False, sharex=True)
-    for (i, (dtype, variant)), (j, threads) in itertools.product(enumerate(rows), enumerate(columns)):
+    groups = sorted({(r["dtype"], r["variant"]) for r in results})
+    columns = sorted({r["threads"] for r in results})
+    kinds = [k for k in ("single", "list") if any((r["case"] == "single") == (k == "single") for r in results)]
+    rows = [(g, k) for g in groups for k in kinds]
+    figure = Figure(figsize=(5.5 * len(columns), 3.6 * len(rows) + 0.8), layout="constrained")
+    figure.suptitle(title, fontsize="small")
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    limits = {PROBE: ("probe (the memory limit)", "--"), EXACT_PROBE: ("exact probe (the in-cache limit)", ":")}
+    for (i, ((dtype, variant), kind)), (j, threads) in itertools.product(enumerate(rows), enumerate(columns)):
         ax = axes[i][j]
-        panel = [r for r in singles if (r["dtype"], r["variant"], r["threads"]) == (dtype, variant, threads)]
-        for c in everyone:
-            points = [(r["elements"], r["contenders"][c.name]["gb_per_s"]) for r in panel if c.name in r["contenders"]]
-            if points:
-                x, y = zip(*points)
-                limits = {PROBE: ("probe (the memory limit)", "--"), EXACT_PROBE: ("exact probe (the in-cache limit)", ":")}
-                if c.name in limits:
-                    ax.plot(x, y, label=limits[c.name][0], color="black", linestyle=limits[c.name][1], linewidth=2)
-                else:
-                    ax.plot(x, y, label=c.name, marker=".")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{dtype} {variant}, {threads} thread(s)", fontsize="medium")
+        panel = [r for r in results if (r["dtype"], r["variant"], r["threads"]) == (dtype, variant, threads)
+                 and (r["case"] == "single") == (kind == "single")]
+        ax.set_title(f"{dtype} {variant}, {threads} thread(s)" + ("" if kind == "single" else ", lists of tensors"),
+                     fontsize="medium")
         ax.set_ylabel("GB/s")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("elements")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+        if kind == "single":
+            _plot_sizes(ax, panel, everyone, limits)
+        else:
+            _plot_lists(ax, panel, everyone, limits)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    return True
 
 
-def machine_info(peers: Peers) -> dict[str, Any]:
+def _marks(ax: Any, points: list[tuple[float, float, dict[str, Any], dict[str, Any]]]) -> None:
+    """Red crosses on cases timed on a busy machine, grey rings on figures with noisy repeats."""
+    busy = [(x, y) for x, y, r, _ in points if _disturbed(r)]
+    noisy = [(x, y) for x, y, _, c in points if _noisy(c["seconds"])]
+    if busy:
+        ax.scatter(*zip(*busy), marker="x", color="red", s=60, zorder=5, label="busy machine (!)")
+    if noisy:
+        ax.scatter(*zip(*noisy), facecolors="none", edgecolors="grey", s=110, zorder=4,
+                   label=f"repeats spread over {NOISY_SPREAD:g}x (~)")
+
+
+def _plot_sizes(ax: Any, panel: list[dict[str, Any]], everyone: list[Contender], limits: dict) -> None:
+    points = []
+    for c in everyone:
+        mine = [(r["elements"], r["contenders"][c.name]["gb_per_s"], r, r["contenders"][c.name])
+                for r in panel if c.name in r["contenders"]]
+        if not mine:
+            continue
+        x, y = [p[0] for p in mine], [p[1] for p in mine]
+        if c.name in limits:
+            ax.plot(x, y, label=limits[c.name][0], color="black", linestyle=limits[c.name][1], linewidth=2)
+        else:
+            ax.plot(x, y, label=c.name, marker=".")
+        points += mine
+    _marks(ax, points)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("elements")
+
+
+def _plot_lists(ax: Any, panel: list[dict[str, Any]], everyone: list[Contender], limits: dict) -> None:
+    bars = [c for c in everyone if c.name not in limits and any(c.name in r["contenders"] for r in panel)]
+    width = 0.8 / max(len(bars), 1)
+    points = []
+    for k, c in enumerate(bars):
+        mine = [(i - 0.4 + width * (k + 0.5), r["contenders"][c.name]["gb_per_s"], r, r["contenders"][c.name])
+                for i, r in enumerate(panel) if c.name in r["contenders"]]
+        ax.bar([p[0] for p in mine], [p[1] for p in mine], width, label=c.name, color=f"C{k}")
+        points += mine
+    for name, (label, style) in limits.items():
+        for i, r in enumerate(panel):
+            if name in r["contenders"]:
+                ax.hlines(r["contenders"][name]["gb_per_s"], i - 0.45, i + 0.45, color="black", linestyle=style,
+                          linewidth=2, label=label)
+    _marks(ax, points)
+    ax.set_xticks(range(len(panel)), [_row_label(r) for r in panel])
+
+
+def machine_info(**libraries: Any) -> dict[str, Any]:
+    """The CPU, core count, platform, and the versions of Python, NumPy and the given modules."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return {"cpu": cpu, "cores": available_cores(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__,
-            "torch": getattr(peers.torch, "__version__", None),
-            "deepspeed": getattr(peers.deepspeed, "__version__", None)}
+            **{name: getattr(module, "__version__", None) for name, module in libraries.items()}}
+
+
+def save_plot(results: list[dict[str, Any]], everyone: list[Contender], path: Path, machine: dict[str, Any],
+              cfg: dict[str, Any]) -> str:
+    """Draw the plot into `path` if matplotlib is there; the line to print either way."""
+    try:
+        plot(results, everyone, path, plot_title(results, machine, cfg))
+    except ImportError as e:
+        if not (e.name or "").startswith("matplotlib"):
+            raise  # matplotlib is there but broken: show that
+        return "matplotlib is not installed, so no plot was drawn (python -m pip install matplotlib)"
+    return f"wrote {path}"
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -1115,15 +881,15 @@ def _parse_threads(text: str) -> list[int]:
     return counts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastadam bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 1)[0] + "\n\nSee fastadam/_bench.py's docstring for the method.")
+
+def add_suite_arguments(parser: argparse.ArgumentParser, default_sizes: Sequence[int] = DEFAULT_SIZE_EXPONENTS) -> None:
+    """The options that choose what is timed (shared with benchmarks/bench_step.py)."""
+    sizes = f"{min(default_sizes)}-{max(default_sizes)}"
     parser.add_argument("--quick", action="store_true",
-                        help=f"a subset for smoke tests: sizes 2^{'/'.join(map(str, QUICK_SIZE_EXPONENTS))}, "
-                             f"Adam only, one thread and all, {QUICK_REPEATS} repeats, short samples")
+                        help=f"a short run: sizes 2^{'/'.join(map(str, QUICK_SIZE_EXPONENTS))}, Adam only, one "
+                             f"thread and all, {QUICK_REPEATS} repeats, short samples")
     parser.add_argument("--sizes", type=_parse_exponents, metavar="EXPONENTS",
-                        help="exponents k of the 2^k-element single arrays, e.g. 10-26 (the default) or 12,20,24")
+                        help=f"exponents k of the 2^k-element single arrays, e.g. {sizes} (the default) or 12,20,24")
     parser.add_argument("--threads", type=_parse_threads, metavar="N,N,...",
                         help=f"thread counts (default: {','.join(map(str, default_threads()))})")
     parser.add_argument("--dtype", type=_parse_list(("float32", "float64")), metavar="DTYPES",
@@ -1135,21 +901,24 @@ def build_parser() -> argparse.ArgumentParser:
                              f"--quick {QUICK_REPEATS})")
     parser.add_argument("--cases", type=_parse_list(CASE_FAMILIES), metavar="CASES", default=list(CASE_FAMILIES),
                         help=f"comma-separated from {', '.join(CASE_FAMILIES)} (default all)")
-    parser.add_argument("--threshold", action="store_true",
-                        help="instead of the suite, time fastadam on 1 vs 2 threads at 2^10..2^18 elements and "
-                             "report where two threads start to win (the serial cut-off's justification)")
-    parser.add_argument("--json", type=Path, metavar="PATH",
-                        help=f"where to write all results (default {DEFAULT_JSON}; with --threshold "
-                             f"{DEFAULT_THRESHOLD_JSON})")
-    parser.add_argument("--plot", type=Path, metavar="PATH", default=DEFAULT_PLOT,
-                        help=f"the PNG of GB/s against size, drawn when matplotlib is installed "
-                             f"(default {DEFAULT_PLOT})")
-    parser.add_argument("--no-plot", action="store_true", help="draw no plot")
+
+
+def build_parser(prog: str = "python -m fastadam bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=__doc__.split("\n\n", 2)[1])
+    add_suite_arguments(parser)
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write the results to DIR/bench.json and, with matplotlib, the plot to DIR/bench.png "
+                             "(default: write nothing)")
+    parser.add_argument("--no-plot", action="store_true", help="with --out, draw no plot")
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    exponents = args.sizes or (QUICK_SIZE_EXPONENTS if args.quick else DEFAULT_SIZE_EXPONENTS)
+def settings_from(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  default_sizes: Sequence[int] = DEFAULT_SIZE_EXPONENTS) -> Settings:
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    exponents = args.sizes or (QUICK_SIZE_EXPONENTS if args.quick else default_sizes)
     threads = args.threads or (sorted({1, available_cores()}) if args.quick else default_threads())
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     variants = args.variants or (["adam"] if args.quick else list(VARIANTS))
@@ -1158,67 +927,38 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     sample_seconds=QUICK_SAMPLE_SECONDS if args.quick else SAMPLE_SECONDS)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the suite (or, with --threshold, the threshold sweep) with command-line arguments `argv`."""
-    parser = build_parser()
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fastadam bench") -> int:
+    """Time the step on this machine with command-line arguments `argv`; the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    settings = settings_from(args)
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-    if args.threshold:
-        if available_cores() < 2:
-            print("fastadam bench --threshold: needs at least two cores", file=sys.stderr)
-            return 1
-        try:
-            sweep = threshold_sweep(settings.dtypes, settings.repeats, settings.sample_seconds)
-        except ResultMismatch as e:
-            print(f"fastadam bench: wrong result: {e}", file=sys.stderr)
-            return 1
-        print(format_threshold(sweep))
-        path = args.json or DEFAULT_THRESHOLD_JSON
-        write_json(path, {"created": created, "machine": machine_info(Peers()), "fastadam": config(),
-                          "threshold": sweep})
-        print(f"\nwrote {path}")
-        return 0
-
-    peers = find_peers()
-    everyone = contenders(peers)
+    settings = settings_from(parser, args)
+    created = now()
+    everyone = list(BUILTIN_CONTENDERS)
     cfg = config()
-    print(f"fastadam {cfg['version']} ({cfg['isa']}, OpenMP {cfg['openmp']}); {available_cores()} cores; "
+    print(f"fastadam {cfg['version']} (ISA level {cfg['isa']}); {available_cores()} usable cores; "
           f"threads {settings.threads}; {settings.repeats} interleaved repeats")
     print(f"contenders: {', '.join(c.name for c in everyone)}")
-    print(f"peers: {peers.describe() or 'none'}")
-    torch_threads = peers.torch.get_num_threads() if peers.torch is not None else None
     try:
-        results = run_suite(settings, peers)
-        latency = measure_latency(settings) if any(c.single for c in settings.cases) else None
+        results = run_suite(settings, everyone)
     except ResultMismatch as e:
-        print(f"fastadam bench: wrong result: {e}", file=sys.stderr)
+        print(f"{prog}: wrong result: {e}", file=sys.stderr)
         return 1
-    finally:
-        if torch_threads is not None:
-            peers.torch.set_num_threads(torch_threads)
-
     print(format_tables(results, everyone))
-    if latency is not None:
-        print("\n" + format_latency(latency))
-    targets = evaluate_targets(results, latency)
-    print("\nTargets")
-    print("\n".join(t.line() for t in targets))
-    disturbed = sum(map(_disturbed, results))
-    if disturbed:
-        print(f"\n{disturbed} of {len(results)} cases ran while other processes kept over "
-              f"{BUSY_NEIGHBOUR_CORES:g} cores busy (marked !): their figures, thread scaling above all, "
-              f"are not the kernel's; rerun them on a quiet machine (--sizes, --cases, --threads).")
-
-    path = args.json or DEFAULT_JSON
-    write_json(path, {"created": created, "machine": machine_info(peers), "fastadam": cfg,
-                      "settings": settings.describe(), "contenders": [c.name for c in everyone],
-                      "results": results, "latency": latency,
-                      "targets": [t.__dict__ for t in targets]})
+    notes = format_notes(results)
+    if notes:
+        print("\n" + "\n".join(notes))
+    if args.out is None:
+        print("\nnothing written (--out DIR keeps the results and the plot)")
+        return 0
+    machine = machine_info()
+    path = args.out / "bench.json"
+    write_json(path, {"created": created, "machine": machine, "fastadam": cfg, "settings": settings.describe(),
+                      "contenders": [c.name for c in everyone], "results": results})
     print(f"\nwrote {path}")
-    if not args.no_plot and plot(results, everyone, args.plot):
-        print(f"wrote {args.plot}")
+    if not args.no_plot:
+        print(save_plot(results, everyone, args.out / "bench.png", machine, cfg))
     return 0

@@ -263,7 +263,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         description="Train a small NumPy MLP twice side by side, once stepped by fastadam.Adam and once by the "
                     "NumPy reference fastadam.reference.adam_step, check that both stay bitwise identical, "
                     "and time the optimizer steps.",
-        epilog="Other command: 'python -m fastadam bench [args...]' runs the optimizer-step benchmark.")
+        epilog="Other command: 'python -m fastadam bench [--quick] [--out DIR]' times the step on this machine.")
     parser.add_argument("--epochs", type=_positive(int), default=15,
                         help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive(int), default=64,

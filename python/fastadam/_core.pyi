@@ -1,0 +1,98 @@
+# Type stub of fastadam's compiled module (csrc/module.cpp), written by hand.
+#
+# The functions take Python objects as they come (handles) and check them in
+# C++, so their arguments are typed as what the Python layer passes: arrays,
+# lists of arrays, or objects with __dlpack__.  tests/test_installation.py
+# checks that this file names exactly what _core exports, with each
+# function's parameter count; keep it in step with module.cpp.
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+# One array, a sequence of them, or (for a single parameter) any object
+# with __dlpack__ that the core views as an ndarray.
+_Arrays = Any
+_OptionalArrays = Optional[Any]
+_Betas = Sequence[float]
+
+def adam_step(
+    params: _Arrays,
+    grads: _Arrays,
+    exp_avgs: _Arrays,
+    exp_avg_sqs: _Arrays,
+    max_exp_avg_sqs: _OptionalArrays,
+    step: Union[int, Sequence[int]],
+    lr: float,
+    betas: _Betas,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    model_params: _OptionalArrays,
+    grad_scale: Optional[float],
+    skip_if_nonfinite: bool,
+    num_threads: Optional[int],
+    /,
+) -> bool: ...
+def sparse_adam_step(
+    param: Any,
+    indices: Any,
+    values: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    step: int,
+    lr: float,
+    betas: _Betas,
+    eps: float,
+    maximize: bool,
+    num_threads: Optional[int],
+    /,
+) -> None: ...
+def as_array(obj: Any, name: str) -> Any: ...
+def probe_step(
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    d: np.ndarray,
+    num_threads: Optional[int] = None,
+    e: Optional[np.ndarray] = None,
+    exact: bool = False,
+) -> None: ...
+
+class AdamPlan:
+    """The optimizer's prepared step over its arrays (checked once, data pointers held)."""
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps each param has taken, in the plan's order."""
+    @steps.setter
+    def steps(self, steps: Sequence[int], /) -> None: ...
+    def __init__(
+        self,
+        params: Sequence[np.ndarray],
+        exp_avgs: Sequence[np.ndarray],
+        exp_avg_sqs: Sequence[np.ndarray],
+        max_exp_avg_sqs: Sequence[Optional[np.ndarray]],
+        model_params: Sequence[Optional[np.ndarray]],
+        group_of: Sequence[int],
+        groups: int,
+        sparse_adam_eps: bool,
+        /,
+    ) -> None: ...
+    def step(
+        self,
+        grads: Sequence[Any],
+        groups: Sequence[dict[str, Any]],
+        grad_scale: Optional[float],
+        skip_if_nonfinite: bool,
+        num_threads: Optional[int],
+        /,
+    ) -> bool: ...
+    def __len__(self) -> int: ...
+
+def config() -> dict[str, Any]: ...
+def pool_stats() -> dict[str, int]: ...
+def set_num_threads(n: Optional[int], /) -> None: ...
+def get_num_threads() -> int: ...
