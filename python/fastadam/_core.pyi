@@ -30,6 +30,7 @@ def adam_step(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    eps_before_bias_correction: bool,
     model_params: _OptionalArrays,
     grad_scale: Optional[float],
     skip_if_nonfinite: bool,
@@ -78,13 +79,12 @@ class AdamPlan:
         model_params: Sequence[Optional[np.ndarray]],
         group_of: Sequence[int],
         groups: int,
-        sparse_adam_eps: bool,
         /,
     ) -> None: ...
     def step(
         self,
         grads: Sequence[Any],
-        groups: Sequence[dict[str, Any]],
+        groups: Sequence[tuple[Any, ...]],
         grad_scale: Optional[float],
         skip_if_nonfinite: bool,
         num_threads: Optional[int],
