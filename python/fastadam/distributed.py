@@ -606,12 +606,12 @@ class ZeroAdam:
             lo, hi = seq.bounds(self.rank)
             name = seq.dtype.name
             work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
-            out[f"{name}/param"] = np.empty(hi - lo, seq.dtype)
+            out[f"{name}/param"] = np.empty(hi - lo, seq.gather_dtype)  # 16-bit floats as their bits (uint16)
             for key in self._state_keys():
                 out[f"{name}/{key}"] = np.zeros(hi - lo, work)
             for s in seq.segments(lo, hi):
                 where = slice(s.offset, s.offset + s.length)
-                out[f"{name}/param"][where] = self._flat[s.param][s.start:s.start + s.length]
+                out[f"{name}/param"][where] = self._flat_bits[s.param][s.start:s.start + s.length]
                 for key, a in state[s.param].items():
                     out[f"{name}/{key}"][where] = a
         return out
@@ -691,7 +691,7 @@ class ZeroAdam:
             for seq in self._sequences:
                 lo, hi = seq.bounds(self.rank)
                 for s in seq.segments(lo, hi):
-                    self._flat[s.param][s.start:s.start + s.length] = \
+                    self._flat_bits[s.param][s.start:s.start + s.length] = \
                         arrays[f"{seq.dtype.name}/param"][s.offset:s.offset + s.length]
             # The master copies (if any) are restored by this, and the 16-bit params rounded from them.
             self._inner.load_state_dict({"state": state, "param_groups": inner_groups})
@@ -750,7 +750,7 @@ class ZeroAdam:
             lo, hi = seq.bounds(self.rank)
             work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
             for key in keys:
-                out[f"{seq.dtype.name}/{key}"] = np.empty(hi - lo, seq.dtype if key == "param" else work)
+                out[f"{seq.dtype.name}/{key}"] = np.empty(hi - lo, seq.gather_dtype if key == "param" else work)
             if lo >= hi:
                 continue
             old_shard = _shard_length(seq.total, world)
