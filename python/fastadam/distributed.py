@@ -1,0 +1,823 @@
+r"""Adam with its state sharded across processes (ZeRO stage 1/2), on ``torch.distributed`` or on MPI.
+
+Every rank holds the full parameters and computes gradients on its part of
+the data.  :class:`ZeroAdam` lays all parameters of one dtype out as one flat
+sequence of elements (in the order they were given) and cuts it into ``N``
+contiguous shards of equal length ``S`` (a multiple of 64 elements; the last
+shard is shorter or empty)::
+
+    S = 64 * ceil(ceil(T / N) / 64)            T: elements of that dtype, N: ranks
+    shard r = elements [min(r*S, T), min((r+1)*S, T))
+
+Rank ``r`` keeps the Adam state (``exp_avg``, ``exp_avg_sq``, and
+``max_exp_avg_sq`` / ``master_param`` when used) of its shard only, so the
+state per rank is ``1/N`` of the unsharded state.  :meth:`ZeroAdam.step`:
+
+1. **reduce**: the gradients are reduced across ranks and each rank receives
+   its shard of the sum (a reduce-scatter: ``Reduce_scatter_block`` in MPI; in
+   ``torch.distributed`` an ``all_reduce`` of each bucket, which measured
+   twice as fast as gloo's ``reduce_scatter``); with
+   ``reduction="mean"`` each received element is then divided by ``N``
+   (``fl(sum / N)``, one correctly rounded division);
+2. **step**: one :class:`fastadam.Adam` call over the rank's shard: its state
+   is plain fastadam state over zero-copy views of the parameters (a
+   parameter that straddles shards is a slice ``p.reshape(-1)[a:b]``);
+3. **gather**: the updated shards are all-gathered into every rank's
+   parameter arrays, in place.
+
+The step is element-wise, so given the same reduced gradients every rank's
+parameters are bitwise equal to a single-process :class:`fastadam.Adam` step,
+whatever ``N`` and the bucket size; only the reduction's summation order is
+the engine's.  Communication goes through buckets of at most
+``bucket_bytes``: the only temporary is one buffer of that size, reused by
+every bucket; the reduced gradient of the shard (``1/N`` of the model) is
+kept between steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ._functional import RowSparseGrad
+from ._optim import (_GROUP_KEYS, _HYPERPARAMETERS, Adam, _check_group_hyperparameters, _is_16bit_float,
+                     _json_number, _listed, _read_npy_header, _sorted_keys)
+
+__all__ = ["ZeroAdam", "ZeroAdamW"]
+
+#: Shard boundaries fall on multiples of this many elements (the kernel's chunk alignment).
+SHARD_ALIGNMENT = 64
+#: The default bound on the communication buffer.
+DEFAULT_BUCKET_BYTES = 32 * 2**20
+#: The default time an MPI collective may take before the others are declared lost.
+DEFAULT_MPI_TIMEOUT = 300.0
+_MANIFEST = "manifest.json"
+_FORMAT = "fastadam.distributed/1"
+_MANIFEST_LIMIT = 64 * 2**20
+
+
+# -- communicators -------------------------------------------------------------------------------------------
+
+
+class _MPIComm:
+    """The collectives ZeroAdam needs, on an ``mpi4py`` communicator.
+
+    With a timeout, each collective is started non-blocking and polled until
+    done or until the deadline, when it raises TimeoutError: a rank that
+    stopped answering makes the others raise instead of waiting forever.
+    """
+
+    engine = "mpi"
+
+    def __init__(self, comm: Any, timeout: Optional[float]) -> None:
+        from mpi4py import MPI
+
+        if not isinstance(comm, MPI.Intracomm):
+            raise TypeError(f"comm: expected an mpi4py intracommunicator (e.g. MPI.COMM_WORLD), "
+                            f"got {type(comm).__name__}")
+        self._MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.timeout = timeout
+
+    def _wait(self, request: Any, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        polls = 0
+        while not request.Test():
+            polls += 1
+            if polls > 2000:  # after a short spin, stop taking a core from the ranks being waited for
+                time.sleep(5e-5)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what}: not every rank took part within the timeout of {self.timeout:g} s "
+                                       f"(rank {self.rank} of {self.size}); a rank died, hangs, or raised before "
+                                       "the collective. The communicator cannot be used any more.")
+
+    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+        if self.timeout is None:
+            self.comm.Reduce_scatter_block(send, recv, op=self._MPI.SUM)
+        else:
+            self._wait(self.comm.Ireduce_scatter_block(send, recv, op=self._MPI.SUM), "reduce-scatter")
+
+    def allgather_inplace(self, buffer: np.ndarray) -> None:
+        """``buffer`` holds ``size`` equal blocks; this rank's block is filled, the others are received."""
+        if self.timeout is None:
+            self.comm.Allgather(self._MPI.IN_PLACE, buffer)
+        else:
+            self._wait(self.comm.Iallgather(self._MPI.IN_PLACE, buffer), "all-gather")
+
+    def allgather(self, send: np.ndarray) -> np.ndarray:
+        recv = np.empty((self.size,) + send.shape, send.dtype)
+        if self.timeout is None:
+            self.comm.Allgather(send, recv)
+        else:
+            self._wait(self.comm.Iallgather(send, recv), "all-gather")
+        return recv
+
+    def barrier(self) -> None:
+        if self.timeout is None:
+            self.comm.Barrier()
+        else:
+            self._wait(self.comm.Ibarrier(), "barrier")
+
+
+class _TorchComm:
+    """The collectives ZeroAdam needs, on a ``torch.distributed`` process group (gloo on CPU).
+
+    The buffers are NumPy arrays; the collectives see them through
+    ``torch.from_numpy`` (shared memory, no copy).  Timeouts are the process
+    group's (``init_process_group(timeout=...)``): a peer that died or hangs
+    makes the collective raise then.
+    """
+
+    engine = "torch.distributed"
+
+    def __init__(self, group: Any) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group: torch.distributed is not initialized (call "
+                             "torch.distributed.init_process_group first), and no mpi4py comm= was given")
+        self._torch = torch
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        # all_gather_into_tensor was renamed (the old name warns).
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def _tensor(self, a: np.ndarray) -> Any:
+        if a.dtype == np.uint16:  # 16-bit payloads travel as float16 bits (gloo gathers no 16-bit integers)
+            a = a.view(np.float16)
+        return self._torch.from_numpy(a)
+
+    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+        # gloo's reduce_scatter took twice as long as an all_reduce of the same buffer followed by taking
+        # this rank's block (benchmarks/bench_distributed.py: 145 vs 68 ms for 32 MiB on 2 ranks, 277 vs
+        # 149 on 4), though it could send half the bytes: so the all_reduce, in place in the bucket buffer.
+        self._dist.all_reduce(self._tensor(send), group=self.group)
+        block = len(recv)
+        recv[...] = send[self.rank * block:(self.rank + 1) * block]
+
+    def allgather_inplace(self, buffer: np.ndarray) -> None:
+        block = len(buffer) // self.size
+        out = self._tensor(buffer)
+        self._all_gather(out, out[self.rank * block:(self.rank + 1) * block].clone(), group=self.group)
+
+    def allgather(self, send: np.ndarray) -> np.ndarray:
+        recv = np.empty((self.size,) + send.shape, send.dtype)
+        self._all_gather(self._tensor(recv.reshape(-1)), self._tensor(send.reshape(-1)), group=self.group)
+        return recv
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self.group)
+
+
+def _communicator(process_group: Any, comm: Any, timeout: Optional[float]) -> Union[_MPIComm, _TorchComm]:
+    if comm is not None and process_group is not None:
+        raise ValueError("pass either comm= (an mpi4py communicator) or process_group= (torch.distributed), "
+                         "not both")
+    if comm is not None:
+        return _MPIComm(comm, DEFAULT_MPI_TIMEOUT if timeout == "default" else timeout)
+    if timeout != "default":
+        raise ValueError("timeout= applies to MPI only; a torch.distributed group has its own "
+                         "(init_process_group(timeout=...))")
+    return _TorchComm(process_group)
+
+
+# -- layout --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Segment:
+    """``length`` elements at ``offset`` in a bucket buffer <-> elements ``start:`` of flat param ``param``."""
+
+    offset: int
+    param: int
+    start: int
+    length: int
+
+
+@dataclass
+class _Sequence:
+    """All params of one dtype as one flat sequence of ``total`` elements, in shards of ``shard`` elements."""
+
+    dtype: np.dtype
+    reduce_dtype: np.dtype      # gradients are reduced in this dtype (float32 for 16-bit params)
+    gather_dtype: np.dtype      # the bits that are gathered (uint16 for 16-bit params)
+    params: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    total: int = 0
+    shard: int = 0
+    block: int = 0              # elements per rank per bucket
+    buckets: list[tuple[int, list[list[_Segment]]]] = field(default_factory=list)  # (block length, per rank)
+    sizes: list[int] = field(default_factory=list)
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        return min(rank * self.shard, self.total), min((rank + 1) * self.shard, self.total)
+
+    def segments(self, lo: int, hi: int) -> list[_Segment]:
+        """The params' pieces covering elements ``[lo, hi)`` of the sequence, at buffer offsets from 0."""
+        out: list[_Segment] = []
+        if lo >= hi:
+            return out
+        k = bisect.bisect_right(self.offsets, lo) - 1
+        pos = lo
+        while pos < hi:
+            while self.offsets[k] + self.sizes[k] <= pos:
+                k += 1
+            start = pos - self.offsets[k]
+            length = min(hi, self.offsets[k] + self.sizes[k]) - pos
+            out.append(_Segment(pos - lo, self.params[k], start, length))
+            pos += length
+        return out
+
+
+def _shard_length(total: int, world: int) -> int:
+    return SHARD_ALIGNMENT * math.ceil(math.ceil(total / world) / SHARD_ALIGNMENT) if total else 0
+
+
+# -- the optimizer -------------------------------------------------------------------------------------------
+
+
+class ZeroAdam:
+    r"""Adam whose state is sharded across the ranks of an MPI communicator or a torch.distributed group.
+
+    Parameters
+    ----------
+    params
+        The same list of arrays (or param-group dicts, as for
+        :class:`fastadam.Adam`) on every rank: float32/float64 NumPy arrays,
+        C-contiguous and writeable (float16/bfloat16 with
+        ``master_weights=True``).  They are updated in place on every rank.
+        Their count, shapes, dtypes, grouping and hyperparameters are compared
+        across ranks at construction; any difference raises ValueError on
+        every rank.
+    process_group, comm
+        The engine: ``comm=`` an ``mpi4py`` intracommunicator (MPI), or
+        ``process_group=`` a ``torch.distributed`` group; with neither, the
+        default ``torch.distributed`` group (which must be initialized).
+    reduction
+        ``"mean"`` (the reduced gradient is ``fl(sum / N)``) or ``"sum"``.
+    bucket_bytes
+        The most bytes one collective moves in all ranks' blocks together
+        (default 32 MiB); the one communication buffer is this large.
+    timeout
+        MPI only: seconds a collective may wait for the other ranks before it
+        raises TimeoutError (default 300; ``None`` uses MPI's blocking calls,
+        which wait forever for a rank that hangs).  torch.distributed uses
+        the group's timeout.
+    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, master_weights, num_threads
+        As for :class:`fastadam.Adam`.
+
+    Examples
+    --------
+    >>> opt = ZeroAdam([W, b], comm=MPI.COMM_WORLD, lr=1e-3)
+    >>> opt.step([dW, db])            # this rank's gradients; W and b are updated on every rank
+    """
+
+    def __init__(self, params: Any, *, process_group: Any = None, comm: Any = None, reduction: str = "mean",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: Union[float, None, str] = "default",
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+                 decoupled_weight_decay: bool = False, master_weights: bool = False,
+                 num_threads: Optional[int] = None) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        self._comm = _communicator(process_group, comm, timeout)
+        self.rank, self.world_size = self._comm.rank, self._comm.size
+        self.reduction = reduction
+        self.bucket_bytes = int(bucket_bytes)
+        self.master_weights = bool(master_weights)
+        self.num_threads = num_threads
+        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+        self.last_step_seconds = {"reduce": 0.0, "step": 0.0, "gather": 0.0}
+        self._step_count = 0
+
+        # Checked locally first; a rank whose params are malformed tells the others before raising, so that
+        # no rank is left waiting in the comparison below.
+        local_error: Optional[BaseException] = None
+        try:
+            self._take_params(params)
+        except (TypeError, ValueError) as e:
+            local_error = e
+        self._agree_across_ranks(local_error)
+        self._lay_out()
+        self._build_inner()
+
+    # -- construction ----------------------------------------------------------------------------------------
+
+    def _take_params(self, params: Any) -> None:
+        items = _listed(params, "params", f"{type(self).__name__}([W])")
+        if not items:
+            raise ValueError("params: the optimizer got an empty parameter list")
+        groups_in = items if isinstance(items[0], dict) else [{"params": items}]
+        self._groups: list[dict[str, Any]] = []
+        self._params: list[np.ndarray] = []
+        for k, g in enumerate(groups_in):
+            where = f"param_groups[{k}]"
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
+            unknown = set(g) - _GROUP_KEYS
+            if unknown:
+                raise ValueError(f"{where}: unknown option(s) {_sorted_keys(unknown)}")
+            group = {**self.defaults, **g}
+            group["params"] = tuple(_listed(g["params"], f"{where}['params']", "{'params': [W]}"))
+            if isinstance(group["betas"], (tuple, list)):
+                group["betas"] = tuple(group["betas"])
+            if not group["params"]:
+                raise ValueError(f"{where}: empty parameter list")
+            _check_group_hyperparameters(group, where)
+            for p in group["params"]:
+                self._check_param(p, len(self._params))
+                self._params.append(p)
+            self._groups.append(group)
+        spans = sorted((p.__array_interface__["data"][0], p.nbytes, i) for i, p in enumerate(self._params)
+                       if p.nbytes)
+        for (a, n, i), (b, _, j) in zip(spans, spans[1:]):
+            if b < a + n:
+                raise ValueError(f"params[{max(i, j)}] shares memory with params[{min(i, j)}]; each parameter "
+                                 "must be its own buffer")
+        self._group_of = [k for k, g in enumerate(self._groups) for _ in g["params"]]
+
+    def _check_param(self, p: Any, i: int) -> None:
+        if not isinstance(p, np.ndarray):
+            raise TypeError(f"params[{i}]: expected a numpy.ndarray, got {type(p).__name__} (a torch tensor: "
+                            "pass p.detach().numpy(), a view of its memory)")
+        if _is_16bit_float(p):
+            if not self.master_weights:
+                raise TypeError(f"params[{i}]: dtype {p.dtype} needs master_weights=True")
+        elif p.dtype not in (np.float32, np.float64):
+            raise TypeError(f"params[{i}]: dtype {p.dtype} is not float32, float64, float16 or bfloat16")
+        if not p.flags.c_contiguous:
+            raise ValueError(f"params[{i}]: must be C-contiguous (the gathered shards are written into its memory)")
+        if not p.flags.writeable:
+            raise ValueError(f"params[{i}]: is read-only")
+
+    def _description(self) -> dict[str, Any]:
+        """What must be equal on every rank, as JSON-able data."""
+        return {"params": [[list(p.shape), p.dtype.name] for p in self._params],
+                "groups": [[len(g["params"]), {key: g[key] for key in _HYPERPARAMETERS}] for g in self._groups],
+                "master_weights": self.master_weights, "reduction": self.reduction,
+                "bucket_bytes": self.bucket_bytes}
+
+    def _agree_across_ranks(self, local_error: Optional[BaseException]) -> None:
+        """Raise on every rank if any rank's params failed their checks or differ from rank 0's."""
+        if local_error is None:
+            text = json.dumps(self._description(), default=_json_number, sort_keys=True)
+        else:
+            text = json.dumps({"error": f"{type(local_error).__name__}: {local_error}"})
+        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8).copy()  # writeable: torch wants it
+        digests = self._comm.allgather(digest)
+        if local_error is None and (digests == digests[0]).all():
+            return
+        # Someone differs: every rank sees that, and all exchange their descriptions to say what.
+        data = np.frombuffer(text.encode(), np.uint8).copy()
+        lengths = self._comm.allgather(np.array([len(data)], np.int64))[:, 0]
+        padded = np.zeros(int(lengths.max()), np.uint8)
+        padded[:len(data)] = data
+        texts = [bytes(row[:n]).decode() for row, n in zip(self._comm.allgather(padded), lengths)]
+        if local_error is not None:
+            raise local_error
+        described = [json.loads(t) for t in texts]
+        for r, d in enumerate(described):
+            if "error" in d:
+                raise ValueError(f"ZeroAdam: rank {r} refused its params: {d['error']}")
+        mine = described[0]
+        for r, d in enumerate(described[1:], 1):
+            if d != mine:
+                raise ValueError(f"ZeroAdam: the params differ across ranks: {_difference(mine, d, r)} "
+                                 "(every rank must pass the same params, groups and options)")
+
+    def _lay_out(self) -> None:
+        """The flat sequences, their shards and buckets, and the communication buffer."""
+        world, rank = self.world_size, self.rank
+        self._sequences: list[_Sequence] = []
+        by_dtype: dict[str, _Sequence] = {}
+        self._where: dict[int, tuple[_Sequence, int]] = {}  # param -> its sequence and offset in it
+        for i, p in enumerate(self._params):
+            seq = by_dtype.get(p.dtype.name)
+            if seq is None:
+                sixteen = _is_16bit_float(p)
+                seq = _Sequence(p.dtype, np.dtype(np.float32) if sixteen else p.dtype,
+                                np.dtype(np.uint16) if sixteen else p.dtype)
+                by_dtype[p.dtype.name] = seq
+                self._sequences.append(seq)
+            seq.params.append(i)
+            self._where[i] = (seq, seq.total)
+            seq.offsets.append(seq.total)
+            seq.sizes.append(p.size)
+            seq.total += p.size
+        buffer_bytes = 0
+        for seq in self._sequences:
+            seq.shard = _shard_length(seq.total, world)
+            itemsize = max(seq.reduce_dtype.itemsize, seq.gather_dtype.itemsize)
+            block = self.bucket_bytes // (world * itemsize) // SHARD_ALIGNMENT * SHARD_ALIGNMENT
+            seq.block = max(SHARD_ALIGNMENT, min(block, seq.shard))
+            for start in range(0, seq.shard, seq.block):
+                length = min(seq.block, seq.shard - start)
+                per_rank = [seq.segments(min(r * seq.shard + start, seq.total),
+                                         min(r * seq.shard + start + length, seq.total)) for r in range(world)]
+                seq.buckets.append((length, per_rank))
+                buffer_bytes = max(buffer_bytes, world * length * itemsize)
+        self._buffer = np.empty(buffer_bytes, np.uint8)
+        self._flat = [p.reshape(-1) for p in self._params]  # views: C-contiguous params
+        self._flat_bits = [f.view(np.uint16) if _is_16bit_float(f) else f for f in self._flat]
+        # This rank's reduced gradients, kept between steps (1/N of the model).
+        self._shard_grads = [np.zeros(seq.shard if seq.bounds(rank)[1] > seq.bounds(rank)[0] else 0,
+                                      seq.reduce_dtype) for seq in self._sequences]
+
+    def _build_inner(self) -> None:
+        """A fastadam.Adam over this rank's pieces: views of the params and of the reduced gradients."""
+        pieces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for seq, grads in zip(self._sequences, self._shard_grads):
+            lo, hi = seq.bounds(self.rank)
+            for s in seq.segments(lo, hi):
+                pieces[s.param] = (self._flat[s.param][s.start:s.start + s.length],
+                                   grads[s.offset:s.offset + s.length])
+        inner_groups, self._inner_group_of, self._inner_params = [], [], []
+        inner_grads = []
+        for k, g in enumerate(self._groups):
+            views = [(i, pieces[i]) for i in range(len(self._params)) if self._group_of[i] == k and i in pieces]
+            if views:
+                inner_groups.append({"params": [v for _, (v, _) in views],
+                                     **{key: g[key] for key in _HYPERPARAMETERS}})
+                self._inner_group_of.append(k)
+                self._inner_params.extend(i for i, _ in views)
+                inner_grads.extend(gr for _, (_, gr) in views)
+        self._inner_grads = inner_grads
+        self._inner: Optional[Adam] = (Adam(inner_groups, master_weights=self.master_weights,
+                                            num_threads=self.num_threads) if inner_groups else None)
+
+    # -- what the caller sees --------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> str:
+        """``"mpi"`` or ``"torch.distributed"``."""
+        return self._comm.engine
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups (``"params"``: a tuple of the arrays, and the hyperparameters, which may be changed
+        between steps -- the same way on every rank)."""
+        return self._groups
+
+    @property
+    def steps(self) -> int:
+        """The number of steps taken."""
+        return self._step_count
+
+    def shard_bounds(self, rank: Optional[int] = None) -> dict[str, tuple[int, int]]:
+        """Per param dtype, the elements ``[lo, hi)`` of its flat sequence whose state ``rank`` holds."""
+        rank = self.rank if rank is None else rank
+        return {seq.dtype.name: seq.bounds(rank) for seq in self._sequences}
+
+    @property
+    def local_state(self) -> dict[int, dict[str, np.ndarray]]:
+        """This rank's state: ``{param index: {"exp_avg": slice state, ...}}`` for the params it holds a
+        piece of (the arrays are the live ones, of the piece's length)."""
+        if self._inner is None:
+            return {}
+        return {i: dict(s) for i, s in zip(self._inner_params, self._inner.state)}
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state this rank holds (its moments and master copies)."""
+        return sum(a.nbytes for s in self.local_state.values() for a in s.values())
+
+    # -- the step --------------------------------------------------------------------------------------------
+
+    def _check_grads(self, grads: Sequence[Any]) -> list[np.ndarray]:
+        try:
+            grads = list(grads)
+        except TypeError:
+            raise TypeError(f"grads: expected a list of arrays, got {type(grads).__name__}") from None
+        if len(grads) != len(self._params):
+            raise ValueError(f"grads: expected {len(self._params)} gradients (one per param), got {len(grads)}")
+        flat = []
+        for i, (g, p) in enumerate(zip(grads, self._params)):
+            if isinstance(g, RowSparseGrad):
+                raise TypeError(f"grads[{i}]: row-sparse gradients are not supported by {type(self).__name__} "
+                                "(it reduces dense gradients across ranks); pass a dense array")
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"grads[{i}]: expected a numpy.ndarray, got {type(g).__name__}")
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{i}]: shape {g.shape} does not match params[{i}]'s shape {p.shape}")
+            allowed = ((p.dtype, np.dtype(np.float32)) if _is_16bit_float(p) else (p.dtype,))
+            if g.dtype not in allowed:
+                raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}]'s dtype {p.dtype}")
+            if not g.flags.c_contiguous:
+                raise ValueError(f"grads[{i}]: must be C-contiguous (it is read through a flat view)")
+            flat.append(g.reshape(-1))
+        return flat
+
+    def step(self, grads: Sequence[np.ndarray]) -> None:
+        """Reduce this rank's ``grads`` across ranks, step this rank's shard, all-gather the params.
+
+        ``grads`` holds one dense gradient per param, in the order of the
+        params, each of the param's shape and dtype (float32 also for a
+        float16/bfloat16 param).  Every rank must call ``step`` the same number
+        of times.  A gradient that fails its checks raises on its rank before
+        anything is sent; the other ranks then raise when their collective
+        times out.
+        """
+        flat = self._check_grads(grads)
+        if self._inner is not None:
+            for j, k in enumerate(self._inner_group_of):
+                inner, outer = self._inner.param_groups[j], self._groups[k]
+                for key in _HYPERPARAMETERS:
+                    inner[key] = outer[key]
+        t0 = time.perf_counter()
+        self._reduce(flat)
+        t1 = time.perf_counter()
+        if self._inner is not None:
+            self._inner.step(self._inner_grads)
+        t2 = time.perf_counter()
+        self._gather()
+        t3 = time.perf_counter()
+        self._step_count += 1
+        self.last_step_seconds = {"reduce": t1 - t0, "step": t2 - t1, "gather": t3 - t2}
+
+    def _reduce(self, flat_grads: list[np.ndarray]) -> None:
+        world, rank = self.world_size, self.rank
+        if world == 1:  # the gradients are the reduced ones: copy them into the shard, no collective
+            for seq, shard_grads in zip(self._sequences, self._shard_grads):
+                for s in seq.segments(0, seq.total):
+                    np.copyto(shard_grads[s.offset:s.offset + s.length],
+                              flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
+            return
+        for seq, shard_grads in zip(self._sequences, self._shard_grads):
+            for b, (length, per_rank) in enumerate(seq.buckets):
+                send = self._buffer[:world * length * seq.reduce_dtype.itemsize].view(seq.reduce_dtype)
+                for r, segments in enumerate(per_rank):
+                    filled = 0
+                    for s in segments:
+                        np.copyto(send[r * length + s.offset:r * length + s.offset + s.length],
+                                  flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
+                        filled = s.offset + s.length
+                    send[r * length + filled:(r + 1) * length] = 0  # past the last element: padding
+                start = b * seq.block
+                if len(shard_grads):
+                    recv = shard_grads[start:start + length]
+                else:  # this rank's shard is empty: receive the padding into the buffer's unused end
+                    recv = np.empty(length, seq.reduce_dtype)
+                self._comm.reduce_scatter(send, recv)
+                if self.reduction == "mean" and len(shard_grads):
+                    np.divide(recv, world, out=recv)
+
+    def _gather(self) -> None:
+        world, rank = self.world_size, self.rank
+        if world == 1:  # the step updated the params in place: nothing to gather
+            return
+        for seq in self._sequences:
+            for length, per_rank in seq.buckets:
+                buf = self._buffer[:world * length * seq.gather_dtype.itemsize].view(seq.gather_dtype)
+                for s in per_rank[rank]:
+                    buf[rank * length + s.offset:rank * length + s.offset + s.length] = \
+                        self._flat_bits[s.param][s.start:s.start + s.length]
+                self._comm.allgather_inplace(buf)
+                for r, segments in enumerate(per_rank):
+                    if r == rank:
+                        continue
+                    for s in segments:
+                        self._flat_bits[s.param][s.start:s.start + s.length] = \
+                            buf[r * length + s.offset:r * length + s.offset + s.length]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def _state_keys(self) -> list[str]:
+        keys = ["exp_avg", "exp_avg_sq"]
+        if any(g["amsgrad"] for g in self._groups):
+            keys.append("max_exp_avg_sq")
+        if self.master_weights and any(_is_16bit_float(p) for p in self._params):
+            keys.append("master_param")
+        return keys
+
+    def _shard_arrays(self) -> dict[str, np.ndarray]:
+        """This rank's shard of params and state, per sequence: flat arrays of the shard's length.
+
+        State a param does not have (``max_exp_avg_sq`` of a group without
+        amsgrad, ``master_param`` of a float32 param) is written as zeros /
+        the param's value, so that every shard has the same members.
+        """
+        state = self.local_state
+        out: dict[str, np.ndarray] = {}
+        for seq in self._sequences:
+            lo, hi = seq.bounds(self.rank)
+            name = seq.dtype.name
+            work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
+            out[f"{name}/param"] = np.empty(hi - lo, seq.gather_dtype)  # 16-bit floats as their bits (uint16)
+            for key in self._state_keys():
+                out[f"{name}/{key}"] = np.zeros(hi - lo, work)
+            for s in seq.segments(lo, hi):
+                where = slice(s.offset, s.offset + s.length)
+                out[f"{name}/param"][where] = self._flat_bits[s.param][s.start:s.start + s.length]
+                for key, a in state[s.param].items():
+                    out[f"{name}/{key}"][where] = a
+        return out
+
+    def save(self, directory: Union[str, "os.PathLike[str]"]) -> None:
+        """Write a sharded checkpoint: on each rank ``shard-RRRRR-of-NNNNN.npz``, and rank 0's ``manifest.json``.
+
+        Every rank must call it.  Each shard holds the rank's elements of the
+        params and of their state, as flat arrays per param dtype (no
+        pickle); the manifest holds the layout, the groups and the step
+        count, and is written last (after all shards), so its presence means
+        the checkpoint is complete.  :meth:`load` reads it on any number of
+        ranks.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        np.savez(os.path.join(directory, f"shard-{self.rank:05d}-of-{self.world_size:05d}.npz"),
+                 **self._shard_arrays())
+        self._comm.barrier()
+        if self.rank == 0:
+            manifest = {
+                "format": _FORMAT, "world_size": self.world_size, "step": self._step_count,
+                **self._description(), "state_keys": self._state_keys(),
+                "sequences": {seq.dtype.name: {"total": seq.total, "shard": seq.shard} for seq in self._sequences},
+            }
+            manifest["groups"] = [{**hyper, "params": count} for count, hyper in manifest["groups"]]
+            tmp = os.path.join(directory, _MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, default=_json_number, indent=1)
+            os.replace(tmp, os.path.join(directory, _MANIFEST))
+        self._comm.barrier()
+
+    def load(self, directory: Union[str, "os.PathLike[str]"]) -> None:
+        """Restore a checkpoint written by :meth:`save`, on this number of ranks (any: the state is resharded).
+
+        Every rank must call it.  Each rank reads the manifest and the
+        shards that overlap its own shard (the files must be visible to it:
+        a shared file system across hosts), checks every member's declared
+        shape and dtype before reading it (nothing is unpickled), and fills
+        its state and its part of the params; then the params are
+        all-gathered.  If any rank finds a problem, every rank raises
+        ValueError and nothing changes.  The trajectory after loading is
+        bitwise that of an uninterrupted run.
+        """
+        directory = os.fspath(directory)
+        local_error: Optional[str] = None
+        try:
+            manifest = self._read_manifest(directory)
+            arrays = self._read_shards(directory, manifest)
+        except (ValueError, OSError) as e:
+            local_error = f"{type(e).__name__}: {e}"
+        flags = self._comm.allgather(np.array([local_error is not None], np.uint8))[:, 0]
+        if local_error is not None:
+            raise ValueError(f"load({directory!r}): {local_error}")
+        if flags.any():
+            failed = [r for r, f in enumerate(flags) if f]
+            raise ValueError(f"load({directory!r}): rank(s) {failed} could not read the checkpoint "
+                             "(see their error); nothing was changed")
+        # All checked everywhere: change things.
+        for k, (group, saved) in enumerate(zip(self._groups, manifest["groups"])):
+            group.update({key: (tuple(saved[key]) if key == "betas" else saved[key]) for key in _HYPERPARAMETERS})
+        if self._inner is not None:
+            state: dict[int, dict[str, Any]] = {}
+            for j, i in enumerate(self._inner_params):
+                seq, start = self._where[i]
+                lo, _ = seq.bounds(self.rank)
+                a = max(start, lo) - lo  # the piece's first element in this rank's shard
+                entry: dict[str, Any] = {"step": manifest["step"]}
+                for key, live in self._inner.state[j].items():
+                    entry[key] = arrays[f"{seq.dtype.name}/{key}"][a:a + live.size].reshape(live.shape)
+                state[j] = entry
+            inner_groups, first = [], 0
+            for g in self._inner.param_groups:
+                n = len(g["params"])
+                inner_groups.append({**{key: g[key] for key in _HYPERPARAMETERS}, "params": list(range(first, first + n))})
+                first += n
+            for seq in self._sequences:
+                lo, hi = seq.bounds(self.rank)
+                for s in seq.segments(lo, hi):
+                    self._flat_bits[s.param][s.start:s.start + s.length] = \
+                        arrays[f"{seq.dtype.name}/param"][s.offset:s.offset + s.length]
+            # The master copies (if any) are restored by this, and the 16-bit params rounded from them.
+            self._inner.load_state_dict({"state": state, "param_groups": inner_groups})
+        self._step_count = int(manifest["step"])
+        self._gather()
+
+    def _read_manifest(self, directory: str) -> dict[str, Any]:
+        path = os.path.join(directory, _MANIFEST)
+        if os.path.getsize(path) > _MANIFEST_LIMIT:
+            raise ValueError(f"{path}: larger than {_MANIFEST_LIMIT} bytes; not a manifest save() writes")
+        with open(path) as f:
+            try:
+                manifest = json.load(f)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a fastadam.distributed checkpoint (format {_FORMAT!r})")
+        mine = self._description()
+        for key in ("params", "master_weights"):
+            if manifest.get(key) != json.loads(json.dumps(mine[key])):
+                raise ValueError(f"{path}: the checkpoint's {key} differ from this optimizer's: "
+                                 f"{str(manifest.get(key))[:200]} vs {str(mine[key])[:200]}")
+        groups = manifest.get("groups")
+        if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] \
+                != [len(g["params"]) for g in self._groups]:
+            raise ValueError(f"{path}: the checkpoint's param groups hold other numbers of params than this "
+                             "optimizer's")
+        for k, (saved, group) in enumerate(zip(groups, self._groups)):
+            if set(saved) != set(_HYPERPARAMETERS) | {"params"}:
+                raise ValueError(f"{path}: groups[{k}] has the keys {_sorted_keys(saved)}")
+            merged = {**group, **{key: saved[key] for key in _HYPERPARAMETERS}}
+            merged["betas"] = tuple(merged["betas"]) if isinstance(merged["betas"], list) else merged["betas"]
+            _check_group_hyperparameters(merged, f"{path}: groups[{k}]")
+            if bool(saved["amsgrad"]) != bool(group["amsgrad"]):
+                raise ValueError(f"{path}: groups[{k}]: amsgrad differs from this optimizer's")
+        if manifest.get("state_keys") != self._state_keys():
+            raise ValueError(f"{path}: state keys {manifest.get('state_keys')} differ from {self._state_keys()}")
+        world, step = manifest.get("world_size"), manifest.get("step")
+        if not isinstance(world, int) or isinstance(world, bool) or not 1 <= world <= 2**20:
+            raise ValueError(f"{path}: world_size {world!r} is not a positive integer")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63 - 1:
+            raise ValueError(f"{path}: step {step!r} is not an integer in [0, 2**63 - 1)")
+        expected = {seq.dtype.name: {"total": seq.total, "shard": _shard_length(seq.total, world)}
+                    for seq in self._sequences}
+        if manifest.get("sequences") != expected:
+            raise ValueError(f"{path}: the layout {manifest.get('sequences')} is not the one of "
+                             f"{world} ranks over these params ({expected})")
+        return manifest
+
+    def _read_shards(self, directory: str, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+        """This rank's new shard, assembled from the saved shards that overlap it."""
+        world = manifest["world_size"]
+        keys = ["param", *self._state_keys()]
+        out: dict[str, np.ndarray] = {}
+        for seq in self._sequences:
+            lo, hi = seq.bounds(self.rank)
+            work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
+            for key in keys:
+                out[f"{seq.dtype.name}/{key}"] = np.empty(hi - lo, seq.gather_dtype if key == "param" else work)
+            if lo >= hi:
+                continue
+            old_shard = _shard_length(seq.total, world)
+            for r in range(lo // old_shard, (hi - 1) // old_shard + 1):
+                old_lo, old_hi = min(r * old_shard, seq.total), min((r + 1) * old_shard, seq.total)
+                a, b = max(lo, old_lo), min(hi, old_hi)
+                path = os.path.join(directory, f"shard-{r:05d}-of-{world:05d}.npz")
+                want = {f"{seq.dtype.name}/{key}.npy": out[f"{seq.dtype.name}/{key}"].dtype for key in keys}
+                try:
+                    zf = zipfile.ZipFile(path)
+                except zipfile.BadZipFile as e:
+                    raise ValueError(f"{path}: not an .npz file ({e})") from None
+                with zf:
+                    for name, dtype in want.items():
+                        try:
+                            with zf.open(name) as fp:
+                                shape, declared = _read_npy_header(fp)
+                            if shape != (old_hi - old_lo,) or declared != dtype:
+                                raise ValueError(f"expected {dtype}({old_hi - old_lo},), the file declares "
+                                                 f"{declared}{shape}")
+                            with zf.open(name) as fp:
+                                data = np.lib.format.read_array(fp, allow_pickle=False)
+                        except KeyError:
+                            raise ValueError(f"{path}: member {name!r} is missing") from None
+                        except (ValueError, EOFError, OSError, zlib.error, zipfile.BadZipFile) as e:
+                            raise ValueError(f"{path}: member {name!r}: {e}") from None
+                        out[name[:-len(".npy")]][a - lo:b - lo] = data[a - old_lo:b - old_lo]
+        return out
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(rank {self.rank} of {self.world_size}, {self.engine}, "
+                f"{len(self._params)} params in {len(self._groups)} groups, reduction={self.reduction!r})")
+
+
+class ZeroAdamW(ZeroAdam):
+    """:class:`ZeroAdam` with decoupled weight decay (AdamW), ``weight_decay`` 1e-2 by default."""
+
+    def __init__(self, params: Any, *, weight_decay: float = 1e-2, **options: Any) -> None:
+        if "decoupled_weight_decay" in options:
+            raise TypeError("ZeroAdamW always uses decoupled weight decay; use ZeroAdam for the choice")
+        super().__init__(params, weight_decay=weight_decay, decoupled_weight_decay=True, **options)
+
+
+def _difference(first: dict[str, Any], other: dict[str, Any], rank: int) -> str:
+    """Where rank ``rank``'s description first differs from rank 0's, in words."""
+    a, b = first["params"], other["params"]
+    if len(a) != len(b):
+        return f"rank 0 has {len(a)} params, rank {rank} has {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x[0] != y[0]:
+            return f"params[{i}] has shape {tuple(x[0])} on rank 0 and {tuple(y[0])} on rank {rank}"
+        if x[1] != y[1]:
+            return f"params[{i}] has dtype {x[1]} on rank 0 and {y[1]} on rank {rank}"
+    for key in ("groups", "master_weights", "reduction", "bucket_bytes"):
+        if first[key] != other[key]:
+            return f"{key} is {str(first[key])[:200]} on rank 0 and {str(other[key])[:200]} on rank {rank}"
+    return f"rank {rank} differs from rank 0"  # pragma: no cover - the digests differed on equal descriptions

@@ -1,0 +1,305 @@
+"""The code each rank runs in tests/test_distributed.py, under torch.distributed (gloo) or MPI.
+
+Each scenario runs on every rank, checks what it promises on that rank (an
+AssertionError fails the rank), and writes a JSON summary to
+``<out>/rank<r>.json`` for the test to read: how many bitwise comparisons
+passed, which errors were raised.  A rank that raises writes its traceback
+to ``<out>/rank<r>.error`` instead.
+
+    mpiexec -n 3 python tests/distributed_worker.py mpi SCENARIO ARG OUT
+    (torch: run_torch_rank(rank, world, store_file, scenario, arg, out) in each process)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+import fastadam
+from fastadam.distributed import ZeroAdam, ZeroAdamW
+
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover - a test dependency
+    ml_dtypes = None
+
+
+# -- problems whose reduced gradients are exact --------------------------------------------------------------
+
+
+def gradient_parts(shape: tuple, t: int, i: int, world: int, limit: int = 1024) -> tuple[np.ndarray, list]:
+    """The total gradient of param ``i`` at step ``t`` (integers times 2**-8) and ``world`` integer parts
+    that add up to it exactly, in any order and any dtype used here."""
+    rng = np.random.default_rng([t, i])
+    total = rng.integers(-limit, limit, shape)
+    quotient, remainder = np.divmod(total, world)
+    parts = [(quotient + (k < remainder)) * 2.0**-8 for k in range(world)]
+    return total * 2.0**-8, parts
+
+
+def float_config() -> dict[str, Any]:
+    """float32 and float64 params (two flat sequences) in two groups covering Adam's options."""
+    shapes32 = [(37, 5), (200,), (3,), (1000, 3), (0,), (64,), (129,)]
+    shapes64 = [(50,), (7, 7)]
+    rng = np.random.default_rng(7)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes32] + \
+           [rng.standard_normal(s) for s in shapes64]
+    groups = [dict(lr=1e-2, weight_decay=0.05), dict(lr=3e-3, amsgrad=True, maximize=True)]
+    split = [0, 4, len(init)]  # group 0: the first four float32 params; group 1 the rest (both dtypes)
+    return dict(init=init, groups=groups, split=split, cls=(ZeroAdam, fastadam.Adam), options={})
+
+
+def mixed_precision_config() -> dict[str, Any]:
+    """bfloat16 and float16 params with float32 master weights, AdamW with amsgrad."""
+    rng = np.random.default_rng(8)
+    init = [rng.standard_normal((300,)).astype(ml_dtypes.bfloat16), rng.standard_normal((17, 9)).astype(np.float16),
+            rng.standard_normal((90,)).astype(np.float32)]
+    return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True)], split=[0, len(init)],
+                cls=(ZeroAdamW, fastadam.AdamW), options=dict(master_weights=True))
+
+
+def grouped(params: list, config: dict) -> list[dict]:
+    split = config["split"]
+    return [{"params": params[a:b], **g} for g, a, b in zip(config["groups"], split, split[1:])]
+
+
+def grads_for(config: dict, t: int, rank: int, world: int, reduction: str) -> tuple[list, list]:
+    """This rank's gradients at step ``t`` and the reduced gradients a single process steps with."""
+    mine, reduced = [], []
+    for i, p in enumerate(config["init"]):
+        work = np.dtype(np.float32) if p.dtype.itemsize == 2 else p.dtype
+        # bfloat16 holds integers up to 256 exactly; the 16-bit params get bfloat16/float16 gradients.
+        total, parts = gradient_parts(p.shape, t, i, world, limit=128 if p.dtype.itemsize == 2 else 1024)
+        mine.append(parts[rank].astype(p.dtype))
+        total = total.astype(work)
+        reduced.append(total / work.type(world) if reduction == "mean" else total)
+    return mine, reduced
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(f"u{a.itemsize}")
+
+
+def check_equal(got: list, want: list, what: str) -> int:
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}[{i}]: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert np.array_equal(bits(a), bits(b)), f"{what}[{i}]: not bitwise equal to the single-process step"
+    return len(got)
+
+
+def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
+    """This rank's state pieces equal the slices of the single-process state they stand for."""
+    count = 0
+    for name, (lo, hi) in opt.shard_bounds().items():
+        offset = 0
+        for i, p in enumerate(opt._params):
+            if p.dtype.name != name:
+                continue
+            a, b = max(lo, offset) - offset, min(hi, offset + p.size) - offset
+            offset += p.size
+            if a >= b:
+                continue
+            for key, piece in opt.local_state[i].items():
+                full = ref.state[i][key].reshape(-1)[a:b]
+                assert np.array_equal(bits(piece), bits(full)), f"{what}: state[{i}][{key!r}] piece differs"
+                count += 1
+    return count
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------
+
+
+def scenario_exact(engine: dict, rank: int, world: int, arg: str) -> dict:
+    """Bitwise equality with a single-process step, for several bucket sizes, both reductions, and the options."""
+    configs = [float_config()] + ([mixed_precision_config()] if ml_dtypes is not None else [])
+    compared = 0
+    for config in configs:
+        for reduction in ("mean", "sum"):
+            for bucket_bytes in (1, 4096, 1 << 25):  # 1 byte: the smallest bucket, 64 elements per rank
+                params = [p.copy() for p in config["init"]]
+                ref_params = [p.copy() for p in config["init"]]
+                zero_cls, ref_cls = config["cls"]
+                opt = zero_cls(grouped(params, config), reduction=reduction, bucket_bytes=bucket_bytes,
+                               **engine, **config["options"])
+                ref = ref_cls(grouped(ref_params, config), **config["options"])
+                for t in range(1, 4):
+                    if t == 3:  # a schedule changes the learning rate of group 0 on every rank
+                        opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 5e-3
+                    mine, reduced = grads_for(config, t, rank, world, reduction)
+                    opt.step(mine)
+                    ref.step(reduced)
+                    what = f"{zero_cls.__name__} {reduction} bucket {bucket_bytes} step {t}"
+                    compared += check_equal(params, ref_params, what)
+                    compared += check_local_state(opt, ref, what)
+    return {"compared": compared}
+
+
+def scenario_mismatch(engine: dict, rank: int, world: int, arg: str) -> dict:
+    """Params that differ on the last rank are refused on every rank, with the difference named."""
+    last = rank == world - 1
+    cases: dict[str, Callable[[], list]] = {
+        "count": lambda: [np.zeros(10, np.float32) for _ in range(1 if last else 2)],
+        "shape": lambda: [np.zeros(10, np.float32), np.zeros((3, 4) if last else (4, 3), np.float32)],
+        "dtype": lambda: [np.zeros(10, np.float32), np.zeros(7, np.float64 if last else np.float32)],
+        "lr": lambda: [{"params": [np.zeros(10, np.float32)], "lr": 0.1 if last else 0.2}],
+        "local": lambda: [np.zeros(10, np.float32), np.zeros((4, 6), np.float32)[:, ::2] if last
+                          else np.zeros((4, 3), np.float32)],
+    }
+    raised = {}
+    for name, make in cases.items():
+        try:
+            ZeroAdam(make(), **engine)
+        except (TypeError, ValueError) as e:
+            raised[name] = f"{type(e).__name__}: {e}"
+        else:
+            raised[name] = None
+    # Errors every rank meets alike: they raise before anything is sent.
+    p = [np.zeros((6, 2), np.float32)]
+    opt = ZeroAdam(p, **engine)
+    for name, grads in {"sparse": [fastadam.RowSparseGrad(np.array([0]), np.zeros((1, 2), np.float32))],
+                        "count_grads": [], "dtype_grads": [np.zeros((6, 2), np.float64)],
+                        "strided_grads": [np.zeros((6, 4), np.float32)[:, ::2]]}.items():
+        try:
+            opt.step(grads)
+        except (TypeError, ValueError) as e:
+            raised[name] = f"{type(e).__name__}: {e}"
+        else:
+            raised[name] = None
+    opt.step([np.ones((6, 2), np.float32)])  # the optimizer still works after refusing those
+    return {"raised": raised, "steps": opt.steps}
+
+
+def checkpoint_config() -> dict[str, Any]:
+    rng = np.random.default_rng(9)
+    init = [rng.standard_normal((333,)).astype(np.float32), rng.standard_normal((20, 7)),
+            rng.standard_normal((11, 13)).astype(np.float32)]
+    if ml_dtypes is not None:
+        init.append(rng.standard_normal((150,)).astype(ml_dtypes.bfloat16))
+    return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True), dict(lr=2e-3, weight_decay=0.1)],
+                split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam),
+                options=dict(master_weights=ml_dtypes is not None))
+
+
+def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
+    """Phase A on 4 ranks: steps 1-3, save.  B on 2: load, 4-5, save.  C on 3: load, 6-7.
+
+    Each phase compares with a single process stepped without interruption.
+    The params start from zeros in B and C: load() restores them too.  The
+    learning rate of group 1 is changed at step 2; the checkpoint carries it.
+    """
+    phase, directory = arg.split(":", 1)
+    config = checkpoint_config()
+    first, last = {"A": (1, 3), "B": (4, 5), "C": (6, 7)}[phase]
+    ref_params = [p.copy() for p in config["init"]]
+    ref = fastadam.Adam(grouped(ref_params, config), **config["options"])
+    params = [p.copy() for p in config["init"]] if phase == "A" else [np.zeros_like(p) for p in config["init"]]
+    opt = ZeroAdam(grouped(params, config), reduction="sum", bucket_bytes=4096, **engine, **config["options"])
+    result: dict[str, Any] = {}
+    if phase == "C":
+        # A damaged shard: every rank refuses the load, and nothing changes.
+        damaged = os.path.join(directory, "damaged")
+        if rank == 0:
+            import shutil
+            shutil.copytree(os.path.join(directory, "B"), damaged)
+            with open(os.path.join(damaged, "shard-00001-of-00002.npz"), "r+b") as f:
+                f.truncate(200)
+        opt._comm.barrier()
+        try:
+            opt.load(damaged)
+        except ValueError as e:
+            result["damaged"] = str(e)
+        assert all(not p.any() for p in params), "a failed load changed the params"
+    if phase != "A":
+        opt.load(os.path.join(directory, "B" if phase == "C" else "A"))
+        assert opt.steps == first - 1
+    compared = 0
+    for t in range(1, last + 1):
+        if t == 2:
+            ref.param_groups[1]["lr"] = 1e-3
+            if phase == "A":
+                opt.param_groups[1]["lr"] = 1e-3
+        mine, reduced = grads_for(config, t, rank, world, "sum")
+        ref.step(reduced)
+        if t >= first:
+            opt.step(mine)
+            compared += check_equal(params, ref_params, f"phase {phase} step {t}")
+            compared += check_local_state(opt, ref, f"phase {phase} step {t}")
+    if phase != "C":
+        opt.save(os.path.join(directory, phase))
+    result.update(compared=compared, steps=opt.steps, files=sorted(os.listdir(os.path.join(directory, phase)))
+                  if phase != "C" else [])
+    return result
+
+
+def scenario_dead_rank(engine: dict, rank: int, world: int, arg: str) -> dict:
+    """The last rank leaves (``exit``) or hangs (``stall``) instead of stepping; the others must raise."""
+    params = [np.zeros(1000, np.float32)]
+    if "comm" in engine:
+        engine = {**engine, "timeout": 3.0}
+    opt = ZeroAdam(params, **engine)
+    opt.step([np.ones(1000, np.float32)])
+    if rank == world - 1:
+        if arg == "exit":
+            os._exit(7)
+        time.sleep(60)
+        return {}
+    start = time.monotonic()
+    try:
+        opt.step([np.ones(1000, np.float32)])
+    except Exception as e:  # noqa: BLE001 - the test reads which one
+        return {"raised": type(e).__name__, "message": str(e)[:300], "seconds": time.monotonic() - start}
+    return {"raised": None, "seconds": time.monotonic() - start}
+
+
+SCENARIOS = {"exact": scenario_exact, "mismatch": scenario_mismatch, "checkpoint": scenario_checkpoint,
+             "dead_rank": scenario_dead_rank}
+
+
+# -- entry points ------------------------------------------------------------------------------------------
+
+
+def _run(engine: dict, rank: int, world: int, scenario: str, arg: str, out: str) -> None:
+    try:
+        result = SCENARIOS[scenario](engine, rank, world, arg)
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def run_torch_rank(rank: int, world: int, store_file: str, scenario: str, arg: str, out: str,
+                   timeout_s: float) -> None:
+    """One rank of a torch.distributed (gloo) run, in its own process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        _run({}, rank, world, scenario, arg, out)
+    finally:
+        if scenario != "dead_rank":  # a group with a lost peer cannot be torn down collectively
+            dist.destroy_process_group()
+
+
+def main_mpi(argv: list[str]) -> None:
+    from mpi4py import MPI
+
+    scenario, arg, out = argv
+    comm = MPI.COMM_WORLD
+    _run({"comm": comm}, comm.Get_rank(), comm.Get_size(), scenario, arg, out)
+    if scenario == "dead_rank":
+        comm.Abort(0)  # the last rank is still asleep: end the job without waiting for it
+
+
+if __name__ == "__main__":
+    main_mpi(sys.argv[2:])

