@@ -104,6 +104,12 @@ bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int reques
     return context.found.load();
 }
 
+bool run_adam_step(const AdamTensor* tensors, std::size_t count, int requested_threads, bool skip_if_nonfinite) {
+    if (skip_if_nonfinite && any_nonfinite_grad(tensors, count, requested_threads)) return false;
+    run_adam(tensors, count, requested_threads);
+    return true;
+}
+
 void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads) {
     run(tensors, count, requested_threads, kernels().probe_range);
 }

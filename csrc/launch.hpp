@@ -38,6 +38,9 @@ void run_in_pieces(const std::int64_t* starts, std::size_t count, int requested_
                    std::int64_t weight);
 
 void run_adam(const AdamTensor* tensors, std::size_t count, int requested_threads);
+// run_adam, unless skip_if_nonfinite and a gradient holds a NaN or inf
+// (checked first, before anything is written): then returns false.
+bool run_adam_step(const AdamTensor* tensors, std::size_t count, int requested_threads, bool skip_if_nonfinite);
 // Whether any gradient element times inv_grad_scale is NaN or infinite.
 bool any_nonfinite_grad(const AdamTensor* tensors, std::size_t count, int requested_threads);
 void run_probe(const ProbeTensor* tensors, std::size_t count, int requested_threads);

@@ -1,6 +1,7 @@
 // fastadam._core: the Python bindings.  They only convert arguments and
-// translate errors; checking lives in arrays.cpp/adam.cpp, the math in
-// kernels/, the threading in parallel.cpp.
+// translate errors; checking lives in arrays.cpp, hyper.cpp, param_state.cpp,
+// functional.cpp, sparse.cpp and plan.cpp, the math in kernels/, the
+// threading in parallel.cpp.
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #define PY_ARRAY_UNIQUE_SYMBOL fastadam_ARRAY_API
 #include <pybind11/pybind11.h>
@@ -9,12 +10,16 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 
-#include "adam.hpp"
 #include "dispatch.hpp"
+#include "functional.hpp"
+#include "hyper.hpp"
 #include "launch.hpp"
 #include "parallel.hpp"
+#include "plan.hpp"
+#include "sparse.hpp"
 
 namespace py = pybind11;
 using namespace fastadam;
@@ -113,6 +118,14 @@ PYBIND11_MODULE(_core, m) {
                              to_num_threads(num_threads));
         },
         "Positional core of fastadam.adam_step.");
+
+    py::tuple names(std::size(kHyperparameterNames));
+    for (std::size_t k = 0; k < names.size(); ++k) names[k] = py::str(kHyperparameterNames[k]);
+    m.attr("HYPERPARAMETERS") = names;
+    m.def(
+        "check_hyperparameters", [](py::handle group) { hyper_from_group(group.ptr()); }, py::arg("group"),
+        "Raise the error a step would for the hyperparameters of a param group (a dict keyed by\n"
+        "HYPERPARAMETERS; all but lr, betas and eps may be left out).");
 
     m.def(
         "sparse_adam_step",

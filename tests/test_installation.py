@@ -79,8 +79,11 @@ def test_the_stub_names_exactly_what_the_compiled_module_exports():
     tree = stub_tree()
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    constants = {n.target.id: n for n in tree.body if isinstance(n, ast.AnnAssign)}
     exported = public(vars(_core))
-    assert public(functions) | public(classes) == exported
+    assert public(functions) | public(classes) | public(constants) == exported
+    for name in constants:
+        assert not callable(getattr(_core, name)), f"{name} is declared a constant, but _core's is callable"
     for name, stub in functions.items():
         assert_signature_matches(name, stub, getattr(_core, name))
     for name, stub in classes.items():

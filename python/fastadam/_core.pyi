@@ -6,7 +6,7 @@
 # checks that this file names exactly what _core exports, with each
 # function's parameter count; keep it in step with module.cpp.
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,6 +37,10 @@ def adam_step(
     num_threads: Optional[int],
     /,
 ) -> bool: ...
+#: The hyperparameters of a param group, by the names the core reads them under.
+HYPERPARAMETERS: tuple[str, ...]
+
+def check_hyperparameters(group: Mapping[str, Any]) -> None: ...
 def sparse_adam_step(
     param: Any,
     indices: Any,
@@ -84,7 +88,7 @@ class AdamPlan:
     def step(
         self,
         grads: Sequence[Any],
-        groups: Sequence[tuple[Any, ...]],
+        groups: list[Mapping[str, Any]],
         grad_scale: Optional[float],
         skip_if_nonfinite: bool,
         num_threads: Optional[int],

@@ -14,8 +14,8 @@ import numpy as np
 from . import _core
 from ._functional import RowSparseGrad
 
-_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize",
-                    "eps_before_bias_correction")
+#: The hyperparameters of a param group, as the core reads them (named in one place: csrc/hyper.hpp).
+_HYPERPARAMETERS: tuple[str, ...] = _core.HYPERPARAMETERS
 #: The keys of a param group: exactly these, at construction and at every step.
 _GROUP_KEYS = frozenset(("params", *_HYPERPARAMETERS))
 #: Step counts are int64 in the core and each step adds one: a count must stay below 2**63 - 1.
@@ -83,12 +83,8 @@ def _check_group_hyperparameters(group: dict, where: str) -> None:
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    probe = np.zeros(0, np.float32)
     try:
-        # A zero-size step checks every hyperparameter and writes nothing.
-        _core.adam_step(probe, probe, probe, probe, probe if group["amsgrad"] else None, 1, group["lr"], betas,
-                        group["eps"], group["weight_decay"], group["decoupled_weight_decay"], group["amsgrad"],
-                        group["maximize"], group["eps_before_bias_correction"], None, None, False, None)
+        _core.check_hyperparameters(group)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
 
@@ -352,14 +348,8 @@ class Adam:
         bad one raises before anything is written.
         """
         self._check_groups()
-        hyper = []
-        for k, g in enumerate(self._param_groups):
-            betas = g["betas"]
-            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                raise TypeError(f"param_groups[{k}]: betas must be a pair (beta1, beta2), got {betas!r}")
-            hyper.append((g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
-                          g["amsgrad"], g["maximize"], g["eps_before_bias_correction"]))
-        return self._plan.step(grads, hyper, grad_scale, skip_if_nonfinite, self.num_threads)
+        # The core reads each group's hyperparameters by name (and checks them) before anything is written.
+        return self._plan.step(grads, self._param_groups, grad_scale, skip_if_nonfinite, self.num_threads)
 
     # -- saving and restoring --------------------------------------------------------------------------------
 

@@ -278,7 +278,8 @@ class ZeroAdam:
         raises TimeoutError (default 300; ``None`` uses MPI's blocking calls,
         which wait forever for a rank that hangs).  torch.distributed uses
         the group's timeout.
-    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, master_weights, num_threads
+    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, eps_before_bias_correction,
+    master_weights, num_threads
         As for :class:`fastadam.Adam`.
 
     Examples
@@ -291,8 +292,8 @@ class ZeroAdam:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: Union[float, None, str] = "default",
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-                 decoupled_weight_decay: bool = False, master_weights: bool = False,
-                 num_threads: Optional[int] = None) -> None:
+                 decoupled_weight_decay: bool = False, eps_before_bias_correction: bool = False,
+                 master_weights: bool = False, num_threads: Optional[int] = None) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
@@ -304,7 +305,8 @@ class ZeroAdam:
         self.master_weights = bool(master_weights)
         self.num_threads = num_threads
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+                             decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+                             eps_before_bias_correction=eps_before_bias_correction)
         self.last_step_seconds = {"reduce": 0.0, "step": 0.0, "gather": 0.0}
         self._step_count = 0
 

@@ -421,7 +421,8 @@ class _FastAdamOptimizer(Optimizer):
                 raise ValueError(f"{where}: {option}=True is not supported by fastadam.torch "
                                  f"(its step runs on the CPU, outside autograd and CUDA graphs)")
 
-    def _hyper(self, group: dict[str, Any]) -> tuple:
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group as the core reads it: its hyperparameters by name (fastadam._core.HYPERPARAMETERS)."""
         raise NotImplementedError
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -775,10 +776,8 @@ class Adam(_FastAdamOptimizer):
     def _amsgrad(self, group: dict[str, Any]) -> bool:
         return bool(group["amsgrad"])
 
-    def _hyper(self, g: dict[str, Any]) -> tuple:
-        betas = g["betas"]
-        return (g["lr"], betas[0], betas[1], g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
-                g["amsgrad"], g["maximize"], g.get("eps_before_bias_correction", False))
+    def _hyper(self, g: dict[str, Any]) -> dict[str, Any]:
+        return g  # torch's keys are fastadam's; eps_before_bias_correction, when absent, is off
 
 
 class AdamW(Adam):
@@ -835,9 +834,9 @@ class SparseAdam(_FastAdamOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         super().__init__(params, defaults, False, num_threads)
 
-    def _hyper(self, g: dict[str, Any]) -> tuple:
-        betas = g["betas"]
-        return (g["lr"], betas[0], betas[1], g["eps"], 0.0, False, False, g.get("maximize", False), True)
+    def _hyper(self, g: dict[str, Any]) -> dict[str, Any]:
+        # No weight decay or amsgrad (absent keys are off); eps before the bias correction, as torch's.
+        return {**g, "eps_before_bias_correction": True}
 
     def _saved_param_state(self, s: _ParamState) -> dict:
         saved = dict(s)

@@ -1,0 +1,124 @@
+#include "hyper.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "arrays.hpp"
+#include "fpmode.hpp"
+
+namespace fastadam {
+namespace {
+
+std::string number(double x) {
+    PyObject* f = PyFloat_FromDouble(x);
+    PyObject* r = f ? PyObject_Repr(f) : nullptr;
+    std::string s = r ? PyUnicode_AsUTF8(r) : std::to_string(x);
+    Py_XDECREF(r);
+    Py_XDECREF(f);
+    return s;
+}
+
+void require(bool ok, const char* name, const char* rule, double value) {
+    if (!ok) throw ArgValueError{std::string(name) + " must be " + rule + ", got " + number(value)};
+}
+
+template <class T>
+AdamConstants<T> round_constants(const AdamHyper& h, double step_size, double inv_bias_correction2_sqrt) {
+    return AdamConstants<T>{static_cast<T>(h.beta1),
+                            static_cast<T>(1.0 - h.beta1),
+                            static_cast<T>(h.beta2),
+                            static_cast<T>(1.0 - h.beta2),
+                            static_cast<T>(h.weight_decay),
+                            static_cast<T>(h.lr * h.weight_decay),
+                            static_cast<T>(step_size),
+                            static_cast<T>(inv_bias_correction2_sqrt),
+                            static_cast<T>(h.eps),
+                            static_cast<T>(1.0),
+                            static_cast<T>(h.maximize ? -0.0 : 0.0)};
+}
+
+}  // namespace
+
+std::int64_t check_step(PyObject* step_obj) {
+    const std::int64_t step = to_int64(step_obj, "step");
+    if (step < 1)
+        throw ArgValueError{"step must be >= 1 (the number of this step, 1 on the first), got " +
+                            std::to_string(step)};
+    return step;
+}
+
+AdamHyper hyper_from_group(PyObject* group) {
+    if (!PyMapping_Check(group) || PyUnicode_Check(group))
+        throw ArgTypeError{std::string("expected a param-group dict, got ") + Py_TYPE(group)->tp_name};
+    constexpr int count = static_cast<int>(sizeof kHyperparameterNames / sizeof kHyperparameterNames[0]);
+    // Every value is held before any is converted: a value's __float__ may
+    // change the group, or drop the last other reference to a value.
+    struct Held {
+        PyObject* values[count + 3] = {};
+        ~Held() {
+            for (PyObject* o : values) Py_XDECREF(o);
+        }
+    } held;
+    PyObject** v = held.values;
+    for (int k = 0; k < count; ++k) {
+        v[k] = PyMapping_GetItemString(group, kHyperparameterNames[k]);
+        if (v[k] != nullptr) continue;
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) throw PythonErrorSet{};
+        PyErr_Clear();
+        if (k < kFirstOptionalHyperparameter)
+            throw ArgValueError{std::string("the group has no '") + kHyperparameterNames[k] + "'"};
+        // The defaults of the optional ones: no weight decay, and every flag off.
+        v[k] = k == kFirstOptionalHyperparameter ? PyFloat_FromDouble(0.0) : (Py_INCREF(Py_False), Py_False);
+        if (v[k] == nullptr) throw PythonErrorSet{};
+    }
+    split_betas(v[1], v[count], v[count + 1]);
+    return check_hyper(v[0], v[count], v[count + 1], v[2], v[3], v[4], v[5], v[6], v[7]);
+}
+
+AdamHyper check_hyper(PyObject* lr, PyObject* beta1, PyObject* beta2, PyObject* eps, PyObject* weight_decay,
+                      PyObject* decoupled, PyObject* amsgrad, PyObject* maximize, PyObject* eps_before_bias_correction) {
+    AdamHyper h{to_double(lr, "lr"),
+                to_double(beta1, "betas[0]"),
+                to_double(beta2, "betas[1]"),
+                to_double(eps, "eps"),
+                to_double(weight_decay, "weight_decay"),
+                to_bool(decoupled, "decoupled_weight_decay"),
+                to_bool(amsgrad, "amsgrad"),
+                to_bool(maximize, "maximize"),
+                to_bool(eps_before_bias_correction, "eps_before_bias_correction")};
+    require(h.lr >= 0.0, "lr", ">= 0", h.lr);
+    require(h.beta1 >= 0.0 && h.beta1 < 1.0, "betas[0]", "in [0, 1)", h.beta1);
+    require(h.beta2 >= 0.0 && h.beta2 < 1.0, "betas[1]", "in [0, 1)", h.beta2);
+    require(h.eps >= 0.0, "eps", ">= 0", h.eps);
+    require(h.weight_decay >= 0.0, "weight_decay", ">= 0", h.weight_decay);
+    return h;
+}
+
+AdamConstantsPair make_constants(const AdamHyper& h, std::int64_t step) {
+    const DefaultFloatingPointMode fp_mode;  // the caller's rounding mode must not change a constant
+    const double t = static_cast<double>(step);
+    const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
+    const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
+    // sqrt(v) + eps is the kernel's sqrt(v) * 1 + eps: the multiplication by
+    // one is exact, so one formula serves both placements of eps.
+    const bool sparse = h.eps_before_bias_correction;
+    const double step_size = sparse ? h.lr * std::sqrt(bias_correction2) / bias_correction1 : h.lr / bias_correction1;
+    const double inv_bias_correction2_sqrt = sparse ? 1.0 : 1.0 / std::sqrt(bias_correction2);
+    return {round_constants<float>(h, step_size, inv_bias_correction2_sqrt),
+            round_constants<double>(h, step_size, inv_bias_correction2_sqrt)};
+}
+
+std::uint8_t variant_of(const AdamHyper& h) {
+    unsigned v = 0;
+    if (h.weight_decay != 0.0) v |= h.decoupled_weight_decay ? kDecoupledDecay : kL2WeightDecay;
+    if (h.amsgrad) v |= kAmsgrad;
+    return static_cast<std::uint8_t>(v);
+}
+
+void set_grad_scale(AdamConstantsPair& constants, double grad_scale) {
+    const double inv = grad_scale > 0.0 ? 1.0 / grad_scale : 1.0;
+    constants.f32.inv_grad_scale = static_cast<float>(inv);
+    constants.f64.inv_grad_scale = inv;
+}
+
+}  // namespace fastadam
