@@ -433,6 +433,26 @@ Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param
     return storage;
 }
 
+Storage check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
+                     PyArrayObject*& array) {
+    Storage storage = Storage::same;
+    if (PyArray_Check(obj) && storage_of(reinterpret_cast<PyArrayObject*>(obj), storage)) {
+        if (storage != Storage::bfloat16)
+            throw ArgTypeError{name.str() + ": a moment may be float32, float64 or bfloat16, not float16 (whose "
+                                            "range, 6e-8 to 65504, cannot hold a squared gradient)"};
+        if (param.dtype != DType::float32)
+            throw ArgTypeError{name.str() + ": a bfloat16 moment needs a float32 param, and " + param_name.str() +
+                               " is " + dtype_name(param.dtype)};
+        array = check_16bit_array(obj, name, Access::write, storage);
+        check_same_shape(array, name, param.array, param_name);
+    } else {
+        const CheckedArray c = check_float_array(obj, name, Access::write);
+        check_same_layout(c, name, param, param_name);
+        array = c.array;
+    }
+    return storage;
+}
+
 void OverlapCheck::add(const CheckedArray& a, const ArgName& name, Access access) {
     if (a.size == 0) return;
     const auto begin = reinterpret_cast<std::uintptr_t>(a.data);

@@ -138,6 +138,12 @@ PyArrayObject* check_16bit_array(PyObject* obj, const ArgName& name, Access acce
 Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
                    const void*& data, PyArrayObject*& array);
 
+// A moment of `param` (exp_avg, exp_avg_sq or max_exp_avg_sq): the param's
+// dtype, or bfloat16 beside a float32 param (compressed state), written in
+// place; returns its storage.
+Storage check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
+                     PyArrayObject*& array);
+
 // Detects arrays that share memory where one of them is written.  Intervals
 // are collected, then check() sorts and sweeps them in O(n log n).
 class OverlapCheck {

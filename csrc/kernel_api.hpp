@@ -73,7 +73,9 @@ struct AdamConstantsPair {
 // in the working dtype `dtype`; max_exp_avg_sq.data is null unless the
 // variant has kAmsgrad; model.data is null unless the updated param is also
 // rounded (to nearest-even) into a float16/bfloat16 model copy.  Storages
-// other than `same` are for float32 params only.
+// other than `same` are for float32 params only: a float16/bfloat16
+// gradient, bfloat16 moments (max_exp_avg_sq stored as exp_avg_sq is), the
+// model copy.
 //
 // With `rows` set, the tensor is instead a gather of rows from a table whose
 // rows hold `row_size` elements (the streams point at the table): element e

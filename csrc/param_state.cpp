@@ -7,30 +7,40 @@ namespace {
 
 bool given(PyObject* obj) { return obj != nullptr && obj != Py_None; }
 
+std::string dtype_name_of(PyArrayObject* a) {
+    PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(a)));
+    std::string out = s != nullptr ? PyUnicode_AsUTF8(s) : "?";
+    Py_XDECREF(s);
+    PyErr_Clear();
+    return out;
+}
+
 }  // namespace
 
 CheckedParam check_param_state(const ParamArgs& a, OverlapCheck& overlap) {
     CheckedParam c{};
+    AdamTensor& t = c.tensor;
     c.param = check_float_array(a.param, a.param_name, Access::write);
-    c.exp_avg = check_float_array(a.exp_avg, a.exp_avg_name, Access::write);
-    c.exp_avg_sq = check_float_array(a.exp_avg_sq, a.exp_avg_sq_name, Access::write);
-    check_same_layout(c.exp_avg, a.exp_avg_name, c.param, a.param_name);
-    check_same_layout(c.exp_avg_sq, a.exp_avg_sq_name, c.param, a.param_name);
+    t.exp_avg.storage = check_moment(a.exp_avg, a.exp_avg_name, c.param, a.param_name, c.exp_avg);
+    t.exp_avg_sq.storage = check_moment(a.exp_avg_sq, a.exp_avg_sq_name, c.param, a.param_name, c.exp_avg_sq);
     overlap.add(c.param, a.param_name, Access::write);
     overlap.add(c.exp_avg, a.exp_avg_name, Access::write);
     overlap.add(c.exp_avg_sq, a.exp_avg_sq_name, Access::write);
 
-    AdamTensor& t = c.tensor;
     t.param.data = c.param.data;
-    t.exp_avg.data = c.exp_avg.data;
-    t.exp_avg_sq.data = c.exp_avg_sq.data;
+    t.exp_avg.data = PyArray_DATA(c.exp_avg);
+    t.exp_avg_sq.data = PyArray_DATA(c.exp_avg_sq);
     t.size = c.param.size;
     t.dtype = c.param.dtype;
     if (given(a.max_exp_avg_sq)) {
-        c.max_exp_avg_sq = check_float_array(a.max_exp_avg_sq, a.max_exp_avg_sq_name, Access::write);
-        check_same_layout(c.max_exp_avg_sq, a.max_exp_avg_sq_name, c.param, a.param_name);
+        t.max_exp_avg_sq.storage =
+            check_moment(a.max_exp_avg_sq, a.max_exp_avg_sq_name, c.param, a.param_name, c.max_exp_avg_sq);
+        // The maximum of exp_avg_sq's values, in the same storage: each is exactly one of them.
+        if (t.max_exp_avg_sq.storage != t.exp_avg_sq.storage)
+            throw ArgTypeError{a.max_exp_avg_sq_name.str() + ": must be stored as " + a.exp_avg_sq_name.str() +
+                               " is (" + dtype_name_of(c.exp_avg_sq) + "), got " + dtype_name_of(c.max_exp_avg_sq)};
         overlap.add(c.max_exp_avg_sq, a.max_exp_avg_sq_name, Access::write);
-        t.max_exp_avg_sq.data = c.max_exp_avg_sq.data;
+        t.max_exp_avg_sq.data = PyArray_DATA(c.max_exp_avg_sq);
     }
     if (given(a.model)) {
         if (c.param.dtype != DType::float32)

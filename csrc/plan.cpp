@@ -33,12 +33,12 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                                                       model_list.name(i)},
                                                      overlap);
             hold_written(c.param.array, i, has_model ? "master_param" : "params");
-            hold_written(c.exp_avg.array, i, "exp_avg");
-            hold_written(c.exp_avg_sq.array, i, "exp_avg_sq");
-            if (c.max_exp_avg_sq.array != nullptr) hold_written(c.max_exp_avg_sq.array, i, "max_exp_avg_sq");
+            hold_written(c.exp_avg, i, "exp_avg");
+            hold_written(c.exp_avg_sq, i, "exp_avg_sq");
+            if (c.max_exp_avg_sq != nullptr) hold_written(c.max_exp_avg_sq, i, "max_exp_avg_sq");
             if (has_model) hold_written(c.model, i, "params");
             params_.push_back(c.param.array);
-            has_max_.push_back(c.max_exp_avg_sq.array != nullptr);
+            has_max_.push_back(c.max_exp_avg_sq != nullptr);
             tensors_.push_back(c.tensor);
         }
         overlap.check();

@@ -1,7 +1,7 @@
 """Every instruction-set level gives the same bits, and FASTADAM_ISA picks the level.
 
 The level is chosen once, at import, so each forced level runs in a fresh
-interpreter: the bitwise suites (dense, row-sparse and mixed precision, whose
+interpreter: the bitwise suites (dense, row-sparse, mixed precision and bfloat16 state, whose
 float16/bfloat16 conversions differ most between levels) run again under it.
 """
 
@@ -18,7 +18,7 @@ import fastadam
 
 TESTS = Path(__file__).parent
 KNOWN_LEVELS = ["baseline", "avx2", "avx512"]
-BITWISE_SUITES = ["test_numerics.py", "test_sparse.py", "test_mixed_precision.py"]
+BITWISE_SUITES = ["test_numerics.py", "test_sparse.py", "test_mixed_precision.py", "test_state_dtype.py"]
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -344,13 +344,15 @@ FASTADAM_INLINE StretchStreams stretch_at(const AdamTensor& t, std::int64_t offs
 // Every stream in the working dtype, no model copy: the update runs on memory.
 FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
     return t.grad.storage == Storage::same && t.exp_avg.storage == Storage::same &&
-           t.exp_avg_sq.storage == Storage::same && t.model.data == nullptr;
+           t.exp_avg_sq.storage == Storage::same && t.max_exp_avg_sq.storage == Storage::same &&
+           t.model.data == nullptr;
 }
 
 // The staged loop (float32 params): tile by tile, each stream not stored as
-// float is widened into a tile, the same update_span runs on the tiles and
-// the float streams in memory, and the tiles of the streams it wrote are
-// narrowed back (the param, also into the model copy).  Widening is exact and
+// float (a 16-bit gradient, bfloat16 moments) is widened into a tile, the
+// same update_span runs on the tiles and the float streams in memory, and
+// the tiles of the streams it wrote are narrowed back (the param, also into
+// the model copy).  Widening is exact and
 // narrowing rounds per element, so the bits are those of one fused pass.
 // After a short first tile, every tile starts where the param is
 // register-aligned, so that neither the tiles nor the streams in memory are
@@ -358,7 +360,7 @@ FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
 template <unsigned Variant>
 void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t begin, std::int64_t end,
                     const BlockCoefficients<float>& c) {
-    alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile];
+    alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile], max_tile[kTile];
     const std::int64_t head = elements_to_alignment(static_cast<const float*>(s.param), begin, end);
     for (std::int64_t i = begin; i < end;) {
         const std::int64_t tile = i == begin && head > 0 ? head : kTile;
@@ -370,11 +372,15 @@ void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t b
         // The moments widened in place in their tiles (or used in memory).
         auto* const exp_avg = const_cast<float*>(widened(exp_avg_at, t.exp_avg.storage, exp_avg_tile, n));
         auto* const exp_avg_sq = const_cast<float*>(widened(exp_avg_sq_at, t.exp_avg_sq.storage, exp_avg_sq_tile, n));
-        auto* const max_exp_avg_sq = s.max_exp_avg_sq == nullptr ? nullptr : static_cast<float*>(s.max_exp_avg_sq) + i;
+        constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
+        void* const max_at = amsgrad ? advance<float>(s.max_exp_avg_sq, t.max_exp_avg_sq.storage, i) : nullptr;
+        auto* const max_exp_avg_sq =
+            amsgrad ? const_cast<float*>(widened(max_at, t.max_exp_avg_sq.storage, max_tile, n)) : nullptr;
         update_span<float, Variant>(AdamBuffers<float>{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq}, 0, n,
                                     param, c);
         narrow_into(exp_avg, exp_avg_at, t.exp_avg.storage, n);
         narrow_into(exp_avg_sq, exp_avg_sq_at, t.exp_avg_sq.storage, n);
+        if constexpr (amsgrad) narrow_into(max_exp_avg_sq, max_at, t.max_exp_avg_sq.storage, n);
         if (s.model != nullptr) narrow_into(param, advance<float>(s.model, t.model.storage, i), t.model.storage, n);
         i += n;
     }

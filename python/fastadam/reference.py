@@ -135,8 +135,17 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
     if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads_l):
         return False
     for p, g, m, v, v_max, model, c in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l, models_l, cs):
-        _step_one(p, g, m, v, v_max, c, maximize=maximize, l2=weight_decay != 0 and not decoupled_weight_decay,
+        # Moments stored in bfloat16 (beside float32 params): widened exactly to float32, updated in float32,
+        # rounded back to nearest-even -- per element, so the kernel's tiles give the same bits.
+        state = [m, v] + ([v_max] if amsgrad else [])
+        work = [s.astype(p.dtype) if s.dtype != p.dtype else s for s in state]
+        _step_one(p, g, work[0], work[1], work[2] if amsgrad else None, c, maximize=maximize,
+                  l2=weight_decay != 0 and not decoupled_weight_decay,
                   decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
+        for stored, computed in zip(state, work):
+            if computed is not stored:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    stored[...] = computed.astype(stored.dtype)
         if model is not None:
             with np.errstate(invalid="ignore", over="ignore"):  # NaN and overflow round like the kernel's
                 model[...] = p.astype(model.dtype)
@@ -190,6 +199,8 @@ def sparse_adam_step(param: np.ndarray, indices: np.ndarray, values: np.ndarray,
     :func:`fastadam.sparse_adam_step`)."""
     rows, grad = coalesce_rows(np.asarray(indices), values)
     c = constants(step, lr, betas, eps, 0.0, param.dtype, eps_before_bias_correction=True)
-    p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]  # copies of the present rows
+    # Copies of the present rows, the moments widened to the param's dtype (exactly, from bfloat16).
+    p, m, v = param[rows], exp_avg[rows].astype(param.dtype), exp_avg_sq[rows].astype(param.dtype)
     _step_one(p, grad, m, v, None, c, maximize=maximize, l2=False, decoupled=False, amsgrad=False)
-    param[rows], exp_avg[rows], exp_avg_sq[rows] = p, m, v
+    with np.errstate(invalid="ignore", over="ignore"):  # rounded back to nearest-even where they are bfloat16
+        param[rows], exp_avg[rows], exp_avg_sq[rows] = p, m.astype(exp_avg.dtype), v.astype(exp_avg_sq.dtype)

@@ -1,0 +1,241 @@
+"""bfloat16 moments: half the optimizer state, bitwise equal to fastadam.reference.
+
+A float32 param's exp_avg and exp_avg_sq (and amsgrad's max_exp_avg_sq, stored
+as exp_avg_sq is) may be bfloat16 arrays.  Each step widens them exactly to
+float32, runs the float32 update, and rounds them back to nearest-even -- per
+element, so tile boundaries, thread counts and ISA levels cannot change a
+bit (test_isa_levels.py runs this file under every level the CPU has).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastadam
+from conftest import OPTIONS, assert_bitwise_equal, make_problem, option_id
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
+# Around the vector widths, the 512-element tiles and the 4096 default of min_compressed_size.
+SIZES = [0, 1, 7, 255, 256, 257, 511, 513, 4095, 4096, 4097, (1 << 20) + 3]
+#: (exp_avg's storage, exp_avg_sq's storage)
+PAIRS = [(BF16, BF16), (BF16, np.float32), (np.float32, BF16)]
+
+
+def pair_id(pair) -> str:
+    return "m-{}_v-{}".format(*(np.dtype(d).name for d in pair))
+
+
+def compressed_problem(size, pair, rng, amsgrad=False, special=False):
+    pr = make_problem(size, np.float32, rng, amsgrad=amsgrad)
+    if special and size:  # NaN, inf and subnormal gradients where there is room
+        pr.grad.flat[::7] = np.nan
+        pr.grad.flat[3::11] = np.inf
+        pr.grad.flat[5::13] = np.float32(1e-41)
+    pr.exp_avg = pr.exp_avg.astype(pair[0])
+    pr.exp_avg_sq = pr.exp_avg_sq.astype(pair[1])
+    if amsgrad:
+        pr.max_exp_avg_sq = pr.max_exp_avg_sq.astype(pair[1])
+    return pr
+
+
+def step_both(actual, expected, step, num_threads, **options):
+    fastadam.adam_step(actual.param, actual.grad, actual.exp_avg, actual.exp_avg_sq,
+                       max_exp_avg_sqs=actual.max_exp_avg_sq, step=step, num_threads=num_threads, **HYPER, **options)
+    fastadam.reference.adam_step(expected.param, expected.grad, expected.exp_avg, expected.exp_avg_sq,
+                                 max_exp_avg_sqs=expected.max_exp_avg_sq, step=step, **HYPER, **options)
+
+
+def assert_same(actual, expected):
+    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        a = getattr(actual, name)
+        if a is not None:
+            assert a.dtype == getattr(expected, name).dtype
+            assert_bitwise_equal(a, getattr(expected, name), name)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("size", SIZES)
+def test_every_step_is_bitwise_the_reference_at_1_2_and_3_threads(size, options, pair, rng):
+    expected = compressed_problem(size, pair, rng, amsgrad=options["amsgrad"])
+    for step, threads in zip((1, 2, 3), (1, 2, 3)):
+        actual = expected.copy()
+        step_both(actual, expected, step, threads, **options)
+        assert_same(actual, expected)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("options", OPTIONS[::3], ids=option_id)
+def test_nan_inf_and_subnormal_gradients_match_the_reference(options, pair, rng):
+    expected = compressed_problem(5000, pair, rng, amsgrad=options["amsgrad"], special=True)
+    actual = expected.copy()
+    step_both(actual, expected, 4, 2, **options)
+    assert_same(actual, expected)
+    # A NaN gradient spoils only its own element: bfloat16 moments are per element, never per block.
+    finite = np.isfinite(expected.grad)
+    assert np.isfinite(actual.exp_avg.astype(np.float32)[finite]).all()
+
+
+def test_a_list_mixing_storages_is_one_call_and_still_bitwise(rng):
+    problems = [compressed_problem(n, pair, rng) for n, pair in zip((70_001, 3, 9000), PAIRS)]
+    problems.append(make_problem(40_000, np.float64, rng))
+    expected = [pr.copy() for pr in problems]
+    fastadam.adam_step(*[[getattr(pr, f) for pr in problems] for f in ("param", "grad", "exp_avg", "exp_avg_sq")],
+                       step=5, num_threads=3, **HYPER)
+    for e in expected:
+        fastadam.reference.adam_step(e.param, e.grad, e.exp_avg, e.exp_avg_sq, step=5, **HYPER)
+    for a, e in zip(problems, expected):
+        assert_same(a, e)
+
+
+def test_master_weights_with_a_bfloat16_model_and_bfloat16_moments(rng):
+    # master 4 + model 2 + moments 2 + 2 bytes per parameter
+    expected = compressed_problem(10_000, (BF16, BF16), rng)
+    expected.grad = expected.grad.astype(BF16)
+    model_e = expected.param.astype(BF16)
+    actual, model_a = expected.copy(), model_e.copy()
+    fastadam.adam_step(actual.param, actual.grad, actual.exp_avg, actual.exp_avg_sq, model_params=model_a,
+                       step=2, grad_scale=1024.0, **HYPER)
+    fastadam.reference.adam_step(expected.param, expected.grad, expected.exp_avg, expected.exp_avg_sq,
+                                 model_params=model_e, step=2, grad_scale=1024.0, **HYPER)
+    assert_same(actual, expected)
+    assert_bitwise_equal(model_a, model_e, "model")
+
+
+def test_row_sparse_steps_update_only_their_rows_of_bfloat16_moments(rng):
+    table = rng.standard_normal((3000, 48)).astype(np.float32)
+    opt = fastadam.SparseAdam([table], state_dtype="bfloat16")
+    m_before = opt.state[0]["exp_avg"].copy()
+    rows = np.array([5, 2999, 5, 17])
+    values = rng.standard_normal((4, 48)).astype(np.float32)
+    expected = [table.copy(), m_before.copy(), opt.state[0]["exp_avg_sq"].copy()]
+
+    opt.step([fastadam.RowSparseGrad(rows, values)])
+    fastadam.reference.sparse_adam_step(*expected[:1], rows, values, *expected[1:], step=1)
+
+    assert_bitwise_equal(table, expected[0], "param")
+    assert_bitwise_equal(opt.state[0]["exp_avg"], expected[1], "exp_avg")
+    untouched = np.setdiff1d(np.arange(3000), rows)
+    assert_bitwise_equal(opt.state[0]["exp_avg"][untouched], m_before[untouched], "rows not named")
+
+
+# -- the optimizers ------------------------------------------------------------------------------------------
+
+def test_state_dtype_compresses_float32_params_of_at_least_min_compressed_size(rng):
+    params = [np.zeros(4096, np.float32), np.zeros(4095, np.float32), np.zeros(10_000, np.float64)]
+    opt = fastadam.Adam(params, state_dtype=("bfloat16", "float32"), amsgrad=True)
+    dtypes = [{key: a.dtype.name for key, a in s.items()} for s in opt.state]
+    assert dtypes == [{"exp_avg": "bfloat16", "exp_avg_sq": "float32", "max_exp_avg_sq": "float32"},
+                      {"exp_avg": "float32", "exp_avg_sq": "float32", "max_exp_avg_sq": "float32"},
+                      {"exp_avg": "float64", "exp_avg_sq": "float64", "max_exp_avg_sq": "float64"}]
+    assert fastadam.Adam([params[1]], state_dtype="bfloat16", min_compressed_size=0).state[0]["exp_avg"].dtype == BF16
+
+
+def test_bfloat16_state_takes_half_the_bytes(rng):
+    p = np.zeros(1 << 16, np.float32)
+    full = sum(a.nbytes for a in fastadam.Adam([p]).state[0].values())
+    half = sum(a.nbytes for a in fastadam.Adam([p], state_dtype="bfloat16").state[0].values())
+    assert (full, half) == (8 * p.size, 4 * p.size)
+
+
+@pytest.mark.parametrize("cls", [fastadam.Adam, fastadam.AdamW])
+def test_the_optimizer_steps_exactly_as_the_functional_reference(cls, rng):
+    params = [rng.standard_normal((70, 90)).astype(np.float32), rng.standard_normal(5000).astype(np.float32)]
+    expected = [p.copy() for p in params]
+    opt = cls(params, state_dtype="bfloat16", amsgrad=True)
+    state = [[np.zeros(p.shape, BF16) for _ in range(3)] for p in params]
+    decay = dict(weight_decay=1e-2, decoupled_weight_decay=True) if cls is fastadam.AdamW else {}
+    for step in range(1, 6):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        opt.step(grads)
+        for e, g, (m, v, mx) in zip(expected, grads, state):
+            fastadam.reference.adam_step(e, g, m, v, max_exp_avg_sqs=mx, amsgrad=True, step=step, **decay)
+    for p, e, s, (m, v, mx) in zip(params, expected, opt.state, state):
+        assert_bitwise_equal(p, e)
+        for key, ref in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (m, v, mx)):
+            assert_bitwise_equal(s[key], ref, key)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "npz"])
+def test_resuming_gives_the_bitwise_trajectory_of_an_uninterrupted_run(how, rng, tmp_path):
+    start = [rng.standard_normal(6000).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(8)]
+    straight = [p.copy() for p in start]
+    opt = fastadam.Adam(straight, state_dtype="bfloat16")
+    for g in grads:
+        opt.step(g)
+
+    resumed = [p.copy() for p in start]
+    first = fastadam.Adam(resumed, state_dtype="bfloat16")
+    for g in grads[:4]:
+        first.step(g)
+    second = fastadam.Adam(resumed, state_dtype="bfloat16")
+    if how == "npz":
+        first.save(tmp_path / "ckpt")
+        second.load(tmp_path / "ckpt")
+    else:
+        second.load_state_dict(first.state_dict())
+    for g in grads[4:]:
+        second.step(g)
+
+    for a, b in zip(resumed, straight):
+        assert_bitwise_equal(a, b)
+    assert_bitwise_equal(second.state[0]["exp_avg_sq"], opt.state[0]["exp_avg_sq"])
+
+
+def test_the_npz_holds_bfloat16_state_as_its_uint16_bits(rng, tmp_path):
+    opt = fastadam.Adam([rng.standard_normal(5000).astype(np.float32)], state_dtype="bfloat16")
+    opt.step([np.ones(5000, np.float32)])
+    opt.save(tmp_path / "ckpt")
+    with np.load(tmp_path / "ckpt.npz", allow_pickle=False) as f:
+        assert f["state/0/exp_avg"].dtype == np.uint16
+        np.testing.assert_array_equal(f["state/0/exp_avg"], opt.state[0]["exp_avg"].view(np.uint16))
+
+
+def test_a_live_optimizers_state_converts_between_float32_and_bfloat16(rng):
+    p = rng.standard_normal(8192).astype(np.float32)
+    full = fastadam.Adam([p.copy()])
+    full.step([rng.standard_normal(8192).astype(np.float32)])
+
+    compressed = fastadam.Adam([p.copy()], state_dtype="bfloat16")
+    compressed.load_state_dict(full.state_dict())  # float32 -> bfloat16: rounded to nearest-even
+    assert_bitwise_equal(compressed.state[0]["exp_avg"], full.state[0]["exp_avg"].astype(BF16))
+    back = fastadam.Adam([p.copy()])
+    back.load_state_dict(compressed.state_dict())  # bfloat16 -> float32: exact
+    assert_bitwise_equal(back.state[0]["exp_avg"], compressed.state[0]["exp_avg"].astype(np.float32))
+    assert back.steps == [1]
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "float16", ("bfloat16",), None])
+def test_an_unsupported_state_dtype_is_refused(state_dtype):
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \('float32', 'bfloat16'\)"):
+        fastadam.Adam([np.zeros(5, np.float32)], state_dtype=state_dtype)
+
+
+# -- bad input: a clear error, nothing changed ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda pr: setattr(pr, "exp_avg", pr.exp_avg.astype(np.float16)),
+     r"exp_avgs\[0\]: a moment may be float32, float64 or bfloat16, not float16"),
+    (lambda pr: setattr(pr, "max_exp_avg_sq", pr.max_exp_avg_sq.astype(np.float32)),
+     r"max_exp_avg_sqs\[0\]: must be stored as exp_avg_sqs\[0\] is \(bfloat16\), got float32"),
+    (lambda pr: setattr(pr, "exp_avg_sq", pr.exp_avg_sq[:-1]),
+     r"exp_avg_sqs\[0\]: shape"),
+])
+def test_a_state_of_the_wrong_storage_or_shape_is_refused_and_nothing_changes(mutate, match, rng):
+    pr = compressed_problem(300, (BF16, BF16), rng, amsgrad=True)
+    mutate(pr)
+    before = pr.copy()
+    with pytest.raises((TypeError, ValueError), match=match):
+        fastadam.adam_step([pr.param], [pr.grad], [pr.exp_avg], [pr.exp_avg_sq], max_exp_avg_sqs=[pr.max_exp_avg_sq],
+                           amsgrad=True, step=1)
+    assert_same(pr, before)
+
+
+def test_bfloat16_moments_need_a_float32_param(rng):
+    p = np.zeros(10)
+    with pytest.raises(TypeError, match=r"exp_avgs: a bfloat16 moment needs a float32 param, and params is float64"):
+        fastadam.adam_step(p, p.copy(), np.zeros(10, BF16), p.copy(), step=1)
