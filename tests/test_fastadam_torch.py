@@ -268,6 +268,39 @@ def test_eps_before_bias_correction_is_bitwise_the_numpy_optimizers(cls):
     assert opt.state_dict()["param_groups"][0]["eps_before_bias_correction"] is True
 
 
+def test_bfloat16_state_is_bitwise_the_numpy_optimizers_and_loads_torchs_float32_checkpoints():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(100, 80), torch.nn.ReLU(), torch.nn.Linear(80, 10))
+    arrays = [p.detach().numpy().copy() for p in model.parameters()]
+    opt = fastadam.torch.AdamW(model.parameters(), lr=1e-2, amsgrad=True, state_dtype="bfloat16")
+    numpy_opt = fastadam.AdamW(arrays, lr=1e-2, amsgrad=True, state_dtype="bfloat16")
+    x = torch.randn(32, 100)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        opt.step()
+        numpy_opt.step(grads)
+    for i, (p, a) in enumerate(zip(model.parameters(), arrays)):
+        assert_bitwise_equal(p.detach().numpy(), a, f"params[{i}]")
+    weight, bias = list(model.parameters())[:2]  # 8000 elements, and 80 (below min_compressed_size)
+    assert {k: v.dtype for k, v in opt.state[weight].items() if k != "step"} == dict.fromkeys(
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), torch.bfloat16)
+    assert opt.state[bias]["exp_avg"].dtype is torch.float32
+
+    # torch.optim.AdamW's float32 moments load into bfloat16 state, rounded to nearest-even.
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    model(x).square().mean().backward()
+    theirs.step()
+    ours = fastadam.torch.AdamW(model.parameters(), lr=1e-2, amsgrad=True, state_dtype="bfloat16")
+    ours.load_state_dict(theirs.state_dict())
+    ours._prepare()  # what the next step does first: adopt (here: convert) the loaded state
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        converted = ours.state[weight][key]
+        assert converted.dtype is torch.bfloat16
+        assert torch.equal(converted.view(torch.int16), theirs.state[weight][key].to(torch.bfloat16).view(torch.int16))
+
+
 # -- params without grads ----------------------------------------------------------------------------------
 
 def test_params_without_grads_are_skipped_and_their_step_count_stays_as_in_torch():

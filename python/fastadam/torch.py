@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _core
+from ._optim import _state_dtypes
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
@@ -218,10 +219,20 @@ class _FastAdamOptimizer(Optimizer):
     _sparse_only = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], master_weights: bool,
-                 num_threads: Optional[int]) -> None:
+                 num_threads: Optional[int], state_dtype: Any = "float32", min_compressed_size: int = 4096) -> None:
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
+        if isinstance(min_compressed_size, bool) or not isinstance(min_compressed_size, int) or min_compressed_size < 0:
+            raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
+        self.state_dtype = _state_dtypes(state_dtype)
+        if "bfloat16" in self.state_dtype:
+            try:
+                import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the state
+            except ImportError:
+                raise TypeError("state_dtype='bfloat16' needs the ml_dtypes package (pip install ml_dtypes)") \
+                    from None
+        self.min_compressed_size = min_compressed_size
         self.master_weights = bool(master_weights)
         self.num_threads = num_threads
         self._prepared_step: Optional[_Prepared] = None
@@ -281,13 +292,16 @@ class _FastAdamOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(master_weights=self.master_weights, num_threads=self.num_threads)
+        state.update(master_weights=self.master_weights, num_threads=self.num_threads, state_dtype=self.state_dtype,
+                     min_compressed_size=self.min_compressed_size)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("master_weights", False)
         self.__dict__.setdefault("num_threads", None)
+        self.__dict__.setdefault("state_dtype", ("float32", "float32"))
+        self.__dict__.setdefault("min_compressed_size", 4096)
         self.__dict__.setdefault("_loading", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -593,12 +607,16 @@ class _FastAdamOptimizer(Optimizer):
     def _adopt_state(self, s: dict, p: torch.Tensor, master: bool, amsgrad: bool, name: str) -> None:
         """Create the state of a param's first step, or check (and where needed lay out anew) what is there."""
         work = torch.float32 if master else p.dtype
+        # The moments of a float32 working param of at least min_compressed_size elements are stored as
+        # state_dtype says; amsgrad's maximum as exp_avg_sq.
+        compressed = work is torch.float32 and p.numel() >= self.min_compressed_size
+        storage = {key: torch.bfloat16 if compressed and self.state_dtype[k] == "bfloat16" else work
+                   for key, k in (("exp_avg", 0), ("exp_avg_sq", 1), ("max_exp_avg_sq", 1))}
+        storage["master_param"] = work
         if len(s) == 0:
             s["step"] = torch.tensor(0.0, dtype=_step_dtype())
-            s["exp_avg"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
-            s["exp_avg_sq"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
-            if amsgrad:
-                s["max_exp_avg_sq"] = torch.zeros_like(p, dtype=work, memory_format=torch.preserve_format)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
+                s[key] = torch.zeros_like(p, dtype=storage[key], memory_format=torch.preserve_format)
         if "step" not in s:
             raise ValueError(f"the state of {name} has no 'step'")
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -617,11 +635,12 @@ class _FastAdamOptimizer(Optimizer):
             if not isinstance(t, torch.Tensor) or t.shape != p.shape:
                 got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"state of {name}: {key!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
-            if t.dtype is not work or t.device.type != "cpu" or t.layout is not torch.strided or \
+            if t.dtype is not storage[key] or t.device.type != "cpu" or t.layout is not torch.strided or \
                     t.stride() != p.stride() or t.requires_grad:
                 # A state tensor put there by hand or loaded in another dtype or layout: the optimizer's state
-                # becomes a tensor laid out as the param, holding its values (and is the one updated).
-                fresh = torch.empty_like(p, dtype=work, memory_format=torch.preserve_format)
+                # becomes a tensor laid out as the param, holding its values (and is the one updated; a
+                # float32 moment converted to bfloat16 state rounds to nearest-even).
+                fresh = torch.empty_like(p, dtype=storage[key], memory_format=torch.preserve_format)
                 fresh.copy_(t.detach())
                 s[key] = fresh
 
@@ -747,7 +766,10 @@ class Adam(_FastAdamOptimizer):
     (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
     (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
     through float32 master copies (``state["master_param"]``) and float32
-    moments; ``eps_before_bias_correction=True`` (also a group key) adds eps
+    moments; ``state_dtype="bfloat16"`` (or a pair for ``exp_avg``,
+    ``exp_avg_sq``) keeps the moments of float32 params of at least
+    ``min_compressed_size`` elements as bfloat16 tensors (see
+    :class:`fastadam.Adam`); ``eps_before_bias_correction=True`` (also a group key) adds eps
     before the bias correction, as Keras and scikit-learn do (see
     :func:`fastadam.adam_step`); ``num_threads`` caps the threads of a step.
 
@@ -762,7 +784,8 @@ class Adam(_FastAdamOptimizer):
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False, master_weights: bool = False,
-                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None) -> None:
+                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None,
+                 state_dtype: Any = "float32", min_compressed_size: int = 4096) -> None:
         betas = _check_range(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -771,7 +794,7 @@ class Adam(_FastAdamOptimizer):
             # Only when asked: a checkpoint of a default optimizer keeps torch.optim.Adam's group keys.
             defaults["eps_before_bias_correction"] = True
         self._check_group_options(defaults, type(self).__name__)
-        super().__init__(params, defaults, master_weights, num_threads)
+        super().__init__(params, defaults, master_weights, num_threads, state_dtype, min_compressed_size)
 
     def _amsgrad(self, group: dict[str, Any]) -> bool:
         return bool(group["amsgrad"])
@@ -794,11 +817,13 @@ class AdamW(Adam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, master_weights: bool = False,
-                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None) -> None:
+                 eps_before_bias_correction: bool = False, num_threads: Optional[int] = None,
+                 state_dtype: Any = "float32", min_compressed_size: int = 4096) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, master_weights=master_weights,
-                         eps_before_bias_correction=eps_before_bias_correction, num_threads=num_threads)
+                         eps_before_bias_correction=eps_before_bias_correction, num_threads=num_threads,
+                         state_dtype=state_dtype, min_compressed_size=min_compressed_size)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -829,10 +854,11 @@ class SparseAdam(_FastAdamOptimizer):
     _sparse_only = True
 
     def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 maximize: bool = False, *, num_threads: Optional[int] = None) -> None:
+                 maximize: bool = False, *, num_threads: Optional[int] = None, state_dtype: Any = "float32",
+                 min_compressed_size: int = 4096) -> None:
         betas = _check_range(lr, betas, eps, 0.0, strict=True)
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
-        super().__init__(params, defaults, False, num_threads)
+        super().__init__(params, defaults, False, num_threads, state_dtype, min_compressed_size)
 
     def _hyper(self, g: dict[str, Any]) -> dict[str, Any]:
         # No weight decay or amsgrad (absent keys are off); eps before the bias correction, as torch's.
