@@ -11,7 +11,7 @@ namespace fastadam {
 
 bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
                PyObject* max_exp_avg_sqs, PyObject* step_obj, const AdamHyper& hyper, PyObject* model_params,
-               const LossScaling& scaling, int num_threads) {
+               const LossScaling& scaling, const RoundingSeed& rounding, int num_threads) {
     const std::int64_t step = check_step(step_obj);
     const bool has_max = max_exp_avg_sqs != Py_None;
     const bool has_model = model_params != Py_None;
@@ -54,6 +54,7 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
         overlap->add(grad_array, lists[1].name(i), Access::read);
         c.tensor.constants = &constants;
         c.tensor.variant = variant;
+        c.tensor.rounding = rounding_for(rounding, step, i);
         tensors->push_back(c.tensor);
     }
     overlap->check();

@@ -12,9 +12,11 @@ namespace fastadam {
 // sequences of arrays (max_exp_avg_sqs is None unless amsgrad; model_params
 // is None or the float16/bfloat16 copies of float32 params).  Returns false
 // when the step was skipped.
+// `rounding`: how bfloat16 moments are rounded (the key of params[i] from
+// its list position i).
 bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* exp_avg_sqs,
                PyObject* max_exp_avg_sqs, PyObject* step, const AdamHyper& hyper, PyObject* model_params,
-               const LossScaling& scaling, int num_threads);
+               const LossScaling& scaling, const RoundingSeed& rounding, int num_threads);
 
 // The probe over (a, b, c, d) lists: same access pattern as the step (and,
 // when `exact`, its one division and square root per element).

@@ -115,6 +115,37 @@ std::uint8_t variant_of(const AdamHyper& h) {
     return static_cast<std::uint8_t>(v);
 }
 
+namespace {
+
+std::uint64_t splitmix64(std::uint64_t x) {
+    std::uint64_t z = x + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+}  // namespace
+
+RoundingSeed check_rounding(PyObject* stochastic_rounding, PyObject* rounding_seed) {
+    RoundingSeed r;
+    r.on = to_bool(stochastic_rounding, "stochastic_rounding");
+    const std::int64_t seed = to_int64(rounding_seed, "rounding_seed");
+    if (seed < 0) throw ArgValueError{"rounding_seed must be >= 0, got " + std::to_string(seed)};
+    r.seed = static_cast<std::uint64_t>(seed);
+    return r;
+}
+
+StochasticRounding rounding_for(const RoundingSeed& seed, std::int64_t step, std::uint64_t index) {
+    StochasticRounding r;
+    if (!seed.on) return r;
+    const std::uint64_t key =
+        splitmix64(splitmix64(splitmix64(seed.seed) ^ static_cast<std::uint64_t>(step)) ^ index);
+    r.on = true;
+    r.key_low = static_cast<std::uint32_t>(key);
+    r.key_high = static_cast<std::uint32_t>(key >> 32);
+    return r;
+}
+
 void set_grad_scale(AdamConstantsPair& constants, double grad_scale) {
     const double inv = grad_scale > 0.0 ? 1.0 / grad_scale : 1.0;
     constants.f32.inv_grad_scale = static_cast<float>(inv);

@@ -56,4 +56,14 @@ struct LossScaling {
 // Sets the constants' 1 / grad_scale (1 without loss scaling).
 void set_grad_scale(AdamConstantsPair& constants, double grad_scale);
 
+// Stochastic rounding of bfloat16 moments, on when a seed is given: the key
+// of parameter `index` at step `step` (splitmix64 of seed, step and index,
+// chained; fastadam.reference derives the same).
+struct RoundingSeed {
+    bool on = false;
+    std::uint64_t seed = 0;
+};
+RoundingSeed check_rounding(PyObject* stochastic_rounding, PyObject* rounding_seed);
+StochasticRounding rounding_for(const RoundingSeed& seed, std::int64_t step, std::uint64_t index);
+
 }  // namespace fastadam

@@ -82,6 +82,17 @@ struct AdamConstantsPair {
 // is column e % row_size of row rows[e / row_size], and that row's gradient
 // is grad_rows[e / row_size] (grad.storage still applies); size = row count *
 // row_size.  This is how a row-sparse gradient updates only the rows it names.
+// How bfloat16 moments are rounded: to nearest-even, or stochastically --
+// up with probability equal to the value's distance from the bfloat16 below,
+// the random bits a counter-based hash of (key, element index), so that the
+// result depends on neither thread count nor chunking, and a resumed run
+// repeats an uninterrupted one.  The key is derived on the host from (seed,
+// step, parameter) (see hyper.cpp's rounding_key).
+struct StochasticRounding {
+    bool on = false;
+    std::uint32_t key_low = 0, key_high = 0;
+};
+
 struct AdamTensor {
     Stream param;
     ReadStream grad;
@@ -96,6 +107,7 @@ struct AdamTensor {
     const std::int64_t* rows = nullptr;
     const void* const* grad_rows = nullptr;
     std::int64_t row_size = 0;
+    StochasticRounding rounding;  // of bfloat16 moments (the model copy is always rounded to nearest-even)
 };
 
 // The memory-traffic twin of the Adam step: reads four arrays, writes three,

@@ -108,13 +108,15 @@ PYBIND11_MODULE(_core, m) {
            py::handle max_exp_avg_sqs, py::handle step, py::handle lr, py::handle betas, py::handle eps,
            py::handle weight_decay, py::handle decoupled, py::handle amsgrad, py::handle maximize,
            py::handle eps_before_bias_correction, py::handle model_params, py::handle grad_scale,
-           py::handle skip_if_nonfinite, py::handle num_threads) {
+           py::handle skip_if_nonfinite, py::handle stochastic_rounding, py::handle rounding_seed,
+           py::handle num_threads) {
             const Betas b(betas);
             const AdamHyper h = check_hyper(lr.ptr(), b.beta1.ptr(), b.beta2.ptr(), eps.ptr(), weight_decay.ptr(),
                                             decoupled.ptr(), amsgrad.ptr(), maximize.ptr(),
                                             eps_before_bias_correction.ptr());
             return adam_step(params.ptr(), grads.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
                              step.ptr(), h, model_params.ptr(), to_loss_scaling(grad_scale, skip_if_nonfinite),
+                             check_rounding(stochastic_rounding.ptr(), rounding_seed.ptr()),
                              to_num_threads(num_threads));
         },
         "Positional core of fastadam.adam_step.");
@@ -165,9 +167,10 @@ PYBIND11_MODULE(_core, m) {
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
                          py::handle max_exp_avg_sqs, py::handle model_params, std::vector<std::int64_t> group_of,
-                         std::int64_t groups) {
+                         std::int64_t groups, py::handle stochastic_rounding, py::handle rounding_seed) {
             return new AdamPlan(params.ptr(), exp_avgs.ptr(), exp_avg_sqs.ptr(), max_exp_avg_sqs.ptr(),
-                                model_params.ptr(), std::move(group_of), groups);
+                                model_params.ptr(), std::move(group_of), groups,
+                                check_rounding(stochastic_rounding.ptr(), rounding_seed.ptr()));
         }))
         .def("step",
              [](AdamPlan& plan, py::handle grads, py::handle groups, py::handle grad_scale,

@@ -13,8 +13,9 @@
 namespace fastadam {
 
 AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-                   PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count)
-    : group_of_(std::move(group_of)), group_count_(group_count) {
+                   PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count,
+                   const RoundingSeed& rounding)
+    : group_of_(std::move(group_of)), group_count_(group_count), rounding_(rounding) {
     const ArrayList p_list(params, kNames[0], false), m_list(exp_avgs, kNames[2], false),
         v_list(exp_avg_sqs, kNames[3], false), x_list(max_exp_avg_sqs, kNames[4], false),
         model_list(model_params, "model_params", false);
@@ -203,6 +204,7 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             last = i;
         }
         tensors_[i].variant = variant_of(h);
+        tensors_[i].rounding = rounding_for(rounding_, t, i);
     }
     // g_list holds the gradients while the GIL may be released.
     if (!any_sparse) {

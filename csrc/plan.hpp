@@ -20,8 +20,11 @@ class AdamPlan {
     // for params whose group does not use amsgrad.
     // model_params[i] is None, or the float16/bfloat16 copy that params[i]
     // (then a float32 master) is rounded into after each step.
+    // rounding: how bfloat16 moments are rounded at every step (the key of
+    // params[i] from i and its step count).
     AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, PyObject* max_exp_avg_sqs,
-             PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count);
+             PyObject* model_params, std::vector<std::int64_t> group_of, std::int64_t group_count,
+             const RoundingSeed& rounding);
     ~AdamPlan();
     AdamPlan(const AdamPlan&) = delete;
     AdamPlan& operator=(const AdamPlan&) = delete;
@@ -74,6 +77,7 @@ class AdamPlan {
     std::vector<AdamHyper> hyper_;      // per group, scratch for each step
     std::vector<AdamConstantsPair> constants_;  // per tensor, scratch for each step
     std::int64_t group_count_;
+    RoundingSeed rounding_;
 };
 
 }  // namespace fastadam

@@ -239,3 +239,101 @@ def test_bfloat16_moments_need_a_float32_param(rng):
     p = np.zeros(10)
     with pytest.raises(TypeError, match=r"exp_avgs: a bfloat16 moment needs a float32 param, and params is float64"):
         fastadam.adam_step(p, p.copy(), np.zeros(10, BF16), p.copy(), step=1)
+
+
+# -- stochastic rounding -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("options", OPTIONS[::2], ids=option_id)
+@pytest.mark.parametrize("size", [1, 7, 513, 4097, (1 << 20) + 3])
+def test_stochastic_rounding_is_bitwise_the_reference_at_any_thread_count(size, options, pair, rng):
+    expected = compressed_problem(size, pair, rng, amsgrad=options["amsgrad"])
+    for step, threads in zip((1, 2, 3), (1, 3, 2)):
+        actual = expected.copy()
+        rounding = dict(stochastic_rounding=True, rounding_seed=1234)
+        fastadam.adam_step(actual.param, actual.grad, actual.exp_avg, actual.exp_avg_sq,
+                           max_exp_avg_sqs=actual.max_exp_avg_sq, step=step, num_threads=threads, **rounding,
+                           **HYPER, **options)
+        fastadam.reference.adam_step(expected.param, expected.grad, expected.exp_avg, expected.exp_avg_sq,
+                                     max_exp_avg_sqs=expected.max_exp_avg_sq, step=step, **rounding, **HYPER,
+                                     **options)
+        assert_same(actual, expected)
+
+
+def test_stochastic_rounding_rounds_up_in_proportion_to_the_distance_and_nearest_even_never_does():
+    # With beta1 = 0 the new exp_avg is the gradient, 1 + 2**-10: an eighth of the way from the bfloat16
+    # 1.0 to the next, 1 + 2**-7.  Stochastic rounding makes it 1 + 2**-7 with probability 1/8.
+    n = 1 << 17
+    g = np.full(n, 1 + 2.0**-10, np.float32)
+    stored = {}
+    for rounding in (False, True):
+        p, m, v = np.zeros(n, np.float32), np.zeros(n, BF16), np.zeros(n, BF16)
+        fastadam.adam_step(p, g, m, v, step=1, betas=(0.0, 0.999), stochastic_rounding=rounding, rounding_seed=7)
+        stored[rounding] = m.astype(np.float64)
+    assert set(np.unique(stored[False])) == {1.0}
+    assert set(np.unique(stored[True])) == {1.0, 1 + 2.0**-7}
+    up = np.mean(stored[True] > 1.0)
+    assert abs(up - 1 / 8) < 5 * np.sqrt(1 / 8 * 7 / 8 / n)  # within 5 standard deviations
+    assert abs(stored[True].mean() - (1 + 2.0**-10)) < 2.0**-12  # unbiased, where nearest-even is 2**-10 off
+
+
+def test_stochastic_rounding_depends_on_the_seed_and_the_step_only(rng):
+    start = compressed_problem(5000, (BF16, BF16), rng)
+    results = {}
+    for seed, step in [(1, 3), (1, 3), (2, 3), (1, 4)]:
+        pr = start.copy()
+        fastadam.adam_step(pr.param, pr.grad, pr.exp_avg, pr.exp_avg_sq, step=step, stochastic_rounding=True,
+                           rounding_seed=seed, num_threads=1 + seed % 2, **HYPER)
+        results.setdefault((seed, step), []).append(pr.exp_avg.view(np.uint16).copy())
+    np.testing.assert_array_equal(*results[(1, 3)])
+    assert not np.array_equal(results[(1, 3)][0], results[(2, 3)][0])
+    assert not np.array_equal(results[(1, 3)][0], results[(1, 4)][0])
+
+
+def test_the_optimizer_with_stochastic_rounding_resumes_bitwise(rng, tmp_path):
+    start = [rng.standard_normal(6000).astype(np.float32), rng.standard_normal(9000).astype(np.float32)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(6)]
+    options = dict(state_dtype="bfloat16", stochastic_rounding=True, rounding_seed=99)
+    straight = [p.copy() for p in start]
+    opt = fastadam.AdamW(straight, **options)
+    for g in grads:
+        opt.step(g)
+    resumed = [p.copy() for p in start]
+    first = fastadam.AdamW(resumed, **options)
+    for g in grads[:3]:
+        first.step(g)
+    first.save(tmp_path / "ckpt")
+    second = fastadam.AdamW(resumed, **options)
+    second.load(tmp_path / "ckpt")
+    for g in grads[3:]:
+        second.step(g)
+    for a, b in zip(resumed, straight):
+        assert_bitwise_equal(a, b)
+    # and it is the functional step keyed by each param's position
+    expected = [p.copy() for p in start]
+    state = [[np.zeros(p.shape, BF16) for _ in range(2)] for p in start]
+    for step, g in enumerate(grads, 1):
+        for i, (p, gi, (m, v)) in enumerate(zip(expected, g, state)):
+            fastadam.reference.adam_step([np.zeros(0, np.float32)] * i + [p], [np.zeros(0, np.float32)] * i + [gi],
+                                         [np.zeros(0, BF16)] * i + [m], [np.zeros(0, BF16)] * i + [v], step=step,
+                                         weight_decay=1e-2, decoupled_weight_decay=True, stochastic_rounding=True,
+                                         rounding_seed=99)
+    for a, e in zip(straight, expected):
+        assert_bitwise_equal(a, e)
+
+
+@pytest.mark.parametrize("seed,error", [(-1, ValueError), (1.5, TypeError), (2**64, (ValueError, OverflowError))])
+def test_a_bad_rounding_seed_is_refused(seed, error):
+    p = np.zeros(4, np.float32)
+    with pytest.raises(error, match="rounding_seed"):
+        fastadam.adam_step(p, p.copy(), p.copy(), p.copy(), step=1, stochastic_rounding=True, rounding_seed=seed)
+
+
+def test_the_reference_carries_the_element_index_past_2_to_the_32():
+    # The kernel builds a 64-bit element index from two 32-bit words; the reference states the same rule.
+    x = np.full(4, 1 + 2.0**-10, np.float32)
+    first = 2**32 - 2
+    key = fastadam.reference.rounding_key(5, 1, 0)
+    whole = fastadam.reference.stochastic_round_bfloat16(x, key, first)
+    parts = [fastadam.reference.stochastic_round_bfloat16(x[i:i + 1], key, first + i) for i in range(4)]
+    np.testing.assert_array_equal(whole.view(np.uint16), np.concatenate(parts).view(np.uint16))

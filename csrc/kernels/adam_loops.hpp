@@ -304,6 +304,61 @@ FASTADAM_INLINE void narrow_span(const float* from, std::uint16_t* to, std::int6
     for (; i < n; ++i) to[i] = narrow16<S>(from[i]);
 }
 
+// Stochastic rounding's random bits: lowbias32 (a 32-bit integer hash by
+// C. Wellons) applied twice, to the element index's low word and key, then
+// its high word and key.  U is a 32-bit unsigned integer or a register of
+// them; integer arithmetic, so every lane and the scalar tail agree.
+template <class U>
+FASTADAM_INLINE U lowbias32(U x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// float bits u to bfloat16 bits, rounded up when the 16 bits dropped plus the
+// 16 random bits r carry: with probability (dropped bits) / 2^16.  NaN stays
+// a quiet NaN; inf stays inf (its dropped bits are 0).
+template <class U>
+FASTADAM_INLINE U bf16_bits_stochastic(U u, U low, U high, const StochasticRounding& k) {
+    const U r = lowbias32(lowbias32(low ^ k.key_low) ^ high ^ k.key_high) & 0xFFFFu;
+    const U rounded = (u + r) >> 16;
+    const U quiet_nan = (u >> 16) | 0x40u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
+}
+
+// n floats rounded stochastically into bfloat16; `index` is the element
+// index (in the parameter) of from[0].
+FASTADAM_INLINE void narrow_bf16_stochastic(const float* from, std::uint16_t* to, std::int64_t n, std::uint64_t index,
+                                            const StochasticRounding& k) {
+    constexpr int width = Simd<float>::width;
+    typedef std::uint32_t U __attribute__((vector_size(sizeof(typename Simd<float>::V))));
+    typedef std::int32_t Mask __attribute__((vector_size(sizeof(typename Simd<float>::V))));
+    U lane;
+    for (int l = 0; l < width; ++l) lane[l] = static_cast<std::uint32_t>(l);
+    std::int64_t i = 0;
+    for (; i + width <= n; i += width) {
+        const std::uint64_t first = index + static_cast<std::uint64_t>(i);
+        const U low = lane + static_cast<std::uint32_t>(first);
+        // A lane whose low word wrapped past 2^32 carries into the high word.
+        const Mask wrapped = low < lane;
+        const U high = (lane - lane + static_cast<std::uint32_t>(first >> 32)) - reinterpret_cast<const U&>(wrapped);
+        U u;
+        std::memcpy(&u, from + i, sizeof u);
+        const U b = bf16_bits_stochastic(u, low, high, k);
+        for (int l = 0; l < width; ++l) to[i + l] = static_cast<std::uint16_t>(b[l]);
+    }
+    for (; i < n; ++i) {
+        const std::uint64_t e = index + static_cast<std::uint64_t>(i);
+        std::uint32_t u;
+        std::memcpy(&u, from + i, sizeof u);
+        to[i] = static_cast<std::uint16_t>(bf16_bits_stochastic<std::uint32_t>(
+            u, static_cast<std::uint32_t>(e), static_cast<std::uint32_t>(e >> 32), k));
+    }
+}
+
 // A stream's n elements at `data` as float: the memory itself when stored as
 // float, else `tile` holding them widened.
 FASTADAM_INLINE const float* widened(const void* data, Storage storage, float* tile, std::int64_t n) {
@@ -318,6 +373,15 @@ FASTADAM_INLINE void narrow_into(const float* from, void* data, Storage storage,
     auto* to = static_cast<std::uint16_t*>(data);
     if (storage == Storage::float16) narrow_span<Storage::float16>(from, to, n);
     else if (storage == Storage::bfloat16) narrow_span<Storage::bfloat16>(from, to, n);
+}
+
+// A moment's tile back into its storage: bfloat16 stochastically when asked.
+FASTADAM_INLINE void narrow_moment(const float* from, void* data, Storage storage, std::int64_t n,
+                                   std::uint64_t index, const StochasticRounding& rounding) {
+    if (rounding.on && storage == Storage::bfloat16)
+        narrow_bf16_stochastic(from, static_cast<std::uint16_t*>(data), n, index, rounding);
+    else
+        narrow_into(from, data, storage, n);
 }
 
 // The streams of one stretch (the tensor, or one row of a gather) at its
@@ -357,9 +421,14 @@ FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
 // After a short first tile, every tile starts where the param is
 // register-aligned, so that neither the tiles nor the streams in memory are
 // read or written across cache lines.
+// `origin` is the element index (in the parameter) of the stretch's element 0.
 template <unsigned Variant>
-void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t begin, std::int64_t end,
-                    const BlockCoefficients<float>& c) {
+void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t origin, std::int64_t begin,
+                    std::int64_t end, const BlockCoefficients<float>& c) {
+    // exp_avg's random bits are another stream than exp_avg_sq's; the maximum
+    // shares exp_avg_sq's, so that it never rounds below exp_avg_sq.
+    StochasticRounding first_moment = t.rounding;
+    first_moment.key_low ^= 0x9e3779b9u;
     alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile], max_tile[kTile];
     const std::int64_t head = elements_to_alignment(static_cast<const float*>(s.param), begin, end);
     for (std::int64_t i = begin; i < end;) {
@@ -378,9 +447,10 @@ void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t b
             amsgrad ? const_cast<float*>(widened(max_at, t.max_exp_avg_sq.storage, max_tile, n)) : nullptr;
         update_span<float, Variant>(AdamBuffers<float>{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq}, 0, n,
                                     param, c);
-        narrow_into(exp_avg, exp_avg_at, t.exp_avg.storage, n);
-        narrow_into(exp_avg_sq, exp_avg_sq_at, t.exp_avg_sq.storage, n);
-        if constexpr (amsgrad) narrow_into(max_exp_avg_sq, max_at, t.max_exp_avg_sq.storage, n);
+        const auto index = static_cast<std::uint64_t>(origin + i);
+        narrow_moment(exp_avg, exp_avg_at, t.exp_avg.storage, n, index, first_moment);
+        narrow_moment(exp_avg_sq, exp_avg_sq_at, t.exp_avg_sq.storage, n, index, t.rounding);
+        if constexpr (amsgrad) narrow_moment(max_exp_avg_sq, max_at, t.max_exp_avg_sq.storage, n, index, t.rounding);
         if (s.model != nullptr) narrow_into(param, advance<float>(s.model, t.model.storage, i), t.model.storage, n);
         i += n;
     }
@@ -423,15 +493,15 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
         if (gather && k + kPrefetchRows < row_count) prefetch_row<T>(t, t.rows[k + kPrefetchRows]);
         const std::int64_t rest = row_size - column;  // (no std::min: see level.hpp)
         const std::int64_t stop = column + (rest < end - e ? rest : end - e);
-        const StretchStreams s = gather ? stretch_at<T>(t, t.rows[k] * row_size, t.grad_rows[k])
-                                        : stretch_at<T>(t, 0, t.grad.data);
+        const std::int64_t origin = gather ? t.rows[k] * row_size : 0;
+        const StretchStreams s = stretch_at<T>(t, origin, gather ? t.grad_rows[k] : t.grad.data);
         if (direct) {
             const AdamBuffers<T> b{static_cast<T*>(s.param), static_cast<const T*>(s.grad),
                                    static_cast<T*>(s.exp_avg), static_cast<T*>(s.exp_avg_sq),
                                    static_cast<T*>(s.max_exp_avg_sq)};
             update_span<T, Variant>(b, column, stop, b.param, c);
         } else if constexpr (sizeof(T) == sizeof(float)) {
-            staged_stretch<Variant>(t, s, column, stop, c);
+            staged_stretch<Variant>(t, s, origin, column, stop, c);
         }
         e += stop - column;
     }

@@ -34,9 +34,12 @@ def adam_step(
     model_params: _OptionalArrays,
     grad_scale: Optional[float],
     skip_if_nonfinite: bool,
+    stochastic_rounding: bool,
+    rounding_seed: int,
     num_threads: Optional[int],
     /,
 ) -> bool: ...
+
 #: The hyperparameters of a param group, by the names the core reads them under.
 HYPERPARAMETERS: tuple[str, ...]
 
@@ -83,6 +86,8 @@ class AdamPlan:
         model_params: Sequence[Optional[np.ndarray]],
         group_of: Sequence[int],
         groups: int,
+        stochastic_rounding: bool,
+        rounding_seed: int,
         /,
     ) -> None: ...
     def step(

@@ -18,7 +18,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
               max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
               eps_before_bias_correction: bool = False,
               model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
-              skip_if_nonfinite: bool = False, num_threads: Optional[int] = None) -> bool:
+              skip_if_nonfinite: bool = False, stochastic_rounding: bool = False, rounding_seed: int = 0,
+              num_threads: Optional[int] = None) -> bool:
     r"""Apply one Adam (or AdamW) step in place, in a single pass over memory.
 
     For every element, with ``t = step`` (1 on the first step)::
@@ -75,6 +76,16 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         Loss scaling: the gradients are multiplied by ``1 / grad_scale`` (rounded
         once to the dtype) before anything else, as ``torch.amp.GradScaler``
         unscales them.
+    stochastic_rounding, rounding_seed
+        How bfloat16 moments (``exp_avgs``/``exp_avg_sqs`` of a float32 param
+        may be ``ml_dtypes.bfloat16`` arrays) are rounded after the float32
+        update: to nearest-even by default; stochastically -- up with
+        probability equal to the value's distance from the bfloat16 below, in
+        units of its last place -- with random bits from a counter-based hash
+        of (``rounding_seed``, ``step``, the param's list position, the
+        element's index), so the result depends on no thread count and a
+        resumed run repeats an uninterrupted one (see
+        :func:`fastadam.reference.stochastic_round_bfloat16`).
     skip_if_nonfinite
         First check every (scaled) gradient; if one holds a NaN or an inf, skip
         the whole step -- no array changes -- and return False.  This reads the
@@ -98,7 +109,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
     """
     return _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, betas, eps,
                            weight_decay, decoupled_weight_decay, amsgrad, maximize, eps_before_bias_correction,
-                           model_params, grad_scale, skip_if_nonfinite, num_threads)
+                           model_params, grad_scale, skip_if_nonfinite, stochastic_rounding, rounding_seed,
+                           num_threads)
 
 
 class RowSparseGrad(NamedTuple):

@@ -196,6 +196,10 @@ class Adam:
         back to nearest-even.  Params of fewer than ``min_compressed_size``
         elements (default 4096, as bitsandbytes) and float64 params keep
         moments in their own dtype.
+    stochastic_rounding, rounding_seed
+        Round bfloat16 moments stochastically instead, from a counter-based
+        hash of (``rounding_seed``, the param's step count, its position
+        among all params, the element): see :func:`fastadam.adam_step`.
 
     Examples
     --------
@@ -209,8 +213,11 @@ class Adam:
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
                  decoupled_weight_decay: bool = False, eps_before_bias_correction: bool = False,
                  num_threads: Optional[int] = None, master_weights: bool = False,
-                 state_dtype: Union[str, tuple[str, str]] = "float32", min_compressed_size: int = 4096) -> None:
+                 state_dtype: Union[str, tuple[str, str]] = "float32", min_compressed_size: int = 4096,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0) -> None:
         self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.rounding_seed = rounding_seed
         self.state_dtype = _state_dtypes(state_dtype)
         if not _is_integer(min_compressed_size) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
@@ -290,7 +297,7 @@ class Adam:
                               [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                               [s.get("max_exp_avg_sq") for s in states],
                               [p if "master_param" in s else None for s, p in zip(states, params)],
-                              group_of, group_count)
+                              group_of, group_count, self.stochastic_rounding, self.rounding_seed)
 
     def _commit(self, groups: list[dict], params: list[np.ndarray], states: list[dict], group_of: list[int]) -> None:
         """Take over checked groups and state (the plan over them is already in ``self._plan``)."""
@@ -632,11 +639,12 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  eps_before_bias_correction: bool = False, num_threads: Optional[int] = None,
                  master_weights: bool = False, state_dtype: Union[str, tuple[str, str]] = "float32",
-                 min_compressed_size: int = 4096) -> None:
+                 min_compressed_size: int = 4096, stochastic_rounding: bool = False, rounding_seed: int = 0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, eps_before_bias_correction=eps_before_bias_correction,
                          num_threads=num_threads, master_weights=master_weights, state_dtype=state_dtype,
-                         min_compressed_size=min_compressed_size)
+                         min_compressed_size=min_compressed_size, stochastic_rounding=stochastic_rounding,
+                         rounding_seed=rounding_seed)
 
 
 class SparseAdam(Adam):
@@ -652,6 +660,8 @@ class SparseAdam(Adam):
 
     def __init__(self, params: ParamsOrGroups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, *, maximize: bool = False, num_threads: Optional[int] = None,
-                 state_dtype: Union[str, tuple[str, str]] = "float32", min_compressed_size: int = 4096) -> None:
+                 state_dtype: Union[str, tuple[str, str]] = "float32", min_compressed_size: int = 4096,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0) -> None:
         super().__init__(params, lr, betas, eps, maximize=maximize, eps_before_bias_correction=True,
-                         num_threads=num_threads, state_dtype=state_dtype, min_compressed_size=min_compressed_size)
+                         num_threads=num_threads, state_dtype=state_dtype, min_compressed_size=min_compressed_size,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)

@@ -114,7 +114,7 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
               max_exp_avg_sqs: Optional[ArrayOrList] = None, maximize: bool = False,
               eps_before_bias_correction: bool = False,
               model_params: Optional[ArrayOrList] = None, grad_scale: Optional[float] = None,
-              skip_if_nonfinite: bool = False) -> bool:
+              skip_if_nonfinite: bool = False, stochastic_rounding: bool = False, rounding_seed: int = 0) -> bool:
     """One Adam/AdamW step, in place, written as NumPy array expressions.
 
     Same arguments and semantics as :func:`fastadam.adam_step` (see the module
@@ -134,7 +134,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
                    for p, g, c in zip(params_l, _as_list(grads), cs)]
     if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads_l):
         return False
-    for p, g, m, v, v_max, model, c in zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l, models_l, cs):
+    for index, (p, g, m, v, v_max, model, c) in enumerate(
+            zip(params_l, grads_l, exp_avgs_l, exp_avg_sqs_l, max_l, models_l, cs)):
         # Moments stored in bfloat16 (beside float32 params): widened exactly to float32, updated in float32,
         # rounded back to nearest-even -- per element, so the kernel's tiles give the same bits.
         state = [m, v] + ([v_max] if amsgrad else [])
@@ -142,8 +143,13 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         _step_one(p, g, work[0], work[1], work[2] if amsgrad else None, c, maximize=maximize,
                   l2=weight_decay != 0 and not decoupled_weight_decay,
                   decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
-        for stored, computed in zip(state, work):
-            if computed is not stored:
+        key = rounding_key(rounding_seed, step, index) if stochastic_rounding else None
+        for k, (stored, computed) in enumerate(zip(state, work)):
+            if computed is stored:
+                continue
+            if key is not None and stored.dtype.name == "bfloat16":
+                stored[...] = stochastic_round_bfloat16(computed, key ^ _FIRST_MOMENT_STREAM if k == 0 else key)
+            else:
                 with np.errstate(invalid="ignore", over="ignore"):
                     stored[...] = computed.astype(stored.dtype)
         if model is not None:
@@ -174,6 +180,57 @@ def _step_one(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, v_max:
     if decoupled:
         update = c.lr_weight_decay * p + update
     p[...] = p - update
+
+
+_MASK64 = (1 << 64) - 1
+#: exp_avg's random bits come from another stream than exp_avg_sq's (and its maximum's): its key's low
+#: word is XORed with this.
+_FIRST_MOMENT_STREAM = 0x9E3779B9
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def rounding_key(seed: int, step: int, param_index: int) -> int:
+    """The 64-bit key of stochastic rounding for one parameter at one step."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ param_index)
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """C. Wellons' lowbias32 integer hash, on uint32 arrays (wrapping multiplication)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+@np.errstate(over="ignore")
+def stochastic_round_bfloat16(x: np.ndarray, key: int, first_index: int = 0) -> np.ndarray:
+    """float32 ``x`` rounded stochastically to bfloat16 (returned as ml_dtypes.bfloat16).
+
+    Element ``i`` (whose index in its parameter is ``first_index + i``) gets
+    16 random bits ``r = lowbias32(lowbias32(lo ^ key_lo) ^ hi ^ key_hi) &
+    0xFFFF`` from the low and high 32-bit words of its index; its float bits
+    plus ``r``, with the low 16 bits dropped, are the result: it rounds up
+    with probability (dropped bits) / 2**16.  NaN becomes a quiet NaN, inf
+    stays inf, and a value above bfloat16's largest may round up to inf.
+    """
+    import ml_dtypes
+
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    index = np.arange(first_index, first_index + u.size, dtype=np.uint64)
+    lo, hi = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32), (index >> np.uint64(32)).astype(np.uint32)
+    k_lo, k_hi = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
+    r = _lowbias32(_lowbias32(lo ^ k_lo) ^ hi ^ k_hi) & np.uint32(0xFFFF)
+    bits = (u + r) >> np.uint32(16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    bits = np.where(nan, (u >> np.uint32(16)) | np.uint32(0x40), bits).astype(np.uint16)
+    return bits.view(ml_dtypes.bfloat16).reshape(np.shape(x))
 
 
 def coalesce_rows(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

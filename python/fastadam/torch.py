@@ -584,8 +584,10 @@ class _FastAdamOptimizer(Optimizer):
             exp_avg_sqs.append(_view(s["exp_avg_sq"], e.flat, e.name))
             maxes.append(_view(s["max_exp_avg_sq"], e.flat, e.name) if pr.amsgrad[e.k] else None)
         try:
+            # No stochastic rounding here: its key, a param's position in the plan, would change with the
+            # params that have gradients.
             pr.plan = _core.AdamPlan(masters, exp_avgs, exp_avg_sqs, maxes, models, [e.k for e in pr.entries],
-                                     len(groups))
+                                     len(groups), False, 0)
         except (TypeError, ValueError) as err:
             raise type(err)(self._named(str(err), pr.entries)) from None
         pr.plan.steps = [int(c) for c in counts]
