@@ -13,7 +13,8 @@ ArrayList::ArrayList(PyObject* obj, const char* name, bool single) : obj_(obj), 
         return;
     }
     if (single) {
-        if (PyArray_Check(obj)) return;
+        // An array, or a moment's 8-bit state: a (codes, absmax, map) tuple, which check_moment reads.
+        if (PyArray_Check(obj) || (PyTuple_Check(obj) && PyTuple_GET_SIZE(obj) == 3)) return;
         if (!has_dlpack(obj))
             throw ArgTypeError{std::string(name) + ": expected a numpy.ndarray (as params is one), got " +
                                Py_TYPE(obj)->tp_name};
@@ -433,8 +434,59 @@ Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param
     return storage;
 }
 
-Storage check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
-                     PyArrayObject*& array) {
+namespace {
+
+// A C-contiguous ndarray of `type` in native byte order, writeable when written.
+PyArrayObject* check_plain_array(PyObject* obj, const std::string& name, int type, const char* type_name,
+                                 Access access) {
+    if (!PyArray_Check(obj))
+        throw ArgTypeError{name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name};
+    auto* a = reinterpret_cast<PyArrayObject*>(obj);
+    if (PyArray_TYPE(a) != type || !PyArray_ISNOTSWAPPED(a))
+        throw ArgTypeError{name + ": dtype must be " + type_name + ", got " + describe_dtype(a)};
+    if (!PyArray_IS_C_CONTIGUOUS(a))
+        throw ArgValueError{name + ": must be C-contiguous (fastadam never works on a copy)"};
+    if (access == Access::write && !PyArray_ISWRITEABLE(a))
+        throw ArgValueError{name + ": array is read-only, but it is updated in place"};
+    return a;
+}
+
+CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name) {
+    const std::string where = name.str();
+    if (param.dtype != DType::float32)
+        throw ArgTypeError{where + ": 8-bit state needs a float32 param, and " + param_name.str() + " is " +
+                           dtype_name(param.dtype)};
+    CheckedMoment m{};
+    PyObject* const* items = &PyTuple_GET_ITEM(obj, 0);
+    m.array = check_plain_array(items[0], where + ".codes", NPY_UBYTE, "uint8", Access::write);
+    check_same_shape(m.array, ArgName{(where + ".codes").c_str(), -1}, param.array, param_name);
+    m.absmax = check_plain_array(items[1], where + ".absmax", NPY_FLOAT32, "float32", Access::write);
+    const std::int64_t blocks = (param.size + kQuantBlock - 1) / kQuantBlock;
+    if (PyArray_NDIM(m.absmax) != 1 || PyArray_DIM(m.absmax, 0) != blocks)
+        throw ArgValueError{where + ".absmax: expected " + std::to_string(blocks) + " values (one per block of " +
+                            std::to_string(kQuantBlock) + " elements of " + param_name.str() + "), got shape " +
+                            describe_shape(m.absmax)};
+    m.map = check_plain_array(items[2], where + ".map", NPY_FLOAT32, "float32", Access::read);
+    if (PyArray_NDIM(m.map) != 1 || PyArray_DIM(m.map, 0) != 256)
+        throw ArgValueError{where + ".map: expected 256 values, got shape " + describe_shape(m.map)};
+    const auto* map = static_cast<const float*>(PyArray_DATA(m.map));
+    bool zero = false;
+    for (int k = 0; k < 256; ++k) {
+        if (!std::isfinite(map[k]) || (k > 0 && !(map[k - 1] < map[k])))
+            throw ArgValueError{where + ".map: must hold 256 finite values in strictly ascending order (at " +
+                                std::to_string(k) + ")"};
+        zero = zero || map[k] == 0.0f;
+    }
+    if (!zero) throw ArgValueError{where + ".map: must hold 0.0 (the code of a zero moment)"};
+    m.stream = {PyArray_DATA(m.array), Storage::block8, static_cast<float*>(PyArray_DATA(m.absmax)), map};
+    return m;
+}
+
+}  // namespace
+
+CheckedMoment check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name) {
+    if (PyTuple_Check(obj) && PyTuple_GET_SIZE(obj) == 3) return check_block8(obj, name, param, param_name);
+    CheckedMoment m{};
     Storage storage = Storage::same;
     if (PyArray_Check(obj) && storage_of(reinterpret_cast<PyArrayObject*>(obj), storage)) {
         if (storage != Storage::bfloat16)
@@ -443,14 +495,16 @@ Storage check_moment(PyObject* obj, const ArgName& name, const CheckedArray& par
         if (param.dtype != DType::float32)
             throw ArgTypeError{name.str() + ": a bfloat16 moment needs a float32 param, and " + param_name.str() +
                                " is " + dtype_name(param.dtype)};
-        array = check_16bit_array(obj, name, Access::write, storage);
-        check_same_shape(array, name, param.array, param_name);
+        m.array = check_16bit_array(obj, name, Access::write, storage);
+        check_same_shape(m.array, name, param.array, param_name);
     } else {
         const CheckedArray c = check_float_array(obj, name, Access::write);
         check_same_layout(c, name, param, param_name);
-        array = c.array;
+        m.array = c.array;
     }
-    return storage;
+    m.stream.data = PyArray_DATA(m.array);
+    m.stream.storage = storage;
+    return m;
 }
 
 void OverlapCheck::add(const CheckedArray& a, const ArgName& name, Access access) {

@@ -138,11 +138,21 @@ PyArrayObject* check_16bit_array(PyObject* obj, const ArgName& name, Access acce
 Storage check_grad(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
                    const void*& data, PyArrayObject*& array);
 
-// A moment of `param` (exp_avg, exp_avg_sq or max_exp_avg_sq): the param's
-// dtype, or bfloat16 beside a float32 param (compressed state), written in
-// place; returns its storage.
-Storage check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
-                     PyArrayObject*& array);
+// A checked moment: its stream (for the kernel) and its arrays.
+struct CheckedMoment {
+    Stream stream;
+    PyArrayObject* array;   // the values, or the codes of block8 state
+    PyArrayObject* absmax;  // block8: one float32 per block (written), else null
+    PyArrayObject* map;     // block8: the codes' 256 values (read), else null
+};
+
+// A moment of `param` (exp_avg, exp_avg_sq or max_exp_avg_sq), written in
+// place: an array of the param's dtype, or beside a float32 param a
+// bfloat16 array, or 8-bit block-wise state -- a (codes, absmax, map)
+// tuple (fastadam.QuantizedState): uint8 codes of the param's shape, a
+// float32 absmax per block of kQuantBlock elements, and a float32 map of
+// 256 finite, strictly ascending values holding 0.
+CheckedMoment check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name);
 
 // Detects arrays that share memory where one of them is written.  Intervals
 // are collected, then check() sorts and sweeps them in O(n log n).

@@ -32,12 +32,23 @@ constexpr unsigned kVariantMask = kVariantCount - 1u;
 // stored when it is not the working dtype.  The kernels compute in the
 // working dtype; a stream in another storage is widened into it before the
 // update and narrowed back after (see adam_loops.hpp's staged loop).
-enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2 };
+// block8: 8-bit codes, block-wise dynamic quantization (Dettmers et al., ICLR
+// 2022): each block of kQuantBlock consecutive elements has a float32
+// absmax, and element j is map[code[j]] * absmax of its block.
+enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2, block8 = 3 };
 
-// Where one stream of a tensor lives, and how it is stored.
+// Elements per quantization block; a block is never split between threads
+// (launch.cpp's pieces start on multiples of it).
+constexpr std::int64_t kQuantBlock = 256;
+
+// Where one stream of a tensor lives, and how it is stored.  For block8,
+// `data` holds the codes, `absmax` one float per block (written by the
+// step), `map` the 256 values of the codes in ascending order.
 struct Stream {
     void* data = nullptr;
     Storage storage = Storage::same;
+    float* absmax = nullptr;
+    const float* map = nullptr;
 };
 // A stream the step only reads (the gradient).
 struct ReadStream {

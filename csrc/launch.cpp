@@ -12,8 +12,9 @@
 namespace fastadam {
 namespace {
 
-// Cache-line multiple for piece boundaries: 64 float64 elements = 8 lines.
-constexpr std::int64_t kPieceAlign = 64;
+// Piece boundaries: a multiple of a cache line for every dtype, and of the
+// 8-bit state's quantization block, which one thread must requantize whole.
+constexpr std::int64_t kPieceAlign = kQuantBlock;
 
 template <class Tensor>
 struct RangeCall {

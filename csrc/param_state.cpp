@@ -7,12 +7,19 @@ namespace {
 
 bool given(PyObject* obj) { return obj != nullptr && obj != Py_None; }
 
-std::string dtype_name_of(PyArrayObject* a) {
-    PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(a)));
+std::string storage_name(const CheckedMoment& m) {
+    if (m.stream.storage == Storage::block8) return "8-bit";
+    PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(m.array)));
     std::string out = s != nullptr ? PyUnicode_AsUTF8(s) : "?";
     Py_XDECREF(s);
     PyErr_Clear();
     return out;
+}
+
+void add_moment(OverlapCheck& overlap, const CheckedMoment& m, const ArgName& name) {
+    overlap.add(m.array, name, Access::write);
+    if (m.absmax != nullptr) overlap.add(m.absmax, name, Access::write);
+    if (m.map != nullptr) overlap.add(m.map, name, Access::read);
 }
 
 }  // namespace
@@ -21,26 +28,25 @@ CheckedParam check_param_state(const ParamArgs& a, OverlapCheck& overlap) {
     CheckedParam c{};
     AdamTensor& t = c.tensor;
     c.param = check_float_array(a.param, a.param_name, Access::write);
-    t.exp_avg.storage = check_moment(a.exp_avg, a.exp_avg_name, c.param, a.param_name, c.exp_avg);
-    t.exp_avg_sq.storage = check_moment(a.exp_avg_sq, a.exp_avg_sq_name, c.param, a.param_name, c.exp_avg_sq);
+    c.exp_avg = check_moment(a.exp_avg, a.exp_avg_name, c.param, a.param_name);
+    c.exp_avg_sq = check_moment(a.exp_avg_sq, a.exp_avg_sq_name, c.param, a.param_name);
     overlap.add(c.param, a.param_name, Access::write);
-    overlap.add(c.exp_avg, a.exp_avg_name, Access::write);
-    overlap.add(c.exp_avg_sq, a.exp_avg_sq_name, Access::write);
+    add_moment(overlap, c.exp_avg, a.exp_avg_name);
+    add_moment(overlap, c.exp_avg_sq, a.exp_avg_sq_name);
 
     t.param.data = c.param.data;
-    t.exp_avg.data = PyArray_DATA(c.exp_avg);
-    t.exp_avg_sq.data = PyArray_DATA(c.exp_avg_sq);
+    t.exp_avg = c.exp_avg.stream;
+    t.exp_avg_sq = c.exp_avg_sq.stream;
     t.size = c.param.size;
     t.dtype = c.param.dtype;
     if (given(a.max_exp_avg_sq)) {
-        t.max_exp_avg_sq.storage =
-            check_moment(a.max_exp_avg_sq, a.max_exp_avg_sq_name, c.param, a.param_name, c.max_exp_avg_sq);
-        // The maximum of exp_avg_sq's values, in the same storage: each is exactly one of them.
-        if (t.max_exp_avg_sq.storage != t.exp_avg_sq.storage)
+        c.max_exp_avg_sq = check_moment(a.max_exp_avg_sq, a.max_exp_avg_sq_name, c.param, a.param_name);
+        // The maximum of exp_avg_sq's values, in the same storage.
+        if (c.max_exp_avg_sq.stream.storage != t.exp_avg_sq.storage)
             throw ArgTypeError{a.max_exp_avg_sq_name.str() + ": must be stored as " + a.exp_avg_sq_name.str() +
-                               " is (" + dtype_name_of(c.exp_avg_sq) + "), got " + dtype_name_of(c.max_exp_avg_sq)};
-        overlap.add(c.max_exp_avg_sq, a.max_exp_avg_sq_name, Access::write);
-        t.max_exp_avg_sq.data = PyArray_DATA(c.max_exp_avg_sq);
+                               " is (" + storage_name(c.exp_avg_sq) + "), got " + storage_name(c.max_exp_avg_sq)};
+        add_moment(overlap, c.max_exp_avg_sq, a.max_exp_avg_sq_name);
+        t.max_exp_avg_sq = c.max_exp_avg_sq.stream;
     }
     if (given(a.model)) {
         if (c.param.dtype != DType::float32)

@@ -27,16 +27,18 @@ struct ParamArgs {
 };
 
 // The checked arrays, and the tensor of their streams (no gradient and no
-// constants yet).  max_exp_avg_sq and model are null when absent.
+// constants yet).  max_exp_avg_sq.array and model are null when absent.
 struct CheckedParam {
     AdamTensor tensor;
     CheckedArray param;
-    PyArrayObject *exp_avg, *exp_avg_sq, *max_exp_avg_sq, *model;
+    CheckedMoment exp_avg, exp_avg_sq, max_exp_avg_sq;
+    PyArrayObject* model;
 };
 
 // The param a float32/float64 array, writeable, C-contiguous, in native
 // byte order; the moments of its shape, in its dtype or (beside a float32
-// param) bfloat16, the amsgrad maximum stored as exp_avg_sq is; a model copy
+// param) bfloat16 or 8-bit (see check_moment), the amsgrad maximum stored as
+// exp_avg_sq is; a model copy
 // only for a float32 param (its master), float16 or bfloat16 of the param's
 // shape.  Every array is registered with `overlap` as written.
 CheckedParam check_param_state(const ParamArgs& args, OverlapCheck& overlap);

@@ -34,12 +34,12 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                                                       model_list.name(i)},
                                                      overlap);
             hold_written(c.param.array, i, has_model ? "master_param" : "params");
-            hold_written(c.exp_avg, i, "exp_avg");
-            hold_written(c.exp_avg_sq, i, "exp_avg_sq");
-            if (c.max_exp_avg_sq != nullptr) hold_written(c.max_exp_avg_sq, i, "max_exp_avg_sq");
+            hold_moment(c.exp_avg, i, "exp_avg");
+            hold_moment(c.exp_avg_sq, i, "exp_avg_sq");
+            if (c.max_exp_avg_sq.array != nullptr) hold_moment(c.max_exp_avg_sq, i, "max_exp_avg_sq");
             if (has_model) hold_written(c.model, i, "params");
             params_.push_back(c.param.array);
-            has_max_.push_back(c.max_exp_avg_sq != nullptr);
+            has_max_.push_back(c.max_exp_avg_sq.array != nullptr);
             tensors_.push_back(c.tensor);
         }
         overlap.check();
@@ -57,12 +57,18 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     hyper_.resize(static_cast<std::size_t>(group_count));
 }
 
-void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor, const char* role) {
+void AdamPlan::hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role) {
+    hold_written(m.array, tensor, role);
+    if (m.absmax != nullptr) hold_written(m.absmax, tensor, role);
+    if (m.map != nullptr) hold_written(m.map, tensor, role, false);
+}
+
+void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor, const char* role, bool written) {
     Py_INCREF(a);
     owned_.push_back(reinterpret_cast<PyObject*>(a));
     Py_INCREF(PyArray_DESCR(a));
-    written_.push_back({a, PyArray_DATA(a), PyArray_NBYTES(a), PyArray_DESCR(a), tensor, role});
-    if (PyArray_SIZE(a) > 0) {
+    written_.push_back({a, PyArray_DATA(a), PyArray_NBYTES(a), PyArray_DESCR(a), tensor, role, written});
+    if (written && PyArray_SIZE(a) > 0) {
         const auto b = reinterpret_cast<std::uintptr_t>(PyArray_DATA(a));
         written_spans_.push_back({b, b + static_cast<std::uintptr_t>(PyArray_NBYTES(a)), tensor});
     }
@@ -83,7 +89,7 @@ void AdamPlan::check_written_unchanged() const {
             change = "its dtype was changed";
         else if (PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a))
             change = "its shape or strides were changed";
-        else if (!PyArray_ISWRITEABLE(a))
+        else if (h.written && !PyArray_ISWRITEABLE(a))
             change = "it became read-only";
         if (change == nullptr) continue;
         const std::string index = "[" + std::to_string(h.tensor) + "]";
@@ -178,6 +184,13 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
                               static_cast<std::size_t>(PyArray_NBYTES(val.array)), v_name);
             std::int64_t rows = 0, row_size = 0;
             table_geometry(p, p_name, rows, row_size);
+            // A row must be whole quantization blocks, so that updating some rows leaves the others' blocks be.
+            if ((tensors_[i].exp_avg.storage == Storage::block8 || tensors_[i].exp_avg_sq.storage == Storage::block8) &&
+                row_size % kQuantBlock != 0)
+                throw ArgValueError{where + ": a row-sparse gradient needs rows of a multiple of " +
+                                    std::to_string(kQuantBlock) + " elements with 8-bit state (a quantization "
+                                    "block must not straddle rows); " + p_name.str() + "'s rows hold " +
+                                    std::to_string(row_size)};
             (*sparse_rows)[i] = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
                                            row_size, val.dtype);
             tensors_[i].grad.storage = Storage::same;

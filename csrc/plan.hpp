@@ -44,7 +44,9 @@ class AdamPlan {
     void check_not_written(std::uintptr_t begin, std::size_t bytes, const ArgName& name) const;
     // Keeps a reference to an array the step writes, and what the plan
     // assumed of it, for the per-step checks and the aliasing check.
-    void hold_written(PyArrayObject* a, std::size_t tensor, const char* role);
+    // (`written` false: an array the step only reads, such as an 8-bit map.)
+    void hold_written(PyArrayObject* a, std::size_t tensor, const char* role, bool written = true);
+    void hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role);
     // Each array the plan points into still has the data pointer, dtype,
     // size and layout it had when the plan was built, and is writeable.
     void check_written_unchanged() const;
@@ -59,6 +61,7 @@ class AdamPlan {
         PyArray_Descr* descr;  // held: compared by identity, then by value
         std::size_t tensor;
         const char* role;  // "params", "exp_avg", ... for the message
+        bool written;
     };
 
     std::vector<PyObject*> owned_;      // strong references to every array we point into

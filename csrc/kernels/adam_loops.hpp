@@ -269,7 +269,11 @@ __attribute__((noinline)) void update_span(const AdamBuffers<T>& buffers, std::i
 // The bytes of n elements of a stream stored as `storage`, working dtype T.
 template <class T>
 FASTADAM_INLINE std::int64_t stream_bytes(Storage storage, std::int64_t n) {
-    return n * (storage == Storage::same ? std::int64_t{sizeof(T)} : std::int64_t{2});
+    switch (storage) {
+        case Storage::same: return n * std::int64_t{sizeof(T)};
+        case Storage::block8: return n;
+        default: return n * 2;
+    }
 }
 
 template <class T>
@@ -384,6 +388,64 @@ FASTADAM_INLINE void narrow_moment(const float* from, void* data, Storage storag
         narrow_into(from, data, storage, n);
 }
 
+// Block-wise 8-bit state: the nearest code of a value by search.  The 255
+// midpoints between consecutive map values split the line into the 256
+// codes' cells: the code of y is the number of midpoints below it -- the
+// nearest map value, a tie going to the lower code -- found in 8
+// comparisons.  A midpoint m (exact in double: the sum of two floats and its
+// half are) is kept as the largest float at or below it, m_f: for a float
+// y, y > m exactly when y > m_f (no float lies in (m_f, m]), so float
+// comparisons give the exact-arithmetic answer.
+struct QuantTable {
+    float midpoint[256];     // 255 used; the last is +inf, never compared below it
+    std::uint8_t zero_code;  // the code whose value is 0 (every map has one: the host checks)
+};
+
+FASTADAM_INLINE float round_down_to_float(double x) {
+    const float f = static_cast<float>(x);  // to nearest
+    return double(f) > x ? __builtin_nextafterf(f, -__builtin_inff()) : f;
+}
+
+FASTADAM_INLINE void make_quant_table(const float* map, QuantTable& q) {
+    q.zero_code = 0;
+    for (int k = 0; k < 256; ++k)
+        if (map[k] == 0.0f) q.zero_code = static_cast<std::uint8_t>(k);
+    for (int k = 0; k < 255; ++k) q.midpoint[k] = round_down_to_float((double(map[k]) + double(map[k + 1])) * 0.5);
+    q.midpoint[255] = __builtin_inff();
+}
+
+FASTADAM_INLINE std::uint8_t nearest_code(const QuantTable& q, float y) {
+    int code = 0;
+    // Arithmetic on the comparison, not a branch: the data decide each step, and a mispredicted branch
+    // per step would cost more than the search.
+    for (int step = 128; step >= 1; step >>= 1) code += static_cast<int>(q.midpoint[code + step - 1] < y) * step;
+    return static_cast<std::uint8_t>(code);
+}
+
+// n elements of a block: codes to floats, map[code] * absmax.
+FASTADAM_INLINE void dequantize_block(const std::uint8_t* codes, const float* map, float absmax, float* to,
+                                      std::int64_t n) {
+    for (std::int64_t j = 0; j < n; ++j) to[j] = map[codes[j]] * absmax;
+}
+
+// n elements of a block (n <= kQuantBlock) to codes; returns the block's new
+// absmax, the largest finite |x|.  A NaN or inf element is stored as 0 (its
+// param shows the NaN or inf; the rest of the block keeps its scale).  x / absmax
+// is the correctly rounded float quotient, as in fastadam.reference.
+FASTADAM_INLINE float quantize_block(const float* from, const QuantTable& q, std::uint8_t* codes, std::int64_t n) {
+    float absmax = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+        const float a = __builtin_fabsf(from[j]);
+        if (a > absmax && a <= 3.40282347e38f) absmax = a;
+    }
+    for (std::int64_t j = 0; j < n; ++j) {
+        const float x = from[j];
+        codes[j] = absmax == 0.0f || !(__builtin_fabsf(x) <= 3.40282347e38f) ? q.zero_code
+                                                                              : nearest_code(q, x / absmax);
+    }
+    return absmax;
+}
+
 // The streams of one stretch (the tensor, or one row of a gather) at its
 // element 0.
 struct StretchStreams {
@@ -405,6 +467,43 @@ FASTADAM_INLINE StretchStreams stretch_at(const AdamTensor& t, std::int64_t offs
             advance<T>(t.model.data, t.model.storage, offset)};
 }
 
+// A moment's n elements at `at` (element `index` of the param) as float:
+// the memory itself when stored as float, else `tile` holding them widened.
+FASTADAM_INLINE float* moment_in(const Stream& stream, void* at, std::int64_t index, float* tile, std::int64_t n) {
+    if (stream.storage == Storage::block8) {
+        dequantize_block(static_cast<const std::uint8_t*>(at), stream.map, stream.absmax[index / kQuantBlock],
+                         tile, n);
+        return tile;
+    }
+    return const_cast<float*>(widened(at, stream.storage, tile, n));
+}
+
+// A moment's tile back into its storage (nothing to do for float).
+FASTADAM_INLINE void moment_out(const Stream& stream, const float* tile, void* at, std::int64_t index,
+                                std::int64_t n, const StochasticRounding& rounding, const QuantTable& q) {
+    if (stream.storage == Storage::block8)
+        stream.absmax[index / kQuantBlock] = quantize_block(tile, q, static_cast<std::uint8_t*>(at), n);
+    else
+        narrow_moment(tile, at, stream.storage, n, static_cast<std::uint64_t>(index), rounding);
+}
+
+// The quantization tables of a tensor's block8 moments, made once per call.
+struct QuantTables {
+    QuantTable exp_avg, exp_avg_sq, max_exp_avg_sq;
+    bool any = false;
+};
+
+FASTADAM_INLINE void make_quant_tables(const AdamTensor& t, QuantTables& q) {
+    q.any = false;
+    const Stream* const streams[] = {&t.exp_avg, &t.exp_avg_sq, &t.max_exp_avg_sq};
+    QuantTable* const tables[] = {&q.exp_avg, &q.exp_avg_sq, &q.max_exp_avg_sq};
+    for (int k = 0; k < 3; ++k) {
+        if (streams[k]->storage != Storage::block8 || streams[k]->data == nullptr) continue;
+        make_quant_table(streams[k]->map, *tables[k]);
+        q.any = true;
+    }
+}
+
 // Every stream in the working dtype, no model copy: the update runs on memory.
 FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
     return t.grad.storage == Storage::same && t.exp_avg.storage == Storage::same &&
@@ -413,44 +512,45 @@ FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
 }
 
 // The staged loop (float32 params): tile by tile, each stream not stored as
-// float (a 16-bit gradient, bfloat16 moments) is widened into a tile, the
-// same update_span runs on the tiles and the float streams in memory, and
-// the tiles of the streams it wrote are narrowed back (the param, also into
-// the model copy).  Widening is exact and
-// narrowing rounds per element, so the bits are those of one fused pass.
-// After a short first tile, every tile starts where the param is
+// float (a 16-bit gradient; bfloat16 or 8-bit moments) is widened into a
+// tile, the same update_span runs on the tiles and the float streams in
+// memory, and the tiles of the streams it wrote are narrowed back (the
+// param, also into the model copy).  Widening is exact (8-bit: map[code] *
+// absmax, one rounding) and narrowing is per element (8-bit: per block), so
+// the bits are those of one fused pass.  With 8-bit moments a tile is one
+// quantization block (the stretch starts on a block: launch.cpp, plan.cpp);
+// otherwise, after a short first tile, every tile starts where the param is
 // register-aligned, so that neither the tiles nor the streams in memory are
-// read or written across cache lines.
-// `origin` is the element index (in the parameter) of the stretch's element 0.
+// read or written across cache lines.  `origin` is the element index (in
+// the parameter) of the stretch's element 0.
 template <unsigned Variant>
 void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t origin, std::int64_t begin,
-                    std::int64_t end, const BlockCoefficients<float>& c) {
+                    std::int64_t end, const BlockCoefficients<float>& c, const QuantTables& q) {
     // exp_avg's random bits are another stream than exp_avg_sq's; the maximum
     // shares exp_avg_sq's, so that it never rounds below exp_avg_sq.
     StochasticRounding first_moment = t.rounding;
     first_moment.key_low ^= 0x9e3779b9u;
+    constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
     alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile], max_tile[kTile];
-    const std::int64_t head = elements_to_alignment(static_cast<const float*>(s.param), begin, end);
+    const std::int64_t head = q.any ? 0 : elements_to_alignment(static_cast<const float*>(s.param), begin, end);
     for (std::int64_t i = begin; i < end;) {
-        const std::int64_t tile = i == begin && head > 0 ? head : kTile;
+        const std::int64_t tile = q.any ? kQuantBlock - (origin + i) % kQuantBlock : i == begin && head > 0 ? head : kTile;
         const std::int64_t n = tile < end - i ? tile : end - i;
+        const std::int64_t index = origin + i;
         float* const param = static_cast<float*>(s.param) + i;
         const float* const grad = widened(advance<float>(s.grad, t.grad.storage, i), t.grad.storage, grad_tile, n);
         void* const exp_avg_at = advance<float>(s.exp_avg, t.exp_avg.storage, i);
         void* const exp_avg_sq_at = advance<float>(s.exp_avg_sq, t.exp_avg_sq.storage, i);
-        // The moments widened in place in their tiles (or used in memory).
-        auto* const exp_avg = const_cast<float*>(widened(exp_avg_at, t.exp_avg.storage, exp_avg_tile, n));
-        auto* const exp_avg_sq = const_cast<float*>(widened(exp_avg_sq_at, t.exp_avg_sq.storage, exp_avg_sq_tile, n));
-        constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
         void* const max_at = amsgrad ? advance<float>(s.max_exp_avg_sq, t.max_exp_avg_sq.storage, i) : nullptr;
-        auto* const max_exp_avg_sq =
-            amsgrad ? const_cast<float*>(widened(max_at, t.max_exp_avg_sq.storage, max_tile, n)) : nullptr;
+        float* const exp_avg = moment_in(t.exp_avg, exp_avg_at, index, exp_avg_tile, n);
+        float* const exp_avg_sq = moment_in(t.exp_avg_sq, exp_avg_sq_at, index, exp_avg_sq_tile, n);
+        float* const max_exp_avg_sq = amsgrad ? moment_in(t.max_exp_avg_sq, max_at, index, max_tile, n) : nullptr;
         update_span<float, Variant>(AdamBuffers<float>{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq}, 0, n,
                                     param, c);
-        const auto index = static_cast<std::uint64_t>(origin + i);
-        narrow_moment(exp_avg, exp_avg_at, t.exp_avg.storage, n, index, first_moment);
-        narrow_moment(exp_avg_sq, exp_avg_sq_at, t.exp_avg_sq.storage, n, index, t.rounding);
-        if constexpr (amsgrad) narrow_moment(max_exp_avg_sq, max_at, t.max_exp_avg_sq.storage, n, index, t.rounding);
+        moment_out(t.exp_avg, exp_avg, exp_avg_at, index, n, first_moment, q.exp_avg);
+        moment_out(t.exp_avg_sq, exp_avg_sq, exp_avg_sq_at, index, n, t.rounding, q.exp_avg_sq);
+        if constexpr (amsgrad)
+            moment_out(t.max_exp_avg_sq, max_exp_avg_sq, max_at, index, n, t.rounding, q.max_exp_avg_sq);
         if (s.model != nullptr) narrow_into(param, advance<float>(s.model, t.model.storage, i), t.model.storage, n);
         i += n;
     }
@@ -484,6 +584,8 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
     if (begin >= end) return;
     const BlockCoefficients<T> c = broadcast_for_blocks(constants_for<T>(*t.constants));
     const bool direct = is_direct(t);
+    QuantTables q;
+    if (!direct) make_quant_tables(t, q);
     const bool gather = t.rows != nullptr;
     const std::int64_t row_size = gather ? t.row_size : end;
     const std::int64_t row_count = gather ? t.size / t.row_size : 1;
@@ -501,7 +603,7 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
                                    static_cast<T*>(s.max_exp_avg_sq)};
             update_span<T, Variant>(b, column, stop, b.param, c);
         } else if constexpr (sizeof(T) == sizeof(float)) {
-            staged_stretch<Variant>(t, s, origin, column, stop, c);
+            staged_stretch<Variant>(t, s, origin, column, stop, c, q);
         }
         e += stop - column;
     }

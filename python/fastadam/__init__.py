@@ -17,6 +17,7 @@ from typing import Any, Optional
 from . import _core, reference
 from ._functional import RowSparseGrad, adam_step, sparse_adam_step
 from ._optim import Adam, AdamW, SparseAdam
+from .reference import QuantizedState, dynamic_map
 
 try:
     __version__ = _version("fastadam")
@@ -26,10 +27,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Adam",
     "AdamW",
+    "QuantizedState",
     "RowSparseGrad",
     "SparseAdam",
     "adam_step",
     "config",
+    "dynamic_map",
     "get_num_threads",
     "reference",
     "set_num_threads",

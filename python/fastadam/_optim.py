@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._functional import RowSparseGrad
+from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
 
 #: The hyperparameters of a param group, as the core reads them (named in one place: csrc/hyper.hpp).
 _HYPERPARAMETERS: tuple[str, ...] = _core.HYPERPARAMETERS
@@ -28,7 +29,9 @@ def _is_16bit_float(a: np.ndarray) -> bool:
 
 
 #: What state_dtype may say for a moment: uncompressed (the param's dtype) or bfloat16.
-_STATE_DTYPES = ("float32", "bfloat16")
+_STATE_DTYPES = ("float32", "bfloat16", "int8")
+#: The arrays of a moment in 8-bit state, under the moment's name + these suffixes (see QuantizedState).
+_QUANTIZED_PARTS = ("_codes", "_absmax", "_map")
 #: The state arrays that state_dtype compresses (amsgrad's maximum is stored as exp_avg_sq is).
 _MOMENTS = {"exp_avg": 0, "exp_avg_sq": 1, "max_exp_avg_sq": 1}
 
@@ -52,6 +55,13 @@ def _state_dtypes(state_dtype: Any) -> tuple[str, str]:
         raise ValueError(f"state_dtype must be one of {_STATE_DTYPES}, or a pair of them for (exp_avg, exp_avg_sq), "
                          f"got {state_dtype!r}")
     return pair[0], pair[1]
+
+
+def _moment(s: Mapping[str, np.ndarray], key: str) -> Any:
+    """A param's moment as the core takes it: its array, or for 8-bit state its QuantizedState."""
+    if key in s or key + "_codes" not in s:
+        return s.get(key)
+    return QuantizedState(*(s[key + part] for part in _QUANTIZED_PARTS))
 
 
 def _stored(a: np.ndarray) -> np.ndarray:
@@ -121,6 +131,26 @@ def _check_group_hyperparameters(group: dict, where: str) -> None:
         raise type(e)(f"{where}: {e}") from None
 
 
+def _checked_group(g: Any, k: int, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Param group ``g``, to become ``param_groups[k]``: a dict of ``"params"`` and known options, the
+    defaults filled in, its params a non-empty tuple (not yet checked) and its hyperparameters checked."""
+    where = f"param_groups[{k}]"
+    if not isinstance(g, dict):
+        raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key, got {type(g).__name__}")
+    if "params" not in g:
+        raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
+    unknown = set(g) - _GROUP_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {_sorted_keys(unknown)}")
+    group = {**defaults, **g}
+    group["params"] = tuple(_listed(g["params"], f"{where}['params']", "{'params': [W]}"))
+    group["betas"] = tuple(group["betas"]) if isinstance(group["betas"], (tuple, list)) else group["betas"]
+    if not group["params"]:
+        raise ValueError(f"{where}: empty parameter list")
+    _check_group_hyperparameters(group, where)
+    return group
+
+
 def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
     """The declared shape and dtype of a ``.npy`` stream, read without reading its data."""
     version = np.lib.format.read_magic(fp)
@@ -188,9 +218,14 @@ class Adam:
         refused.
     state_dtype, min_compressed_size
         How the moments of float32 params (master-weighted ones included) are
-        stored: ``"float32"`` (default) or ``"bfloat16"``, for both, or a pair
-        ``(exp_avg's, exp_avg_sq's)``; amsgrad's ``max_exp_avg_sq`` follows
-        ``exp_avg_sq``.  bfloat16 moments halve the state (8 to 4 bytes per
+        stored: ``"float32"`` (default), ``"bfloat16"`` or ``"int8"``, for
+        both, or a pair ``(exp_avg's, exp_avg_sq's)``; amsgrad's
+        ``max_exp_avg_sq`` follows ``exp_avg_sq``.  ``"int8"`` is 8-bit
+        block-wise state (a :class:`fastadam.QuantizedState` per moment: the
+        state holds ``exp_avg_codes``, ``exp_avg_absmax`` and ``exp_avg_map``
+        in place of ``exp_avg``, and so on; the signed
+        :func:`fastadam.dynamic_map` for ``exp_avg``, the unsigned one for the
+        others), about 1.02 bytes per element and moment.  bfloat16 moments halve the state (8 to 4 bytes per
         parameter) and the step's memory traffic (28 to 20 bytes): each step
         widens them exactly to float32, computes in float32 and rounds them
         back to nearest-even.  Params of fewer than ``min_compressed_size``
@@ -248,20 +283,7 @@ class Adam:
     def _new_group(self, g: Any, k: int, start: int, seen: dict[int, int]) -> tuple[dict[str, Any], list[dict]]:
         """Check param group ``g`` (to become ``param_groups[k]``, its first param ``params[start]``) and
         create its zero state; ``seen`` maps ``id`` of every param taken so far to its position."""
-        where = f"param_groups[{k}]"
-        if not isinstance(g, dict):
-            raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key, got {type(g).__name__}")
-        if "params" not in g:
-            raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
-        unknown = set(g) - _GROUP_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {_sorted_keys(unknown)}")
-        group = {**self.defaults, **g}
-        group["params"] = tuple(_listed(g["params"], f"{where}['params']", "{'params': [W]}"))
-        group["betas"] = tuple(group["betas"]) if isinstance(group["betas"], (tuple, list)) else group["betas"]
-        if not group["params"]:
-            raise ValueError(f"{where}: empty parameter list")
-        _check_group_hyperparameters(group, where)
+        group = _checked_group(g, k, self.defaults)
         states = []
         for j, p in enumerate(group["params"]):
             i = start + j
@@ -286,16 +308,23 @@ class Adam:
         work_dtype = np.dtype(np.float32) if "master_param" in s else p.dtype
         compressed = work_dtype == np.float32 and p.size >= self.min_compressed_size
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
-            bf16 = compressed and self.state_dtype[_MOMENTS[key]] == "bfloat16"
-            s[key] = np.zeros(p.shape, _bfloat16() if bf16 else work_dtype)
+            storage = self.state_dtype[_MOMENTS[key]] if compressed else "float32"
+            if storage == "int8":  # codes of 0, absmax 0: a zero moment; one map of each kind per optimizer
+                maps = self.__dict__.setdefault("_quantization_maps", {})
+                qmap = maps.setdefault(key == "exp_avg", dynamic_map(signed=key == "exp_avg"))
+                s[key + "_codes"] = np.full(p.shape, np.flatnonzero(qmap == 0)[0], np.uint8)
+                s[key + "_absmax"] = np.zeros(-(-p.size // QUANT_BLOCK), np.float32)
+                s[key + "_map"] = qmap
+            else:
+                s[key] = np.zeros(p.shape, _bfloat16() if storage == "bfloat16" else work_dtype)
         return s
 
     def _build_plan(self, params: list[np.ndarray], states: list[dict], group_of: list[int],
                     group_count: int) -> Any:
         """The core's plan over all params: it checks every array and holds their data pointers."""
         return _core.AdamPlan([s.get("master_param", p) for s, p in zip(states, params)],
-                              [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                              [s.get("max_exp_avg_sq") for s in states],
+                              [_moment(s, "exp_avg") for s in states], [_moment(s, "exp_avg_sq") for s in states],
+                              [_moment(s, "max_exp_avg_sq") for s in states],
                               [p if "master_param" in s else None for s, p in zip(states, params)],
                               group_of, group_count, self.stochastic_rounding, self.rounding_seed)
 

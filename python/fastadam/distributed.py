@@ -50,7 +50,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ._functional import RowSparseGrad
-from ._optim import (_GROUP_KEYS, _HYPERPARAMETERS, Adam, _check_group_hyperparameters, _is_16bit_float,
+from ._optim import (_HYPERPARAMETERS, Adam, _check_group_hyperparameters, _checked_group, _is_16bit_float,
                      _json_number, _listed, _read_npy_header, _sorted_keys)
 
 __all__ = ["ZeroAdam", "ZeroAdamW"]
@@ -331,19 +331,7 @@ class ZeroAdam:
         self._groups: list[dict[str, Any]] = []
         self._params: list[np.ndarray] = []
         for k, g in enumerate(groups_in):
-            where = f"param_groups[{k}]"
-            if not isinstance(g, dict) or "params" not in g:
-                raise TypeError(f"params[{k}]: expected a param-group dict with a 'params' key")
-            unknown = set(g) - _GROUP_KEYS
-            if unknown:
-                raise ValueError(f"{where}: unknown option(s) {_sorted_keys(unknown)}")
-            group = {**self.defaults, **g}
-            group["params"] = tuple(_listed(g["params"], f"{where}['params']", "{'params': [W]}"))
-            if isinstance(group["betas"], (tuple, list)):
-                group["betas"] = tuple(group["betas"])
-            if not group["params"]:
-                raise ValueError(f"{where}: empty parameter list")
-            _check_group_hyperparameters(group, where)
+            group = _checked_group(g, k, self.defaults)
             for p in group["params"]:
                 self._check_param(p, len(self._params))
                 self._params.append(p)

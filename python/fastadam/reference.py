@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -105,7 +105,7 @@ def constants(step: int, lr: float, betas: tuple[float, float], eps: float, weig
 def _as_list(x: Optional[ArrayOrList]) -> list:
     if x is None:
         return []
-    return [x] if isinstance(x, np.ndarray) else list(x)
+    return [x] if isinstance(x, (np.ndarray, QuantizedState)) else list(x)
 
 
 def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, exp_avg_sqs: ArrayOrList, *,
@@ -139,7 +139,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         # Moments stored in bfloat16 (beside float32 params): widened exactly to float32, updated in float32,
         # rounded back to nearest-even -- per element, so the kernel's tiles give the same bits.
         state = [m, v] + ([v_max] if amsgrad else [])
-        work = [s.astype(p.dtype) if s.dtype != p.dtype else s for s in state]
+        work = [dequantize_blockwise(s) if isinstance(s, tuple) else s.astype(p.dtype) if s.dtype != p.dtype else s
+                for s in state]
         _step_one(p, g, work[0], work[1], work[2] if amsgrad else None, c, maximize=maximize,
                   l2=weight_decay != 0 and not decoupled_weight_decay,
                   decoupled=weight_decay != 0 and decoupled_weight_decay, amsgrad=amsgrad)
@@ -147,7 +148,9 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         for k, (stored, computed) in enumerate(zip(state, work)):
             if computed is stored:
                 continue
-            if key is not None and stored.dtype.name == "bfloat16":
+            if isinstance(stored, tuple):
+                quantize_blockwise(computed, QuantizedState(*stored))
+            elif key is not None and stored.dtype.name == "bfloat16":
                 stored[...] = stochastic_round_bfloat16(computed, key ^ _FIRST_MOMENT_STREAM if k == 0 else key)
             else:
                 with np.errstate(invalid="ignore", over="ignore"):
@@ -180,6 +183,76 @@ def _step_one(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, v_max:
     if decoupled:
         update = c.lr_weight_decay * p + update
     p[...] = p - update
+
+
+# -- 8-bit block-wise state ---------------------------------------------------------------------------------
+
+#: Elements per quantization block of 8-bit state.
+QUANT_BLOCK = 256
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 values of the dynamic 8-bit data type (Dettmers, "8-Bit Approximations for Parallelism in Deep
+    Learning", ICLR 2016; the block-wise optimizers of Dettmers et al., ICLR 2022), ascending, as float32.
+
+    Seven decades of exponent, 10**-7 to 1: decade ``i`` (0..6) holds the midpoints of ``2**i + 1``
+    (signed) or ``2**(i+1) + 1`` (unsigned) equally spaced points from 0.1 to 1, scaled by
+    ``10**(i - 6)``; a signed map has their negatives too; both hold 0 and 1.  Computed in float64 and
+    rounded once to float32 (bitsandbytes builds the same values with float32 ``linspace``, so an entry
+    may differ from its by an ulp).
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        points = 2**i + 1 if signed else 2**(i + 1) + 1
+        edges = np.linspace(0.1, 1.0, points)
+        means = (edges[:-1] + edges[1:]) / 2.0 * 10.0**(i - 6)
+        values += means.tolist() + ((-means).tolist() if signed else [])
+    out = np.sort(np.array(values, dtype=np.float32))
+    assert out.size == 256 and np.all(np.diff(out) > 0)
+    return out
+
+
+class QuantizedState(NamedTuple):
+    """A moment in 8-bit block-wise state: ``codes[j]`` (uint8, the param's shape) stands for
+    ``map[codes[j]] * absmax[j // 256]`` (``absmax`` one float32 per block of 256 consecutive elements of
+    the flat param; ``map`` 256 ascending float32 values holding 0: :func:`dynamic_map`)."""
+
+    codes: np.ndarray
+    absmax: np.ndarray
+    map: np.ndarray
+
+
+def dequantize_blockwise(state: QuantizedState) -> np.ndarray:
+    """The float32 values of ``state``: ``map[code] * absmax`` of its block (one correctly rounded multiply)."""
+    codes = state.codes.reshape(-1)
+    scale = np.repeat(state.absmax, QUANT_BLOCK)[:codes.size]
+    return (state.map[codes] * scale).reshape(state.codes.shape)
+
+
+@np.errstate(invalid="ignore", divide="ignore")
+def quantize_blockwise(x: np.ndarray, state: QuantizedState) -> None:
+    """Store float32 ``x`` into ``state`` (its codes and absmax), block by block.
+
+    A block's absmax is the largest finite ``|x|`` in it; each element's code is that of the map value
+    nearest to ``x / absmax`` (the float32 quotient) in exact arithmetic, a tie going to the lower code --
+    the number of midpoints between consecutive map values (exact in float64) below it.  A NaN or inf
+    element is stored as the code of 0 and leaves its block's scale alone; a block of zeros has absmax 0
+    and every code 0's.
+    """
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    blocks = -(-flat.size // QUANT_BLOCK)
+    padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
+    padded[:flat.size] = flat
+    padded = padded.reshape(blocks, QUANT_BLOCK)
+    finite = np.isfinite(padded)
+    absmax = np.where(finite, np.abs(padded), np.float32(0)).max(axis=1).astype(np.float32)
+    normalized = (padded / absmax[:, None]).astype(np.float32)
+    midpoints = (state.map[:-1].astype(np.float64) + state.map[1:].astype(np.float64)) / 2
+    codes = np.searchsorted(midpoints, normalized.astype(np.float64), side="left").astype(np.uint8)
+    zero_code = np.uint8(np.flatnonzero(state.map == 0)[0])
+    codes[~finite | (absmax[:, None] == 0)] = zero_code
+    state.codes.reshape(-1)[...] = codes.reshape(-1)[:flat.size]
+    state.absmax[...] = absmax
 
 
 _MASK64 = (1 << 64) - 1

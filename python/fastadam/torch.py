@@ -226,6 +226,9 @@ class _FastAdamOptimizer(Optimizer):
         if isinstance(min_compressed_size, bool) or not isinstance(min_compressed_size, int) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
         self.state_dtype = _state_dtypes(state_dtype)
+        if "int8" in self.state_dtype:
+            raise ValueError("state_dtype='int8' is not supported by fastadam.torch yet (fastadam.Adam on NumPy "
+                             "arrays has it); use 'float32' or 'bfloat16'")
         if "bfloat16" in self.state_dtype:
             try:
                 import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the state
