@@ -271,7 +271,7 @@ def format_cell(r: dict[str, Any]) -> str:
     load = "unknown" if r["other_load_cores"] is None else f"{r['other_load_cores']:.2f}"
     lines = [f"\n2^{r['size_exponent']} float32 params, {r['threads']} thread(s){' !' if busy else ''}: "
              f"other processes kept {load} cores busy; loadavg {r['loadavg_before']} -> {r['loadavg_after']}",
-             f"  {'adam_step, moments m/v':<26}{'B/el':>5}{'ms (median)':>13}{'min-max':>17}{'GB/s':>7}"
+             f"  {'adam_step, moments m/v':<26}{'B/el':>5}{'ms (median)':>13}{'min-max':>18}{'GB/s':>7}"
              f"{'%probe':>9}{'%exact':>9}{'speed vs f32':>14}"]
     cs = r["contenders"]
 
@@ -281,7 +281,7 @@ def format_cell(r: dict[str, Any]) -> str:
     for label in PAIRS:
         c = cs[f"adam_step {label}"]
         lines.append(f"  {label:<26}{c['bytes_per_element']:>5}" + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
-                     + f"{c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}"
+                     + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}"
                      + mark(c["percent_of_probe"], f"{c['percent_of_probe']['median']:>7.1f}%")
                      + mark(c["percent_of_exact_probe"], f"{c['percent_of_exact_probe']['median']:>7.1f}%")
                      + mark(c["float32_step_time_over_this"],
@@ -291,12 +291,12 @@ def format_cell(r: dict[str, Any]) -> str:
             c = cs[f"{probe} {label}"]
             lines.append(f"  {'(' + probe + ' ' + label + ')':<26}{c['bytes_per_element']:>5}"
                          + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
-                         + f"{c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}")
+                         + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}")
     for name, c in cs.items():
         if "AdamW8bit" in name:
             slower = 1 / c["float32_step_time_over_this"]["median"]
             lines.append(f"  {name:<31}" + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
-                         + f"{c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}   {slower:.1f}x the f32 step's time, "
+                         + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}   {slower:.1f}x the f32 step's time, "
                          f"{c['ms']['median'] / cs['adam_step ' + BFLOAT16]['ms']['median']:.1f}x the bf16 step's "
                          f"(first calls {c['first_call_seconds']:.1f} s)")
     return "\n".join(lines)
