@@ -74,23 +74,26 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
     const ScratchLease<std::vector<ProbeTensor>, Tag> tensors;
     tensors->clear();
     for (std::size_t i = 0; i < count; ++i) {
-        CheckedArray x[4];
-        for (int k : {0, 2, 3}) {
-            x[k] = check_float_array(lists[k][i], lists[k].name(i), Access::write);
-            check_same_layout(x[k], lists[k].name(i), x[0], lists[0].name(i));
-        }
+        const CheckedArray x = check_float_array(lists[0][i], lists[0].name(i), Access::write);
         const void* b_data = nullptr;
         PyArrayObject* b_array = nullptr;
-        const Storage b_storage = check_grad(lists[1][i], lists[1].name(i), x[0], lists[0].name(i), b_data, b_array);
+        const Storage b_storage = check_grad(lists[1][i], lists[1].name(i), x, lists[0].name(i), b_data, b_array);
         if (b_storage == Storage::float16) throw ArgTypeError{"probe: b must be float32, float64 or bfloat16"};
-        ProbeTensor t{x[0].data, b_data, x[2].data, x[3].data, x[0].size, x[0].dtype};
+        // c and d as the step's moments: a's dtype, or bfloat16 beside a float32 a (no 8-bit probe).
+        const CheckedMoment c = check_moment(lists[2][i], lists[2].name(i), x, lists[0].name(i));
+        const CheckedMoment d = check_moment(lists[3][i], lists[3].name(i), x, lists[0].name(i));
+        if (c.stream.storage == Storage::block8 || d.stream.storage == Storage::block8)
+            throw ArgTypeError{"probe: c and d may be float32, float64 or bfloat16 arrays, not 8-bit state"};
+        ProbeTensor t{x.data, b_data, c.stream.data, d.stream.data, x.size, x.dtype};
         t.bf16_b = b_storage == Storage::bfloat16;
+        t.bf16_c = c.stream.storage == Storage::bfloat16;
+        t.bf16_d = d.stream.storage == Storage::bfloat16;
         t.exact = exact;
         if (has_e) {
             Storage e_storage = Storage::same;
             PyArrayObject* e_array = check_16bit_array(lists[4][i], lists[4].name(i), Access::write, e_storage);
             if (!t.bf16_b || e_storage != Storage::bfloat16) throw ArgTypeError{"probe: e needs bfloat16 b and e"};
-            check_same_shape(e_array, lists[4].name(i), x[0].array, lists[0].name(i));
+            check_same_shape(e_array, lists[4].name(i), x.array, lists[0].name(i));
             t.e = PyArray_DATA(e_array);
         }
         tensors->push_back(t);

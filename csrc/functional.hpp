@@ -19,7 +19,8 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
                const LossScaling& scaling, const RoundingSeed& rounding, int num_threads);
 
 // The probe over (a, b, c, d) lists: same access pattern as the step (and,
-// when `exact`, its one division and square root per element).
+// when `exact`, its one division and square root per element), with b, c and
+// d stored as the step's gradient and moments may be (bfloat16 beside float32).
 void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e, bool exact, int num_threads);
 
 }  // namespace fastadam

@@ -128,14 +128,18 @@ struct AdamTensor {
 struct ProbeTensor {
     void* a;        // read and written
     const void* b;  // read only (bfloat16 when bf16_b)
-    void* c;        // read and written
-    void* d;        // read and written
+    void* c;        // read and written (bfloat16 when bf16_c)
+    void* d;        // read and written (bfloat16 when bf16_d)
     std::int64_t size;
     DType dtype;
     // The mixed-precision pattern (float32 only): b is bfloat16, and e (a
-    // bfloat16 array, when set) receives a's new value truncated to bfloat16.
+    // bfloat16 array, when set) receives a's new value rounded to bfloat16.
     bool bf16_b = false;
     void* e = nullptr;
+    // The bfloat16-moment patterns (float32 only): c and/or d are bfloat16,
+    // read widened and written rounded to nearest-even.
+    bool bf16_c = false;
+    bool bf16_d = false;
     // c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k) instead.
     bool exact = false;
 };

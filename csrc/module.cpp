@@ -161,8 +161,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("e") = py::none(), py::arg("exact") = false,
         "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).\n"
         "With float32 a, c, d and a bfloat16 b (and optionally a bfloat16 e, which receives a), the traffic of\n"
-        "the mixed-precision step.  With exact=True, the same traffic and exactly the step's correctly rounded\n"
-        "division and square root per element: c = c/2 + b, d = d/2 + b*b, a = a - c / (sqrt(d) + 1e-8).");
+        "the mixed-precision step.  Beside a float32 a, c and/or d may be bfloat16 (the bfloat16 moments'\n"
+        "traffic): read exactly, computed in float32, stored rounded to nearest-even.  With exact=True, the same\n"
+        "traffic and exactly the step's correctly rounded division and square root per element:\n"
+        "c' = c/2 + b, d' = d/2 + b*b, a = a - c' / (sqrt(d') + 1e-8), then c = c', d = d' (a uses c' and d' in\n"
+        "float32, before a bfloat16 c or d is rounded).");
 
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,

@@ -106,6 +106,35 @@ def test_the_sparse_and_mixed_suite_runs_and_writes_its_results(tmp_path):
     assert results["sparse"][0]["dense_over_sparse"] > 0
 
 
+def test_the_state_dtype_suite_checks_times_and_writes_its_rows(tmp_path):
+    pytest.importorskip("ml_dtypes")
+    out = tmp_path / "state_dtype.json"
+    result = run([str(BENCHMARKS / "bench_state_dtype.py"), "--quick", "--sizes", "10,12", "--libraries",
+                  "bitsandbytes", "--json", str(out)], cwd=tmp_path)
+    document = json.loads(out.read_text())
+    [(level, timings)] = document["levels"].items()
+    assert level == fastadam.config()["isa"] and f"ISA level {level}" in result.stdout
+    assert [(r["size_exponent"], r["threads"]) for r in timings["results"]] == [(10, 1), (12, 1)]
+    pairs = ["f32/f32", "bf16/bf16", "bf16/f32", "f32/bf16"]
+    for r in timings["results"]:
+        names = {f"{kind} {pair}" for kind in ("adam_step", "probe", "exact probe") for pair in pairs}
+        assert names <= set(r["contenders"])
+        for pair, bytes_per_element in zip(pairs, [28, 20, 24, 24]):
+            step = r["contenders"][f"adam_step {pair}"]
+            assert step["bytes_per_element"] == bytes_per_element and len(step["seconds"]) == 3
+            assert step["percent_of_probe"]["median"] > 0 and step["float32_step_time_over_this"]["median"] > 0
+        assert r["other_load_cores"] is None or r["other_load_cores"] >= 0
+    if "bitsandbytes" in timings["not_importable"]:
+        assert "not importable, so not in the run: bitsandbytes AdamW8bit" in result.stdout
+    else:
+        assert all("bitsandbytes AdamW8bit" in r["contenders"] for r in timings["results"])
+    # Measured in fresh interpreters: the state's own bytes are exact, whatever the resident set did.
+    memory = document["memory"]["optimizers"]
+    assert memory["fastadam float32"]["state_nbytes_per_param"] == 8.0
+    assert memory["fastadam bfloat16"]["state_nbytes_per_param"] == 4.0
+    assert "other processes share this machine's cores" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def training_loop_results(tmp_path_factory):
     """One tiny run of benchmarks/bench_training_loop.py, quiet and beside a busy process."""

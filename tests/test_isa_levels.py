@@ -2,7 +2,7 @@
 
 The level is chosen once, at import, so each forced level runs in a fresh
 interpreter: the bitwise suites (dense, row-sparse, mixed precision and bfloat16 state, whose
-float16/bfloat16 conversions differ most between levels) run again under it.
+float16/bfloat16 conversions differ most between levels) and the benchmarks' probes run again under it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import fastadam
 TESTS = Path(__file__).parent
 KNOWN_LEVELS = ["baseline", "avx2", "avx512"]
 BITWISE_SUITES = ["test_numerics.py", "test_sparse.py", "test_mixed_precision.py", "test_state_dtype.py",
-                  "test_state_int8.py"]
+                  "test_state_int8.py", "test_probe.py"]
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -27,15 +27,23 @@ bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) 
     }
 }
 
+// The float32 probe for each storage of b, c and d (bfloat16 or float32).
+template <bool Exact, Storage B, Storage C>
+void probe_float_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+    if (t.bf16_d) probe_range_typed<float, B, C, kBf16, Exact>(t, begin, end);
+    else probe_range_typed<float, B, C, kSame, Exact>(t, begin, end);
+}
+template <bool Exact, Storage B>
+void probe_float_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+    if (t.bf16_c) probe_float_range<Exact, B, kBf16>(t, begin, end);
+    else probe_float_range<Exact, B, kSame>(t, begin, end);
+}
+
 template <bool Exact>
 void probe_range_of(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
-    if (t.dtype == DType::float64) {
-        probe_range_typed<double, false, Exact>(t, begin, end);
-    } else if (t.bf16_b) {
-        probe_range_typed<float, true, Exact>(t, begin, end);
-    } else {
-        probe_range_typed<float, false, Exact>(t, begin, end);
-    }
+    if (t.dtype == DType::float64) probe_range_typed<double, kSame, kSame, kSame, Exact>(t, begin, end);
+    else if (t.bf16_b) probe_float_range<Exact, kBf16>(t, begin, end);
+    else probe_float_range<Exact, kSame>(t, begin, end);
 }
 
 void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {

@@ -687,37 +687,47 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
 // one correctly rounded division and one square root per element -- the work
 // the bitwise contract allows no approximation of -- with as little else as
 // keeps them: c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k).
-// The mixed-precision pattern reads b as bfloat16 and also writes e.
-template <class T, bool Bf16, bool Exact, class Block>
+// Each of b, c and d may be stored as bfloat16 beside a float32 a (B, C, D):
+// b is the mixed-precision step's gradient, which also writes e (a's new
+// value in bfloat16); c and d are the bfloat16 moments.  A bfloat16 c or d is
+// widened exactly, computed in float32 and stored rounded to nearest-even;
+// like the step, a uses c and d before that rounding.
+template <class T, Storage S, class Block>
+FASTADAM_INLINE void store_probe_stream(void* to, std::int64_t i, const Block& block, typename Block::V x) {
+    if constexpr (S == Storage::same) block.store(static_cast<T*>(to) + i, x);
+    else block.template store16<S>(static_cast<std::uint16_t*>(to) + i, x);
+}
+
+template <class T, Storage B, Storage C, Storage D, bool Exact, class Block>
 FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Block& block) {
     using V = typename Block::V;
     const V h = Block::broadcast(T(0.5)), k = Block::broadcast(T(1e-8));
     T* a = static_cast<T*>(t.a) + i;
-    T* c = static_cast<T*>(t.c) + i;
-    T* d = static_cast<T*>(t.d) + i;
-    const V bv = load_grad<T, Bf16 ? kBf16 : kSame>(t.b, i, block);
-    V av;
+    const V bv = load_grad<T, B>(t.b, i, block);
+    const V c_old = load_grad<T, C>(t.c, i, block);
+    const V d_old = load_grad<T, D>(t.d, i, block);
+    V av, cv, dv;
     if constexpr (Exact) {
-        const V cv = block.load(c) * h + bv;
-        const V dv = block.load(d) * h + bv * bv;
+        cv = c_old * h + bv;
+        dv = d_old * h + bv * bv;
         av = block.load(a) - cv / (Block::sqrt(dv) + k);
-        block.store(c, cv);
-        block.store(d, dv);
     } else {
         av = block.load(a) * h + bv;
-        block.store(c, block.load(c) * h + bv);
-        block.store(d, block.load(d) * h + bv);
+        cv = c_old * h + bv;
+        dv = d_old * h + bv;
     }
+    store_probe_stream<T, C>(t.c, i, block, cv);
+    store_probe_stream<T, D>(t.d, i, block, dv);
     block.store(a, av);
-    if constexpr (Bf16) {
+    if constexpr (B == kBf16) {
         if (t.e != nullptr) block.template store16<kBf16>(static_cast<std::uint16_t*>(t.e) + i, av);
     }
 }
 
-template <class T, bool Bf16, bool Exact>
+template <class T, Storage B, Storage C, Storage D, bool Exact>
 void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     const auto block = [&](std::int64_t i, const auto& kind) FASTADAM_LAMBDA_INLINE {
-        probe_block<T, Bf16, Exact>(t, i, kind);
+        probe_block<T, B, C, D, Exact>(t, i, kind);
     };
     for_each_block(static_cast<const T*>(t.a), begin, end, block);
 }
