@@ -218,10 +218,10 @@ def main(argv=None) -> int:
 
     baseline = runs[0] if args.state_dtype[0] == ("float32", "float32") else None
     print(f"\nafter {args.epochs} epochs:")
-    print(f"  {'run':<36} {'moment bytes':>12}  {'train loss':>10}  {'test loss':>9}  {'test acc':>8}"
+    print(f"  {'run':<41} {'moment bytes':>12}  {'train loss':>10}  {'test loss':>9}  {'test acc':>8}"
           + ("  vs run 1 (points)" if baseline else ""))
     for run in runs:
-        line = (f"  {run['name']:<36} {run['stepper'].moment_bytes:>12,}  {run['train_loss'][-1]:10.4e}  "
+        line = (f"  {run['name']:<41} {run['stepper'].moment_bytes:>12,}  {run['train_loss'][-1]:10.4e}  "
                 f"{run['test_loss'][-1]:9.4e}  {100 * run['test_accuracy'][-1]:7.2f}%")
         if baseline and run is not baseline:
             line += f"  {100 * (run['test_accuracy'][-1] - baseline['test_accuracy'][-1]):+6.2f}"
