@@ -3,10 +3,13 @@
 Commands:
 
 ``python -m fastadam [train] [--epochs N] [--batch-size N] [--hidden N] [--lr LR] [--seed S]``
-``[--dataset {digits,synthetic}] [--threads N]``
+``[--dataset {digits,synthetic}] [--threads N] [--state-dtype S[,S...]]``
     The default.  Trains a small NumPy network twice side by side, stepped by
     fastadam.Adam and by the NumPy reference, checks that both copies stay
     bitwise identical and times the optimizer steps (see ``fastadam._demo``).
+    With ``--state-dtype float32,bfloat16`` (a pair: ``bfloat16/float32`` for
+    exp_avg/exp_avg_sq) it trains one copy per storage of Adam's moments
+    instead, each checked against the reference, and compares their accuracy.
 
 ``python -m fastadam bench [--quick] [--out DIR] [args...]``
     How fast the step runs on this machine: measurements and ratios against
