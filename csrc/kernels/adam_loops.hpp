@@ -530,9 +530,12 @@ FASTADAM_INLINE void make_quant_tables(const AdamTensor& t, QuantTables& q) {
 // takes the rest: 16-bit gradients, the model copy, stochastic rounding,
 // 8-bit state).
 FASTADAM_INLINE bool is_direct(const AdamTensor& t) {
-    const auto fused = [&t](Storage s) { return s == Storage::same || (s == Storage::bfloat16 && !t.rounding.on); };
-    return t.grad.storage == Storage::same && fused(t.exp_avg.storage) && fused(t.exp_avg_sq.storage) &&
-           t.model.data == nullptr;
+    // Both moments in the working dtype, or both in bfloat16: a pair of one of each goes staged, so that
+    // the update loop is compiled for two storages, not four (the extension's size).
+    const bool same = t.exp_avg.storage == Storage::same && t.exp_avg_sq.storage == Storage::same;
+    const bool bf16 = t.exp_avg.storage == Storage::bfloat16 && t.exp_avg_sq.storage == Storage::bfloat16 &&
+                      !t.rounding.on;
+    return t.grad.storage == Storage::same && (same || bf16) && t.model.data == nullptr;
 }
 
 // The direct loop over one stretch, for the moments' storages.
@@ -635,10 +638,7 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
         if (direct) {
             constexpr Storage same = Storage::same, bf16 = Storage::bfloat16;
             if constexpr (sizeof(T) == sizeof(float)) {
-                const bool m16 = t.exp_avg.storage == bf16, v16 = t.exp_avg_sq.storage == bf16;
-                if (m16 && v16) direct_stretch<T, Variant, bf16, bf16>(s, column, stop, c);
-                else if (m16) direct_stretch<T, Variant, bf16, same>(s, column, stop, c);
-                else if (v16) direct_stretch<T, Variant, same, bf16>(s, column, stop, c);
+                if (t.exp_avg.storage == bf16) direct_stretch<T, Variant, bf16, bf16>(s, column, stop, c);
                 else direct_stretch<T, Variant, same, same>(s, column, stop, c);
             } else {
                 direct_stretch<T, Variant, same, same>(s, column, stop, c);
