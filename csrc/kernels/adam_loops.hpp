@@ -459,10 +459,32 @@ FASTADAM_INLINE float quantize_block(const float* from, const QuantTable& q, std
         const float a = __builtin_fabsf(from[j]);
         if (a > absmax && a <= 3.40282347e38f) absmax = a;
     }
-    for (std::int64_t j = 0; j < n; ++j) {
+    if (absmax == 0.0f) {
+        for (std::int64_t j = 0; j < n; ++j) codes[j] = q.zero_code;
+        return absmax;
+    }
+    // The searches of kLanes elements advance in lockstep: each step of one
+    // depends on its previous step's load, so a single search waits on
+    // latency, while kLanes independent ones overlap (and may become vector
+    // gathers).  Each lane makes exactly nearest_code's comparisons.
+    constexpr int kLanes = 16;
+    std::int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+        float y[kLanes];
+        int code[kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+            y[l] = from[j + l] / absmax;  // NaN for NaN and inf: every comparison false, and replaced below
+            code[l] = 0;
+        }
+        for (int step = 128; step >= 1; step >>= 1)
+            for (int l = 0; l < kLanes; ++l) code[l] += static_cast<int>(q.midpoint[code[l] + step - 1] < y[l]) * step;
+        for (int l = 0; l < kLanes; ++l)
+            codes[j + l] = __builtin_fabsf(from[j + l]) <= 3.40282347e38f ? static_cast<std::uint8_t>(code[l])
+                                                                           : q.zero_code;
+    }
+    for (; j < n; ++j) {
         const float x = from[j];
-        codes[j] = absmax == 0.0f || !(__builtin_fabsf(x) <= 3.40282347e38f) ? q.zero_code
-                                                                              : nearest_code(q, x / absmax);
+        codes[j] = __builtin_fabsf(x) <= 3.40282347e38f ? nearest_code(q, x / absmax) : q.zero_code;
     }
     return absmax;
 }
