@@ -37,25 +37,32 @@ import numpy as np
 import fastadam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MOMENT_STORAGES = ("float32", "bfloat16")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8")
+#: A storage named with this suffix rounds its bfloat16 moments stochastically (seeded with --seed).
+STOCHASTIC = "+sr"
 # The data set and its split are fixed whatever --seed says: seeds change only the weights and the batch order.
 DATA_SEED = 20240601
 TEST_FRACTION = 0.2
 
 
-def storages(text: str) -> list[tuple[str, str]]:
-    """``"float32,bfloat16/float32"`` -> ``[("float32", "float32"), ("bfloat16", "float32")]`` (exp_avg, exp_avg_sq)."""
+def storages(text: str) -> list[tuple[str, str, bool]]:
+    """``"float32,bfloat16/float32,bfloat16+sr"`` -> ``[("float32", "float32", False), ("bfloat16", "float32",
+    False), ("bfloat16", "bfloat16", True)]``: (exp_avg's, exp_avg_sq's storage, stochastic rounding)."""
     result = []
     for item in text.split(","):
-        names = item.strip().split("/")
+        item = item.strip()
+        stochastic = item.endswith(STOCHASTIC)
+        names = item[:-len(STOCHASTIC)].split("/") if stochastic else item.split("/")
         if len(names) not in (1, 2) or any(n not in MOMENT_STORAGES for n in names):
-            raise argparse.ArgumentTypeError(f"{item!r} is not a storage: use float32, bfloat16, or M/V of them")
-        result.append((names[0], names[-1]))
+            raise argparse.ArgumentTypeError(f"{item!r} is not a storage: use float32, bfloat16, int8, or M/V of "
+                                             f"them, with {STOCHASTIC} for stochastic rounding of bfloat16")
+        result.append((names[0], names[-1], stochastic))
     return result
 
 
-def label(storage: tuple[str, str]) -> str:
-    return storage[0] if storage[0] == storage[1] else "/".join(storage)
+def label(storage: tuple[str, str, bool]) -> str:
+    name = storage[0] if storage[0] == storage[1] else "/".join(storage[:2])
+    return name + (" (stochastic rounding)" if storage[2] else "")
 
 
 def load_digits():
@@ -84,15 +91,16 @@ def make_model(torch, seed: int):
 class FastadamStepper:
     """fastadam.Adam over zero-copy NumPy views of a torch model's parameters."""
 
-    def __init__(self, model, lr: float, storage: tuple[str, str], threads) -> None:
+    def __init__(self, model, lr: float, storage: tuple[str, str, bool], threads, seed: int) -> None:
         self.params = list(model.parameters())
         views = [p.detach().numpy() for p in self.params]
         # The views must be the parameters' own memory: a copy would train nothing, silently.
         for p, v in zip(self.params, views):
             assert v.ctypes.data == p.data_ptr() and v.dtype == np.float32, "not a zero-copy view"
-        self.optimizer = fastadam.Adam(views, lr=lr, state_dtype=storage, min_compressed_size=0,
-                                       num_threads=threads)
-        self.moment_bytes = sum(s[k].nbytes for s in self.optimizer.state for k in ("exp_avg", "exp_avg_sq"))
+        self.optimizer = fastadam.Adam(views, lr=lr, state_dtype=storage[:2], min_compressed_size=0,
+                                       num_threads=threads, stochastic_rounding=storage[2], rounding_seed=seed)
+        # Every state array but the 8-bit maps, which one optimizer shares between all its params.
+        self.moment_bytes = sum(a.nbytes for s in self.optimizer.state for k, a in s.items() if not k.endswith("_map"))
 
     def step(self) -> None:
         self.optimizer.step([p.grad.numpy() for p in self.params])
@@ -151,8 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: %(default)s)")
     parser.add_argument("--state-dtype", type=storages, default=storages("float32,bfloat16"),
-                        help="fastadam's moment storages, comma-separated; M/V stores exp_avg and exp_avg_sq "
-                             "differently (default: float32,bfloat16)")
+                        help="fastadam's moment storages, comma-separated: float32, bfloat16, int8; M/V stores "
+                             "exp_avg and exp_avg_sq differently; a +sr suffix rounds bfloat16 stochastically "
+                             "(default: float32,bfloat16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's threads and fastadam's step threads (default: %(default)s; the figures "
                              "do not depend on it, only the time does)")
@@ -171,7 +180,7 @@ def main(argv=None) -> int:
     for storage in args.state_dtype:
         model = copy.deepcopy(initial)
         runs.append(dict(name=f"fastadam.Adam, {label(storage)} moments", model=model,
-                         stepper=FastadamStepper(model, args.lr, storage, args.threads)))
+                         stepper=FastadamStepper(model, args.lr, storage, args.threads, args.seed)))
     model = copy.deepcopy(initial)
     runs.append(dict(name="torch.optim.Adam, float32", model=model, stepper=TorchStepper(torch, model, args.lr)))
     for run in runs:
@@ -216,7 +225,7 @@ def main(argv=None) -> int:
             cells += f" | {run['train_loss'][-1]:.3e}  {test_loss:.3e}  {100 * test_acc:5.1f}"
         print(f"  {epoch:5d}{cells}", flush=True)
 
-    baseline = runs[0] if args.state_dtype[0] == ("float32", "float32") else None
+    baseline = runs[0] if args.state_dtype[0][:2] == ("float32", "float32") else None
     print(f"\nafter {args.epochs} epochs:")
     print(f"  {'run':<41} {'moment bytes':>12}  {'train loss':>10}  {'test loss':>9}  {'test acc':>8}"
           + ("  vs run 1 (points)" if baseline else ""))
