@@ -332,7 +332,7 @@ void split_betas(PyObject* obj, PyObject*& beta1, PyObject*& beta2) {
 
 const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
 
-static std::string describe_dtype(PyArrayObject* a) {
+std::string describe_dtype(PyArrayObject* a) {
     if (!PyArray_ISNOTSWAPPED(a)) {
         // str() of a swapped user dtype is just its kind (">V2" for bfloat16): name the scalar type.
         const char* type_name = PyArray_DESCR(a)->typeobj->tp_name;

@@ -180,5 +180,7 @@ bool to_bool(PyObject* obj, const char* name);
 std::int64_t to_int64(PyObject* obj, const char* name);
 
 const char* dtype_name(DType d);
+// An array's dtype for a message: "float32", "bfloat16", or a swapped one's scalar type and byte order.
+std::string describe_dtype(PyArrayObject* a);
 
 }  // namespace fastadam

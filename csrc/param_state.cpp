@@ -8,12 +8,7 @@ namespace {
 bool given(PyObject* obj) { return obj != nullptr && obj != Py_None; }
 
 std::string storage_name(const CheckedMoment& m) {
-    if (m.stream.storage == Storage::block8) return "8-bit";
-    PyObject* s = PyObject_Str(reinterpret_cast<PyObject*>(PyArray_DESCR(m.array)));
-    std::string out = s != nullptr ? PyUnicode_AsUTF8(s) : "?";
-    Py_XDECREF(s);
-    PyErr_Clear();
-    return out;
+    return m.stream.storage == Storage::block8 ? "8-bit" : describe_dtype(m.array);
 }
 
 void add_moment(OverlapCheck& overlap, const CheckedMoment& m, const ArgName& name) {
