@@ -1,5 +1,7 @@
 #include "arrays.hpp"
 
+#include "codebook.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -451,16 +453,34 @@ PyArrayObject* check_plain_array(PyObject* obj, const std::string& name, int typ
     return a;
 }
 
-CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name) {
+}  // namespace
+
+std::shared_ptr<const Codebook> checked_codebook(PyArrayObject* map_array, const std::string& name) {
+    const auto* map = static_cast<const float*>(PyArray_DATA(map_array));
+    bool zero = false;
+    for (int k = 0; k < 256; ++k) {
+        if (!std::isfinite(map[k]) || (k > 0 && !(map[k - 1] < map[k])))
+            throw ArgValueError{name + ": must hold 256 finite values in strictly ascending order (at " +
+                                std::to_string(k) + ")"};
+        zero = zero || map[k] == 0.0f;
+    }
+    if (!zero) throw ArgValueError{name + ": must hold 0.0 (the code of a zero moment)"};
+    return codebook_for(map);
+}
+
+namespace {
+
+CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
+                           Access access) {
     const std::string where = name.str();
     if (param.dtype != DType::float32)
         throw ArgTypeError{where + ": 8-bit state needs a float32 param, and " + param_name.str() + " is " +
                            dtype_name(param.dtype)};
     CheckedMoment m{};
     PyObject* const* items = &PyTuple_GET_ITEM(obj, 0);
-    m.array = check_plain_array(items[0], where + ".codes", NPY_UBYTE, "uint8", Access::write);
+    m.array = check_plain_array(items[0], where + ".codes", NPY_UBYTE, "uint8", access);
     check_same_shape(m.array, ArgName{(where + ".codes").c_str(), -1}, param.array, param_name);
-    m.absmax = check_plain_array(items[1], where + ".absmax", NPY_FLOAT32, "float32", Access::write);
+    m.absmax = check_plain_array(items[1], where + ".absmax", NPY_FLOAT32, "float32", access);
     const std::int64_t blocks = (param.size + kQuantBlock - 1) / kQuantBlock;
     if (PyArray_NDIM(m.absmax) != 1 || PyArray_DIM(m.absmax, 0) != blocks)
         throw ArgValueError{where + ".absmax: expected " + std::to_string(blocks) + " values (one per block of " +
@@ -469,23 +489,15 @@ CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArra
     m.map = check_plain_array(items[2], where + ".map", NPY_FLOAT32, "float32", Access::read);
     if (PyArray_NDIM(m.map) != 1 || PyArray_DIM(m.map, 0) != 256)
         throw ArgValueError{where + ".map: expected 256 values, got shape " + describe_shape(m.map)};
-    const auto* map = static_cast<const float*>(PyArray_DATA(m.map));
-    bool zero = false;
-    for (int k = 0; k < 256; ++k) {
-        if (!std::isfinite(map[k]) || (k > 0 && !(map[k - 1] < map[k])))
-            throw ArgValueError{where + ".map: must hold 256 finite values in strictly ascending order (at " +
-                                std::to_string(k) + ")"};
-        zero = zero || map[k] == 0.0f;
-    }
-    if (!zero) throw ArgValueError{where + ".map: must hold 0.0 (the code of a zero moment)"};
-    m.stream = {PyArray_DATA(m.array), Storage::block8, static_cast<float*>(PyArray_DATA(m.absmax)), map};
+    m.codebook = checked_codebook(m.map, where + ".map");
+    m.stream = {PyArray_DATA(m.array), Storage::block8, static_cast<float*>(PyArray_DATA(m.absmax)), m.codebook.get()};
     return m;
 }
 
 }  // namespace
 
 CheckedMoment check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name) {
-    if (PyTuple_Check(obj) && PyTuple_GET_SIZE(obj) == 3) return check_block8(obj, name, param, param_name);
+    if (PyTuple_Check(obj) && PyTuple_GET_SIZE(obj) == 3) return check_block8(obj, name, param, param_name, Access::write);
     CheckedMoment m{};
     Storage storage = Storage::same;
     if (PyArray_Check(obj) && storage_of(reinterpret_cast<PyArrayObject*>(obj), storage)) {
@@ -600,6 +612,14 @@ std::int64_t to_int64(PyObject* obj, const char* name) {
         throw ArgValueError{std::string(name) + ": integer out of range (a 64-bit signed integer is expected)"};
     }
     return v;
+}
+
+CheckedMoment check_quantized_state(PyObject* obj, const ArgName& name, const CheckedArray& values,
+                                    const ArgName& values_name, Access access) {
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 3)
+        throw ArgTypeError{name.str() + ": expected a fastadam.QuantizedState (codes, absmax, map), got " +
+                           Py_TYPE(obj)->tp_name};
+    return check_block8(obj, name, values, values_name, access);
 }
 
 }  // namespace fastadam

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -144,7 +145,13 @@ struct CheckedMoment {
     PyArrayObject* array;   // the values, or the codes of block8 state
     PyArrayObject* absmax;  // block8: one float32 per block (written), else null
     PyArrayObject* map;     // block8: the codes' 256 values (read), else null
+    std::shared_ptr<const Codebook> codebook;  // block8: the map's (stream.codebook points into it)
 };
+
+// The code book of an 8-bit state's map (a float32 array of 256 values,
+// already checked for dtype and shape): its values must be finite, strictly
+// ascending and hold 0.0, or ArgValueError names `name`.
+std::shared_ptr<const Codebook> checked_codebook(PyArrayObject* map, const std::string& name);
 
 // A moment of `param` (exp_avg, exp_avg_sq or max_exp_avg_sq), written in
 // place: an array of the param's dtype, or beside a float32 param a
@@ -153,6 +160,12 @@ struct CheckedMoment {
 // float32 absmax per block of kQuantBlock elements, and a float32 map of
 // 256 finite, strictly ascending values holding 0.
 CheckedMoment check_moment(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name);
+
+// 8-bit block-wise state (a (codes, absmax, map) tuple, as check_moment takes
+// it) for float32 `values` of its shape; codes and absmax writeable when
+// `access` is write.
+CheckedMoment check_quantized_state(PyObject* obj, const ArgName& name, const CheckedArray& values,
+                                    const ArgName& values_name, Access access);
 
 // Detects arrays that share memory where one of them is written.  Intervals
 // are collected, then check() sorts and sweeps them in O(n log n).

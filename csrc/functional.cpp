@@ -36,8 +36,11 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
     struct Tag;
     const ScratchLease<std::vector<AdamTensor>, Tag> tensors;
     const ScratchLease<OverlapCheck, Tag> overlap;
+    // The 8-bit states' code books, alive until the step returns.
+    const ScratchLease<std::vector<std::shared_ptr<const Codebook>>, Tag> codebooks;
     tensors->clear();
     overlap->clear();
+    codebooks->clear();
 
     AdamConstantsPair constants = make_constants(hyper, step);
     set_grad_scale(constants, scaling.grad_scale);
@@ -56,6 +59,8 @@ bool adam_step(PyObject* params, PyObject* grads, PyObject* exp_avgs, PyObject* 
         c.tensor.variant = variant;
         c.tensor.rounding = rounding_for(rounding, step, i);
         tensors->push_back(c.tensor);
+        for (const CheckedMoment* m : {&c.exp_avg, &c.exp_avg_sq, &c.max_exp_avg_sq})
+            if (m->codebook) codebooks->push_back(m->codebook);
     }
     overlap->check();
     return run_adam_step(tensors->data(), tensors->size(), num_threads, scaling.skip_if_nonfinite);

@@ -41,14 +41,49 @@ enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2, block8 
 // (launch.cpp's pieces start on multiples of it).
 constexpr std::int64_t kQuantBlock = 256;
 
+// The code book of block8 state: the 256 values of the codes (the map, in
+// ascending order) and a table that finds the nearest code of a value
+// without a search.  Built once per map on the host (codebook.cpp, which
+// proves every entry of the table), read by the kernels.
+//
+// The code of y (a float in [-1, 1]: a value over its block's absmax) is the
+// number of midpoints below it: the nearest map value, a tie going to the
+// lower code.  midpoint[k] is the exact midpoint of value[k] and value[k+1]
+// rounded down to a float: for a float y, y > midpoint exactly when y >
+// midpoint[k] (no float lies between them), so float comparisons give the
+// exact answer.
+//
+// The table cuts the magnitudes a = bits(|y|) into buckets of 2^shift
+// consecutive bit patterns from floor_bits up (the magnitudes below
+// floor_bits count as floor_bits): bucket k = (max(a, floor_bits) -
+// floor_bits) >> shift, the negative y in a second run of `buckets` entries.
+// No bucket holds more than one midpoint.  Entry = lowest code << 24 |
+// threshold: with r the magnitude's rank in its bucket ((max(a, floor_bits)
+// - floor_bits) mod 2^shift), the code is lowest + (r > threshold) for
+// positive y and lowest + (r < threshold) for negative y -- one load and two
+// integer comparisons, the same code as the search (codebook.cpp checks each
+// entry at its bucket's ends and on both sides of its threshold; the code is
+// monotonic in y).  A map whose midpoints lie too close for kMaxCodeBuckets
+// buckets is searched instead (buckets == 0).
+constexpr std::int32_t kMaxCodeBuckets = 8192;  // per sign
+struct Codebook {
+    float value[256];
+    float midpoint[256];  // [255] = +inf
+    std::uint32_t floor_bits = 0;
+    std::int32_t shift = 0;
+    std::int32_t buckets = 0;
+    std::uint8_t zero_code = 0;  // the code of 0.0 (every map holds it: the host checks)
+    std::uint32_t bucket[2 * kMaxCodeBuckets];
+};
+
 // Where one stream of a tensor lives, and how it is stored.  For block8,
 // `data` holds the codes, `absmax` one float per block (written by the
-// step), `map` the 256 values of the codes in ascending order.
+// step), `codebook` the map's.
 struct Stream {
     void* data = nullptr;
     Storage storage = Storage::same;
     float* absmax = nullptr;
-    const float* map = nullptr;
+    const Codebook* codebook = nullptr;
 };
 // A stream the step only reads (the gradient).
 struct ReadStream {
@@ -154,6 +189,13 @@ struct KernelTable {
     // NaN or infinite (the check of skip_if_nonfinite).
     bool (*nonfinite_range)(const AdamTensor& tensor, std::int64_t begin, std::int64_t end);
     int vector_bytes;  // SIMD register width used by this level
+    // Elements [begin, end) of a block8 stream of `size` elements (begin on a
+    // block): float32 `values` into codes and absmax (quantize), or back
+    // (dequantize) -- what the step does to its moments, on their own.
+    void (*quantize_range)(const Codebook& book, const float* values, std::uint8_t* codes, float* absmax,
+                           std::int64_t begin, std::int64_t end);
+    void (*dequantize_range)(const Codebook& book, const std::uint8_t* codes, const float* absmax, float* values,
+                             std::int64_t begin, std::int64_t end);
 };
 
 // Defined once per ISA level (see csrc/kernels/adam_kernels.cpp).

@@ -5,6 +5,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #define PY_ARRAY_UNIQUE_SYMBOL fastadam_ARRAY_API
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <numpy/arrayobject.h>
 
@@ -13,12 +14,14 @@
 #include <iterator>
 #include <string>
 
+#include "arrays.hpp"
 #include "dispatch.hpp"
 #include "functional.hpp"
 #include "hyper.hpp"
 #include "launch.hpp"
 #include "parallel.hpp"
 #include "plan.hpp"
+#include "quantize.hpp"
 #include "sparse.hpp"
 
 namespace py = pybind11;
@@ -167,6 +170,21 @@ PYBIND11_MODULE(_core, m) {
         "c' = c/2 + b, d' = d/2 + b*b, a = a - c' / (sqrt(d') + 1e-8), then c = c', d = d' (a uses c' and d' in\n"
         "float32, before a bfloat16 c or d is rounded).");
 
+    m.def(
+        "quantize_blockwise",
+        [](py::handle values, py::handle state, py::handle num_threads) {
+            quantize_blockwise(values.ptr(), state.ptr(), to_num_threads(num_threads));
+        },
+        py::arg("values"), py::arg("state"), py::arg("num_threads") = py::none(),
+        "float32 values into 8-bit block-wise state (codes, absmax, map), as the step stores its moments.");
+    m.def(
+        "dequantize_blockwise",
+        [](py::handle state, py::handle out, py::handle num_threads) {
+            dequantize_blockwise(state.ptr(), out.ptr(), to_num_threads(num_threads));
+        },
+        py::arg("state"), py::arg("out"), py::arg("num_threads") = py::none(),
+        "8-bit block-wise state into the float32 array out: map[code] * absmax, as the step reads its moments.");
+
     py::class_<AdamPlan>(m, "AdamPlan")
         .def(py::init([](py::handle params, py::handle exp_avgs, py::handle exp_avg_sqs,
                          py::handle max_exp_avg_sqs, py::handle model_params, std::vector<std::int64_t> group_of,
@@ -185,6 +203,21 @@ PYBIND11_MODULE(_core, m) {
         .def("__len__", &AdamPlan::size);
 
     m.def("config", &runtime_config, "The build and runtime configuration as a dict.");
+    m.def(
+        "codebook_layout",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> map) {
+            if (map.ndim() != 1 || map.shape(0) != 256)
+                throw ArgValueError{"map: expected 256 values, got " + std::to_string(map.size())};
+            const auto book = checked_codebook(reinterpret_cast<PyArrayObject*>(map.ptr()), "map");
+            py::dict d;
+            d["buckets"] = book->buckets;  // per sign; 0: the kernels search the map
+            d["mantissa_bits"] = book->buckets > 0 ? 23 - book->shift : 0;
+            d["table_bytes"] = 2 * book->buckets * static_cast<int>(sizeof book->bucket[0]);
+            return d;
+        },
+        py::arg("map"),
+        "How the kernels find the nearest code of an 8-bit map's values: a table of buckets (its size), or a "
+        "search (buckets 0).");
     m.def(
         "pool_stats",
         [] {

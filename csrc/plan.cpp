@@ -1,6 +1,7 @@
 #include "plan.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <string>
@@ -34,9 +35,10 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
                                                       model_list.name(i)},
                                                      overlap);
             hold_written(c.param.array, i, has_model ? "master_param" : "params");
-            hold_moment(c.exp_avg, i, "exp_avg");
-            hold_moment(c.exp_avg_sq, i, "exp_avg_sq");
-            if (c.max_exp_avg_sq.array != nullptr) hold_moment(c.max_exp_avg_sq, i, "max_exp_avg_sq");
+            hold_moment(c.exp_avg, i, "exp_avg", &AdamTensor::exp_avg);
+            hold_moment(c.exp_avg_sq, i, "exp_avg_sq", &AdamTensor::exp_avg_sq);
+            if (c.max_exp_avg_sq.array != nullptr)
+                hold_moment(c.max_exp_avg_sq, i, "max_exp_avg_sq", &AdamTensor::max_exp_avg_sq);
             if (has_model) hold_written(c.model, i, "params");
             params_.push_back(c.param.array);
             has_max_.push_back(c.max_exp_avg_sq.array != nullptr);
@@ -57,10 +59,23 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     hyper_.resize(static_cast<std::size_t>(group_count));
 }
 
-void AdamPlan::hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role) {
+void AdamPlan::hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role,
+                           Stream AdamTensor::*stream) {
     hold_written(m.array, tensor, role);
     if (m.absmax != nullptr) hold_written(m.absmax, tensor, role);
-    if (m.map != nullptr) hold_written(m.map, tensor, role, false);
+    if (m.map != nullptr) {
+        hold_written(m.map, tensor, role, false);
+        codebooks_.push_back({tensor, stream, m.map, m.codebook, role});
+    }
+}
+
+void AdamPlan::refresh_codebooks() {
+    for (HeldCodebook& h : codebooks_) {
+        if (std::memcmp(PyArray_DATA(h.map), h.book->value, sizeof h.book->value) == 0) continue;
+        h.book = checked_codebook(h.map, std::string("the ") + h.role + " map of params[" +
+                                             std::to_string(h.tensor) + "] (changed since the last step)");
+        (tensors_[h.tensor].*h.stream).codebook = h.book.get();
+    }
 }
 
 void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor, const char* role, bool written) {
@@ -152,6 +167,7 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
         throw ArgValueError{"grads has " + std::to_string(g_list.size()) + " arrays but the optimizer has " +
                             std::to_string(tensors_.size()) + " params"};
     check_written_unchanged();
+    refresh_codebooks();
     for (std::size_t i = 0; i < steps_.size(); ++i)
         if (steps_[i] == std::numeric_limits<std::int64_t>::max())
             throw ArgValueError{"params[" + std::to_string(i) + "] has taken 2^63-1 steps, the most a step count holds"};

@@ -46,7 +46,10 @@ class AdamPlan {
     // assumed of it, for the per-step checks and the aliasing check.
     // (`written` false: an array the step only reads, such as an 8-bit map.)
     void hold_written(PyArrayObject* a, std::size_t tensor, const char* role, bool written = true);
-    void hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role);
+    void hold_moment(const CheckedMoment& m, std::size_t tensor, const char* role, Stream AdamTensor::*stream);
+    // A map the user changed in place since the last step is checked again
+    // and gets its own code book (the kernels read the book, not the map).
+    void refresh_codebooks();
     // Each array the plan points into still has the data pointer, dtype,
     // size and layout it had when the plan was built, and is writeable.
     void check_written_unchanged() const;
@@ -71,6 +74,14 @@ class AdamPlan {
     std::vector<bool> has_max_;
     std::vector<PyArrayObject*> params_;  // for the grads' layout checks
     std::vector<HeldArray> written_;
+    struct HeldCodebook {
+        std::size_t tensor;
+        Stream AdamTensor::*stream;
+        PyArrayObject* map;  // held in written_
+        std::shared_ptr<const Codebook> book;
+        const char* role;
+    };
+    std::vector<HeldCodebook> codebooks_;
     std::atomic<bool> busy_{false};     // a step is running (from another thread, or re-entered)
     struct Span {
         std::uintptr_t begin, end;

@@ -85,21 +85,172 @@ def test_the_kernels_code_is_the_nearest_map_value_around_every_midpoint(qmap):
     np.testing.assert_array_equal(kernel_codes(y, qmap), nearest_code_by_brute_force(y, qmap))
 
 
+def codes_of_every_float_in(first: int, stop: int, sign: int, qmap: np.ndarray) -> np.ndarray:
+    """fastadam.quantize_blockwise's codes of the floats whose bits are sign | [first, stop), in blocks of
+    255 led by 1.0 (the block's absmax, so that x / absmax is x itself)."""
+    count = stop - first
+    blocks = -(-count // 255)
+    bits = np.zeros((blocks, 256), np.uint32)
+    bits[:, 0] = np.float32(1.0).view(np.uint32)
+    body = np.zeros(blocks * 255, np.uint32)
+    body[:count] = np.arange(first, stop, dtype=np.uint32) | np.uint32(sign)
+    bits[:, 1:] = body.reshape(blocks, 255)
+    state = QuantizedState(np.empty((blocks, 256), np.uint8), np.empty(blocks, np.float32), qmap)
+    fastadam.quantize_blockwise(bits.view(np.float32), state)
+    assert np.all(state.absmax == 1.0)
+    return state.codes[:, 1:].reshape(-1)[:count]
+
+
+def largest_float_bits_at_or_below(x: np.ndarray) -> np.ndarray:
+    """For float64 x >= 0: the bits of the largest float32 <= x (comparisons in float64, exact)."""
+    f = x.astype(np.float32)
+    f = np.where(f.astype(np.float64) > x, np.nextafter(f, np.float32(-np.inf)), f)
+    return f.view(np.uint32)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("qmap", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
-def test_the_kernels_code_matches_the_references_search_over_the_whole_range(qmap):
-    # Every 61st float32 of the map's range (about 35 million values), against the reference's search.
-    lo, hi = np.float32(qmap[0]), np.float32(1.0)
-    pieces = []
-    if lo < 0:
-        pieces.append(np.arange(np.float32(-0.0).view(np.int32) & 0x7FFFFFFF, (-lo).view(np.int32) + 1, 61,
-                                dtype=np.int32).view(np.float32) * np.float32(-1))
-    pieces.append(np.arange(0, hi.view(np.int32) + 1, 61, dtype=np.int32).view(np.float32))
-    y = np.concatenate(pieces)
-    for chunk in np.array_split(y, 16):
-        expected = np.searchsorted((qmap[:-1].astype(np.float64) + qmap[1:].astype(np.float64)) / 2,
-                                   chunk.astype(np.float64), side="left")
-        np.testing.assert_array_equal(kernel_codes(chunk, qmap), expected)
+@pytest.mark.parametrize("qmap, side", [(SIGNED, "positive"), (SIGNED, "negative"), (UNSIGNED, "positive")],
+                         ids=["signed-positive", "signed-negative", "unsigned"])
+def test_every_float32_of_the_maps_range_gets_the_nearest_code(qmap, side):
+    # All 1,065,353,217 float32 magnitudes of [0, 1] on each side the map serves, through the kernel's
+    # table (no search).  The exact answer is the number of midpoints (float64, exact) below y.  Walking
+    # the magnitudes upwards, that count is a step function of the bits: it moves by one at the bits just
+    # above each midpoint.  The codes agree with it everywhere when they move monotonically and agree on
+    # both sides of every step and at each chunk's ends.
+    negative = side == "negative"
+    midpoints = (qmap[:-1].astype(np.float64) + qmap[1:].astype(np.float64)) / 2
+    on_side = midpoints < 0 if negative else midpoints >= 0
+    # Magnitude bits of the last float on the low-|y| side of each midpoint of this side.
+    edge = largest_float_bits_at_or_below(np.abs(midpoints[on_side])).astype(np.int64)
+    if negative:  # |y| < |mid| is y > mid: a negative midpoint's float itself lies above it only if inexact
+        exact = largest_float_bits_at_or_below(np.abs(midpoints[on_side])).view(np.float32).astype(np.float64) \
+            == np.abs(midpoints[on_side])
+        edge = edge - exact  # the last magnitude strictly below |mid|
+    ks = np.flatnonzero(on_side)
+    one = int(np.float32(1.0).view(np.uint32))
+    chunk = 255 << 15
+    for first in range(0, one + 1, chunk):
+        stop = min(first + chunk, one + 1)
+        codes = codes_of_every_float_in(first, stop, 0x80000000 if negative else 0, qmap).astype(np.int16)
+        expected_ends = np.searchsorted(midpoints, np.array([first, stop - 1], np.uint32).view(np.float32)
+                                        .astype(np.float64) * (-1 if negative else 1), side="left")
+        assert codes[0] == expected_ends[0] and codes[-1] == expected_ends[1], (first, stop)
+        moves = np.diff(codes)
+        assert np.all(moves <= 0) if negative else np.all(moves >= 0), (first, stop)
+        inside = (edge >= first) & (edge + 1 < stop)
+        below, above = codes[edge[inside] - first], codes[edge[inside] + 1 - first]
+        k = ks[inside]
+        if negative:  # magnitude at or below the edge: y above midpoint k; one step further: below it
+            np.testing.assert_array_equal(below, k + 1)
+            np.testing.assert_array_equal(above, k)
+        else:
+            np.testing.assert_array_equal(below, k)
+            np.testing.assert_array_equal(above, k + 1)
+
+
+# A map whose top values lie one float apart: no table of buckets can separate its midpoints, so the
+# kernels search it (the same answers, slower).
+CROWDED = np.concatenate([np.float32([-1.0, 0.0]),
+                          np.frombuffer((np.float32(1.0).view(np.uint32) - np.arange(253, -1, -1, dtype=np.uint32))
+                                        .tobytes(), np.float32)]).astype(np.float32)
+
+
+def values_around_the_midpoints_and_anywhere(qmap: np.ndarray, rng) -> np.ndarray:
+    midpoints = ((qmap[:-1].astype(np.float64) + qmap[1:].astype(np.float64)) / 2).astype(np.float32)
+    near = (midpoints.view(np.int32)[:, None] + np.arange(-3, 4, dtype=np.int32)).reshape(-1).view(np.float32)
+    anywhere = (rng.standard_normal(5000) * np.exp(3 * rng.standard_normal(5000))).astype(np.float32)
+    special = np.float32([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38])
+    values = np.concatenate([near, anywhere, special, np.zeros(256, np.float32)])  # a block of zeros too
+    return values[rng.permutation(values.size)]
+
+
+def test_the_dynamic_maps_get_a_table_that_stays_in_l1_and_a_crowded_map_is_searched():
+    for qmap in (SIGNED, UNSIGNED):
+        layout = fastadam._core.codebook_layout(qmap)
+        assert layout["buckets"] > 0 and layout["table_bytes"] <= 24 * 1024, layout
+    assert fastadam._core.codebook_layout(CROWDED)["buckets"] == 0
+
+
+@pytest.mark.parametrize("qmap", [SIGNED, UNSIGNED, CROWDED], ids=["signed", "unsigned", "crowded"])
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 255, 256, 257, 4097, 1 << 16])
+def test_quantize_and_dequantize_blockwise_are_bitwise_the_reference(qmap, size, rng):
+    x = np.resize(values_around_the_midpoints_and_anywhere(qmap, rng), size).astype(np.float32)
+    blocks = -(-size // 256)
+    ours = QuantizedState(np.full(size, 7, np.uint8), np.full(blocks, -1, np.float32), qmap)
+    expected = QuantizedState(np.zeros(size, np.uint8), np.zeros(blocks, np.float32), qmap)
+    fastadam.quantize_blockwise(x, ours, num_threads=2)
+    quantize_blockwise(x, expected)
+    assert_states_equal(ours, expected, "state")
+    assert_bitwise_equal(fastadam.dequantize_blockwise(ours), fastadam.reference.dequantize_blockwise(expected))
+    out = np.full(size, np.nan, np.float32)
+    assert fastadam.dequantize_blockwise(ours, out, num_threads=1) is out
+    assert_bitwise_equal(out, fastadam.reference.dequantize_blockwise(expected))
+
+
+def test_a_crowded_map_steps_bitwise_like_the_reference(rng):
+    p = rng.standard_normal(3000).astype(np.float32)
+    g = rng.standard_normal(3000).astype(np.float32)
+    m = quantized((0.1 * rng.standard_normal(3000)).astype(np.float32), CROWDED)
+    v = quantized(np.abs(0.01 * rng.standard_normal(3000)).astype(np.float32), UNSIGNED)
+    expected = [p.copy(), copy(m), copy(v)]
+    for step in (1, 2, 3):
+        fastadam.adam_step(p, g, m, v, step=step, **HYPER)
+        fastadam.reference.adam_step(expected[0], g, expected[1], expected[2], step=step, **HYPER)
+    assert_bitwise_equal(p, expected[0])
+    assert_states_equal(m, expected[1], "exp_avg")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, s: fastadam.quantize_blockwise(x.astype(np.float64), s), r"values: dtype must be float32"),
+    (lambda x, s: fastadam.quantize_blockwise(x[:-1], s), r"state\.codes: shape"),
+    (lambda x, s: fastadam.quantize_blockwise(x, s._replace(map=s.map[::-1].copy())),
+     r"state\.map: must hold 256 finite values in strictly ascending order"),
+    (lambda x, s: fastadam.quantize_blockwise(x, s._replace(absmax=s.absmax[:2])), r"state\.absmax: expected 3"),
+    (lambda x, s: fastadam.quantize_blockwise(x, (s.codes, s.absmax)), r"state: expected a fastadam.QuantizedState"),
+    (lambda x, s: fastadam.quantize_blockwise(s.absmax, s._replace(codes=s.codes[:3], absmax=s.absmax[:1])),
+     r"state shares memory with values|values shares memory with state"),
+    (lambda x, s: fastadam.dequantize_blockwise(s, np.empty(600)), r"out: dtype must be float32"),
+    (lambda x, s: fastadam.dequantize_blockwise(s, s.absmax[:0]), r"state\.codes: shape"),
+    (lambda x, s: fastadam.dequantize_blockwise(s, s.codes.view(np.float32)), r"state\.codes: shape"),
+    (lambda x, s: fastadam.dequantize_blockwise(s._replace(codes=s.codes[:3], absmax=s.absmax[:1]), s.absmax),
+     r"shares memory with"),
+    (lambda x, s: fastadam.dequantize_blockwise(s.codes), r"state: expected a fastadam.QuantizedState"),
+])
+def test_bad_arguments_to_the_quantizer_are_refused_and_nothing_changes(call, match, rng):
+    x = rng.standard_normal(600).astype(np.float32)
+    state = quantized(rng.standard_normal(600).astype(np.float32), SIGNED)
+    before = copy(state)
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(x, state)
+    assert_states_equal(state, before, "state")
+
+
+def test_a_map_changed_in_place_between_steps_is_checked_again_and_used(rng):
+    p = rng.standard_normal(4096).astype(np.float32)
+    opt = fastadam.Adam([p], state_dtype="int8")
+    g = rng.standard_normal(4096).astype(np.float32)
+    opt.step([g])
+    signed_map = opt.state[0]["exp_avg_map"]
+    # A valid change: the next step uses the new values, as the reference does.
+    m = QuantizedState(opt.state[0]["exp_avg_codes"].copy(), opt.state[0]["exp_avg_absmax"].copy(),
+                       signed_map.copy())
+    v = QuantizedState(opt.state[0]["exp_avg_sq_codes"].copy(), opt.state[0]["exp_avg_sq_absmax"].copy(),
+                       opt.state[0]["exp_avg_sq_map"])
+    signed_map[200] = np.nextafter(signed_map[200], np.float32(0))
+    m = m._replace(map=signed_map.copy())
+    expected = p.copy()
+    opt.step([g])
+    fastadam.reference.adam_step(expected, g, m, v, step=2)
+    assert_bitwise_equal(p, expected)
+    np.testing.assert_array_equal(opt.state[0]["exp_avg_codes"], m.codes)
+    # An invalid change: a clear error, and nothing is written.
+    signed_map[10] = signed_map[11]
+    before = p.copy(), opt.state[0]["exp_avg_codes"].copy()
+    with pytest.raises(ValueError, match=r"the exp_avg map of params\[0\] \(changed since the last step\): must "
+                                         r"hold 256 finite values in strictly ascending order \(at 11\)"):
+        opt.step([g])
+    assert_bitwise_equal(p, before[0])
+    np.testing.assert_array_equal(opt.state[0]["exp_avg_codes"], before[1])
 
 
 # -- the step ------------------------------------------------------------------------------------------------

@@ -51,6 +51,22 @@ void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     else probe_range_of<false>(t, begin, end);
 }
 
+void quantize_range(const Codebook& book, const float* values, std::uint8_t* codes, float* absmax,
+                    std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; i += kQuantBlock) {
+        const std::int64_t n = end - i < kQuantBlock ? end - i : kQuantBlock;
+        absmax[i / kQuantBlock] = quantize_block(book, values + i, codes + i, n);
+    }
+}
+
+void dequantize_range(const Codebook& book, const std::uint8_t* codes, const float* absmax, float* values,
+                      std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; i += kQuantBlock) {
+        const std::int64_t n = end - i < kQuantBlock ? end - i : kQuantBlock;
+        dequantize_block(book, codes + i, absmax[i / kQuantBlock], values + i, n);
+    }
+}
+
 }  // namespace
 }  // namespace FASTADAM_LEVEL
 
@@ -60,6 +76,8 @@ extern const KernelTable FASTADAM_CONCAT(kernel_table_, FASTADAM_ISA_NAME) = {
     &FASTADAM_LEVEL::probe_range,
     &FASTADAM_LEVEL::nonfinite_range,
     static_cast<int>(sizeof(typename FASTADAM_LEVEL::Simd<float>::V)),
+    &FASTADAM_LEVEL::quantize_range,
+    &FASTADAM_LEVEL::dequantize_range,
 };
 
 }  // namespace fastadam

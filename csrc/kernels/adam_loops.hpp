@@ -13,6 +13,7 @@
 
 #include "../kernel_api.hpp"
 #include "adam_math.hpp"
+#include "quantize.hpp"
 #include "simd.hpp"
 
 namespace fastadam {
@@ -409,86 +410,6 @@ FASTADAM_INLINE void narrow_moment(const float* from, void* data, Storage storag
         narrow_into(from, data, storage, n);
 }
 
-// Block-wise 8-bit state: the nearest code of a value by search.  The 255
-// midpoints between consecutive map values split the line into the 256
-// codes' cells: the code of y is the number of midpoints below it -- the
-// nearest map value, a tie going to the lower code -- found in 8
-// comparisons.  A midpoint m (exact in double: the sum of two floats and its
-// half are) is kept as the largest float at or below it, m_f: for a float
-// y, y > m exactly when y > m_f (no float lies in (m_f, m]), so float
-// comparisons give the exact-arithmetic answer.
-struct QuantTable {
-    float midpoint[256];     // 255 used; the last is +inf, never compared below it
-    std::uint8_t zero_code;  // the code whose value is 0 (every map has one: the host checks)
-};
-
-FASTADAM_INLINE float round_down_to_float(double x) {
-    const float f = static_cast<float>(x);  // to nearest
-    return double(f) > x ? __builtin_nextafterf(f, -__builtin_inff()) : f;
-}
-
-FASTADAM_INLINE void make_quant_table(const float* map, QuantTable& q) {
-    q.zero_code = 0;
-    for (int k = 0; k < 256; ++k)
-        if (map[k] == 0.0f) q.zero_code = static_cast<std::uint8_t>(k);
-    for (int k = 0; k < 255; ++k) q.midpoint[k] = round_down_to_float((double(map[k]) + double(map[k + 1])) * 0.5);
-    q.midpoint[255] = __builtin_inff();
-}
-
-FASTADAM_INLINE std::uint8_t nearest_code(const QuantTable& q, float y) {
-    int code = 0;
-    // Arithmetic on the comparison, not a branch: the data decide each step, and a mispredicted branch
-    // per step would cost more than the search.
-    for (int step = 128; step >= 1; step >>= 1) code += static_cast<int>(q.midpoint[code + step - 1] < y) * step;
-    return static_cast<std::uint8_t>(code);
-}
-
-// n elements of a block: codes to floats, map[code] * absmax.
-FASTADAM_INLINE void dequantize_block(const std::uint8_t* codes, const float* map, float absmax, float* to,
-                                      std::int64_t n) {
-    for (std::int64_t j = 0; j < n; ++j) to[j] = map[codes[j]] * absmax;
-}
-
-// n elements of a block (n <= kQuantBlock) to codes; returns the block's new
-// absmax, the largest finite |x|.  A NaN or inf element is stored as 0 (its
-// param shows the NaN or inf; the rest of the block keeps its scale).  x / absmax
-// is the correctly rounded float quotient, as in fastadam.reference.
-FASTADAM_INLINE float quantize_block(const float* from, const QuantTable& q, std::uint8_t* codes, std::int64_t n) {
-    float absmax = 0.0f;
-    for (std::int64_t j = 0; j < n; ++j) {
-        const float a = __builtin_fabsf(from[j]);
-        if (a > absmax && a <= 3.40282347e38f) absmax = a;
-    }
-    if (absmax == 0.0f) {
-        for (std::int64_t j = 0; j < n; ++j) codes[j] = q.zero_code;
-        return absmax;
-    }
-    // The searches of kLanes elements advance in lockstep: each step of one
-    // depends on its previous step's load, so a single search waits on
-    // latency, while kLanes independent ones overlap (and may become vector
-    // gathers).  Each lane makes exactly nearest_code's comparisons.
-    constexpr int kLanes = 16;
-    std::int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-        float y[kLanes];
-        int code[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-            y[l] = from[j + l] / absmax;  // NaN for NaN and inf: every comparison false, and replaced below
-            code[l] = 0;
-        }
-        for (int step = 128; step >= 1; step >>= 1)
-            for (int l = 0; l < kLanes; ++l) code[l] += static_cast<int>(q.midpoint[code[l] + step - 1] < y[l]) * step;
-        for (int l = 0; l < kLanes; ++l)
-            codes[j + l] = __builtin_fabsf(from[j + l]) <= 3.40282347e38f ? static_cast<std::uint8_t>(code[l])
-                                                                           : q.zero_code;
-    }
-    for (; j < n; ++j) {
-        const float x = from[j];
-        codes[j] = __builtin_fabsf(x) <= 3.40282347e38f ? nearest_code(q, x / absmax) : q.zero_code;
-    }
-    return absmax;
-}
-
 // The streams of one stretch (the tensor, or one row of a gather) at its
 // element 0.
 struct StretchStreams {
@@ -514,7 +435,7 @@ FASTADAM_INLINE StretchStreams stretch_at(const AdamTensor& t, std::int64_t offs
 // the memory itself when stored as float, else `tile` holding them widened.
 FASTADAM_INLINE float* moment_in(const Stream& stream, void* at, std::int64_t index, float* tile, std::int64_t n) {
     if (stream.storage == Storage::block8) {
-        dequantize_block(static_cast<const std::uint8_t*>(at), stream.map, stream.absmax[index / kQuantBlock],
+        dequantize_block(*stream.codebook, static_cast<const std::uint8_t*>(at), stream.absmax[index / kQuantBlock],
                          tile, n);
         return tile;
     }
@@ -523,28 +444,12 @@ FASTADAM_INLINE float* moment_in(const Stream& stream, void* at, std::int64_t in
 
 // A moment's tile back into its storage (nothing to do for float).
 FASTADAM_INLINE void moment_out(const Stream& stream, const float* tile, void* at, std::int64_t index,
-                                std::int64_t n, const StochasticRounding& rounding, const QuantTable& q) {
+                                std::int64_t n, const StochasticRounding& rounding) {
     if (stream.storage == Storage::block8)
-        stream.absmax[index / kQuantBlock] = quantize_block(tile, q, static_cast<std::uint8_t*>(at), n);
+        stream.absmax[index / kQuantBlock] =
+            quantize_block(*stream.codebook, tile, static_cast<std::uint8_t*>(at), n);
     else
         narrow_moment(tile, at, stream.storage, n, static_cast<std::uint64_t>(index), rounding);
-}
-
-// The quantization tables of a tensor's block8 moments, made once per call.
-struct QuantTables {
-    QuantTable exp_avg, exp_avg_sq, max_exp_avg_sq;
-    bool any = false;
-};
-
-FASTADAM_INLINE void make_quant_tables(const AdamTensor& t, QuantTables& q) {
-    q.any = false;
-    const Stream* const streams[] = {&t.exp_avg, &t.exp_avg_sq, &t.max_exp_avg_sq};
-    QuantTable* const tables[] = {&q.exp_avg, &q.exp_avg_sq, &q.max_exp_avg_sq};
-    for (int k = 0; k < 3; ++k) {
-        if (streams[k]->storage != Storage::block8 || streams[k]->data == nullptr) continue;
-        make_quant_table(streams[k]->map, *tables[k]);
-        q.any = true;
-    }
 }
 
 // The update runs on memory: a gradient in the working dtype, no model copy,
@@ -585,16 +490,17 @@ FASTADAM_INLINE void direct_stretch(const StretchStreams& s, std::int64_t begin,
 // the parameter) of the stretch's element 0.
 template <unsigned Variant>
 void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t origin, std::int64_t begin,
-                    std::int64_t end, const BlockCoefficients<float>& c, const QuantTables& q) {
+                    std::int64_t end, const BlockCoefficients<float>& c) {
     // exp_avg's random bits are another stream than exp_avg_sq's; the maximum
     // shares exp_avg_sq's, so that it never rounds below exp_avg_sq.
     StochasticRounding first_moment = t.rounding;
     first_moment.key_low ^= 0x9e3779b9u;
     constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
     alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile], max_tile[kTile];
-    const std::int64_t head = q.any ? 0 : elements_to_alignment(static_cast<const float*>(s.param), begin, end);
+    const bool blocks = t.exp_avg.storage == Storage::block8 || t.exp_avg_sq.storage == Storage::block8;
+    const std::int64_t head = blocks ? 0 : elements_to_alignment(static_cast<const float*>(s.param), begin, end);
     for (std::int64_t i = begin; i < end;) {
-        const std::int64_t tile = q.any ? kQuantBlock - (origin + i) % kQuantBlock : i == begin && head > 0 ? head : kTile;
+        const std::int64_t tile = blocks ? kQuantBlock - (origin + i) % kQuantBlock : i == begin && head > 0 ? head : kTile;
         const std::int64_t n = tile < end - i ? tile : end - i;
         const std::int64_t index = origin + i;
         float* const param = static_cast<float*>(s.param) + i;
@@ -607,10 +513,9 @@ void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t o
         float* const max_exp_avg_sq = amsgrad ? moment_in(t.max_exp_avg_sq, max_at, index, max_tile, n) : nullptr;
         update_span<float, Variant>(AdamBuffers<float>{param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq}, 0, n,
                                     param, c);
-        moment_out(t.exp_avg, exp_avg, exp_avg_at, index, n, first_moment, q.exp_avg);
-        moment_out(t.exp_avg_sq, exp_avg_sq, exp_avg_sq_at, index, n, t.rounding, q.exp_avg_sq);
-        if constexpr (amsgrad)
-            moment_out(t.max_exp_avg_sq, max_exp_avg_sq, max_at, index, n, t.rounding, q.max_exp_avg_sq);
+        moment_out(t.exp_avg, exp_avg, exp_avg_at, index, n, first_moment);
+        moment_out(t.exp_avg_sq, exp_avg_sq, exp_avg_sq_at, index, n, t.rounding);
+        if constexpr (amsgrad) moment_out(t.max_exp_avg_sq, max_exp_avg_sq, max_at, index, n, t.rounding);
         if (s.model != nullptr) narrow_into(param, advance<float>(s.model, t.model.storage, i), t.model.storage, n);
         i += n;
     }
@@ -644,8 +549,6 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
     if (begin >= end) return;
     const BlockCoefficients<T> c = broadcast_for_blocks(constants_for<T>(*t.constants));
     const bool direct = is_direct(t);
-    QuantTables q;
-    if (!direct) make_quant_tables(t, q);
     const bool gather = t.rows != nullptr;
     const std::int64_t row_size = gather ? t.row_size : end;
     const std::int64_t row_count = gather ? t.size / t.row_size : 1;
@@ -666,7 +569,7 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
                 direct_stretch<T, Variant, same, same>(s, column, stop, c);
             }
         } else if constexpr (sizeof(T) == sizeof(float)) {
-            staged_stretch<Variant>(t, s, origin, column, stop, c, q);
+            staged_stretch<Variant>(t, s, origin, column, stop, c);
         }
         e += stop - column;
     }

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from typing import Any, Optional
 
 from . import _core, reference
-from ._functional import RowSparseGrad, adam_step, sparse_adam_step
+from ._functional import RowSparseGrad, adam_step, dequantize_blockwise, quantize_blockwise, sparse_adam_step
 from ._optim import Adam, AdamW, SparseAdam
 from .reference import QuantizedState, dynamic_map
 
@@ -32,8 +32,10 @@ __all__ = [
     "SparseAdam",
     "adam_step",
     "config",
+    "dequantize_blockwise",
     "dynamic_map",
     "get_num_threads",
+    "quantize_blockwise",
     "reference",
     "set_num_threads",
     "show_config",

@@ -1,0 +1,193 @@
+// Block-wise 8-bit state (Dettmers et al., ICLR 2022): a block of kQuantBlock
+// consecutive elements is stored as one byte per element, a code into a
+// 256-value map, and one float32 absmax; element j is map[code[j]] * absmax.
+//
+// Every level computes the codes in registers of Simd<float>::width lanes,
+// a block's last partial register included (zeros past the end, whose codes
+// are dropped), so the body and the tail are one formula.  The
+// nearest code comes from the code book's bucket table (kernel_api.hpp's
+// Codebook): the same code a search finds, which the host proved for every
+// bucket when it built the book.  Integer and comparison operations only,
+// apart from the one division by absmax, so every lane and level agree.
+#pragma once
+
+#include "../kernel_api.hpp"
+#include "simd.hpp"
+
+namespace fastadam {
+namespace FASTADAM_LEVEL {
+
+// Registers of 32-bit lanes as wide as this level's float registers.
+struct CodeLanes {
+    static constexpr int width = Simd<float>::width;
+    typedef float F __attribute__((vector_size(4 * width)));
+    typedef std::int32_t I __attribute__((vector_size(4 * width)));
+    typedef std::uint32_t U __attribute__((vector_size(4 * width)));
+    typedef std::uint8_t Bytes __attribute__((vector_size(width)));
+
+    static FASTADAM_INLINE F floats(float x) { return F{} + x; }
+    static FASTADAM_INLINE I ints(std::int32_t x) { return I{} + x; }
+
+    // table[index] per lane.
+    static FASTADAM_INLINE F gather(const float* table, I index) {
+#if defined(__AVX512F__)
+        return reinterpret_cast<F>(_mm512_i32gather_ps(reinterpret_cast<__m512i>(index), table, 4));
+#elif defined(__AVX2__)
+        return reinterpret_cast<F>(_mm256_i32gather_ps(table, reinterpret_cast<__m256i>(index), 4));
+#else
+        F r;
+        for (int l = 0; l < width; ++l) r[l] = table[index[l]];
+        return r;
+#endif
+    }
+    // table[index] per lane, 32-bit integers.
+    static FASTADAM_INLINE I gather(const std::uint32_t* table, I index) {
+#if defined(__AVX512F__)
+        return reinterpret_cast<I>(_mm512_i32gather_epi32(reinterpret_cast<__m512i>(index), table, 4));
+#elif defined(__AVX2__)
+        return reinterpret_cast<I>(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), reinterpret_cast<__m256i>(index), 4));
+#else
+        I r;
+        for (int l = 0; l < width; ++l) r[l] = static_cast<std::int32_t>(table[index[l]]);
+        return r;
+#endif
+    }
+    // `width` codes, zero-extended to 32-bit lanes.
+    static FASTADAM_INLINE I load_codes(const std::uint8_t* p) {
+#if defined(__AVX512F__)
+        return reinterpret_cast<I>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+        return reinterpret_cast<I>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+        Bytes b;
+        std::memcpy(&b, p, sizeof b);
+        return __builtin_convertvector(b, I);
+#endif
+    }
+    // Codes (0..255 in each lane) to bytes: the saturating packs are plain
+    // narrowing here (GCC's generic narrowing extracts lane by lane).
+    static FASTADAM_INLINE void store_codes(std::uint8_t* p, I codes) {
+#if defined(__AVX512F__)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(codes)));
+#elif defined(__AVX2__)
+        const __m256i c = reinterpret_cast<__m256i>(codes);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
+#elif defined(__SSE2__)
+        const __m128i words = _mm_packs_epi32(reinterpret_cast<__m128i>(codes), reinterpret_cast<__m128i>(codes));
+        const int four = _mm_cvtsi128_si32(_mm_packus_epi16(words, words));
+        std::memcpy(p, &four, 4);
+#else
+        for (int l = 0; l < width; ++l) p[l] = static_cast<std::uint8_t>(codes[l]);
+#endif
+    }
+};
+
+// The codes of the values x of one block whose absmax is `absmax` (> 0):
+// kernel_api.hpp's Codebook table.  A NaN or inf element gets the code of 0.
+FASTADAM_INLINE CodeLanes::I nearest_codes(const Codebook& book, CodeLanes::F x, CodeLanes::F absmax) {
+    using L = CodeLanes;
+    const L::F y = x / absmax;  // correctly rounded, in [-1, 1] for finite x: as fastadam.reference
+    const L::U bits = reinterpret_cast<L::U>(y);
+    const L::U one = L::U{} + 0x3F800000u, floor = L::U{} + book.floor_bits;
+    L::U magnitude = bits & 0x7FFFFFFFu;
+    magnitude = magnitude < one ? magnitude : one;  // NaN lanes stay inside the table
+    magnitude = magnitude > floor ? magnitude : floor;
+    const L::U above_floor = magnitude - floor;
+    const L::I negative = reinterpret_cast<L::I>(bits) >> 31;  // all ones for negative y
+    const L::I bucket = reinterpret_cast<L::I>(above_floor >> book.shift) + (negative & book.buckets);
+    const L::I entry = L::gather(book.bucket, bucket);
+    const L::I rank = reinterpret_cast<L::I>(above_floor & ((1u << book.shift) - 1u));
+    const L::I threshold = entry & 0xFFFFFF;
+    const L::I step = negative ? rank < threshold : rank > threshold;  // a true comparison is -1
+    const L::I code = reinterpret_cast<L::I>(reinterpret_cast<L::U>(entry) >> 24) - step;
+    const L::I finite = (reinterpret_cast<L::I>(x) & 0x7FFFFFFF) < 0x7F800000;
+    return finite ? code : L::ints(book.zero_code);
+}
+
+// The nearest code of y by binary search: for maps whose midpoints lie too
+// close for a bucket table (Codebook::buckets == 0).  Arithmetic on the
+// comparison, not a branch: the data decide each step.
+FASTADAM_INLINE int searched_code(const Codebook& book, float y) {
+    int code = 0;
+    for (int step = 128; step >= 1; step >>= 1) code += static_cast<int>(book.midpoint[code + step - 1] < y) * step;
+    return code;
+}
+
+// The floats of a block at element j: a whole register, or past the block's
+// last full register its n - j remaining elements and zeros.
+FASTADAM_INLINE CodeLanes::F block_floats(const float* from, std::int64_t j, std::int64_t n) {
+    CodeLanes::F x = CodeLanes::floats(0.0f);
+    if (n - j >= CodeLanes::width) std::memcpy(&x, from + j, sizeof x);
+    else std::memcpy(&x, from + j, sizeof(float) * static_cast<std::size_t>(n - j));
+    return x;
+}
+
+// n elements of a block (n <= kQuantBlock): codes to floats, map[code] *
+// absmax (one correctly rounded multiply, as fastadam.reference).
+FASTADAM_INLINE void dequantize_block(const Codebook& book, const std::uint8_t* codes, float absmax, float* to,
+                                      std::int64_t n) {
+    using L = CodeLanes;
+    const L::F scale = L::floats(absmax);
+    std::int64_t j = 0;
+    for (; j + L::width <= n; j += L::width) {
+        const L::F x = L::gather(book.value, L::load_codes(codes + j)) * scale;
+        std::memcpy(to + j, &x, sizeof x);
+    }
+    if (j < n) {
+        const std::size_t rest = static_cast<std::size_t>(n - j);
+        std::uint8_t some[L::width] = {};
+        std::memcpy(some, codes + j, rest);
+        const L::F x = L::gather(book.value, L::load_codes(some)) * scale;
+        std::memcpy(to + j, &x, sizeof(float) * rest);
+    }
+}
+
+// n elements of a block (n <= kQuantBlock) to codes; returns the block's new
+// absmax, the largest finite |x|.  A NaN or inf element is stored as the code
+// of 0 (its param shows the NaN or inf; the rest of the block keeps its
+// scale).  A block of zeros has absmax 0 and every code 0's.
+FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, std::uint8_t* codes, std::int64_t n) {
+    using L = CodeLanes;
+    // The largest finite |x|: for non-negative floats, integer order is
+    // float order; NaN and inf count as 0 (and so do the zeros past n).
+    L::I largest = L::ints(0);
+    for (std::int64_t j = 0; j < n; j += L::width) {
+        const L::I magnitude = reinterpret_cast<L::I>(block_floats(from, j, n)) & 0x7FFFFFFF;
+        const L::I finite = magnitude < 0x7F800000;
+        const L::I counted = finite & magnitude;
+        largest = counted > largest ? counted : largest;
+    }
+    std::int32_t top = 0;
+    for (int l = 0; l < L::width; ++l) top = largest[l] > top ? largest[l] : top;
+    float absmax;
+    std::memcpy(&absmax, &top, sizeof absmax);
+    if (absmax == 0.0f) {
+        for (std::int64_t j = 0; j < n; ++j) codes[j] = book.zero_code;
+        return absmax;
+    }
+    if (book.buckets == 0) {
+        for (std::int64_t j = 0; j < n; ++j) {
+            const float x = from[j];
+            codes[j] = static_cast<std::uint8_t>(__builtin_fabsf(x) <= 3.40282347e38f ? searched_code(book, x / absmax)
+                                                                                         : book.zero_code);
+        }
+        return absmax;
+    }
+    const L::F scale = L::floats(absmax);
+    for (std::int64_t j = 0; j < n; j += L::width) {
+        const L::I code = nearest_codes(book, block_floats(from, j, n), scale);
+        if (n - j >= L::width) {
+            L::store_codes(codes + j, code);
+        } else {
+            std::uint8_t some[L::width];
+            L::store_codes(some, code);
+            std::memcpy(codes + j, some, static_cast<std::size_t>(n - j));
+        }
+    }
+    return absmax;
+}
+
+}  // namespace FASTADAM_LEVEL
+}  // namespace fastadam
