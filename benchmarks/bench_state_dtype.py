@@ -1,4 +1,4 @@
-"""Speed and memory of bfloat16 Adam moments against float32 ones (issue 10) (``python benchmarks/bench_state_dtype.py``).
+"""Speed and memory of bfloat16 and 8-bit Adam moments against float32 ones (issue 10) (``python benchmarks/bench_state_dtype.py``).
 
 Speed.  For a float32 param the step reads param and gradient, reads and
 writes both moments and writes the param: 28 bytes an element with float32
@@ -9,12 +9,14 @@ bf16/bf16, bf16/f32, f32/bf16) is timed as ``fastadam.adam_step`` and as its
 own limits, ``_core.probe_step`` with the same byte pattern (a trivial
 multiply-add per stream: the memory limit) and the exact probe (the same
 bytes plus the one correctly rounded division and square root an element the
-bitwise contract requires: the in-cache limit).  bitsandbytes' and torchao's
-``AdamW8bit`` (weight_decay=0, so the same update) join when importable.
+bitwise contract requires: the in-cache limit).  fastadam's 8-bit state (both
+moments, the dynamic maps) is timed beside them, and bitsandbytes' and
+torchao's ``AdamW8bit`` (weight_decay=0, so the same update) join when
+importable.
 
 Everything of one size and thread count is timed in turns on the same
 param and gradient buffers (``fastadam._bench.interleaved_samples``), each
-contender first checked: adam_step bitwise against ``fastadam.reference``,
+contender first checked: adam_step (8-bit too) bitwise against ``fastadam.reference``,
 the probes against their formulas, the 8-bit optimizers for being an Adam step
 at all (loosely: they quantize).  Ratios are taken per round, then the median.
 
@@ -59,6 +61,9 @@ F32 = np.dtype(np.float32)
 #: The storage pairs (exp_avg, exp_avg_sq), by label.  Filled with bfloat16 in main() (ml_dtypes).
 PAIRS: dict[str, tuple[np.dtype, np.dtype]] = {}
 FLOAT32, BFLOAT16 = "f32/f32", "bf16/bf16"
+#: fastadam with 8-bit moments: param and gradient, one byte per moment each way, and per block of 256 a
+#: float32 absmax per moment each way (14.06 bytes an element).
+INT8, INT8_BYTES = "fastadam int8/int8", 4 + 4 + 4 + 2 + 2 + 2 * 2 * 4 / 256
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 #: Elements checked before timing (a slice of the timed buffers, copied): above the
 #: multi-threading threshold, with a tail no register width divides.
@@ -114,6 +119,8 @@ class Buffers:
         exp_avg = (0.1 * rng.standard_normal(elements, dtype=np.float32)).astype(np.float32)
         exp_avg_sq = rng.uniform(0.0, 1e-2, elements).astype(np.float32)
         self.moments = {F32: (exp_avg, exp_avg_sq), bf16: (exp_avg.astype(bf16), exp_avg_sq.astype(bf16))}
+        # fastadam's 8-bit state of the same moments (the dynamic maps, blocks of 256).
+        self.quantized = tuple(_quantized(x, signed) for x, signed in ((exp_avg, True), (exp_avg_sq, False)))
 
     def pair(self, pair: tuple[np.dtype, np.dtype]) -> tuple[np.ndarray, np.ndarray]:
         return self.moments[pair[0]][0], self.moments[pair[1]][1]
@@ -121,6 +128,28 @@ class Buffers:
     def head(self, n: int, pair: tuple[np.dtype, np.dtype]) -> list[np.ndarray]:
         """Copies of the first n elements of param, gradient and the pair's moments."""
         return [a[:n].copy() for a in (self.param, self.grad, *self.pair(pair))]
+
+
+def _quantized(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
+    state = fastadam.QuantizedState(np.empty(x.shape, np.uint8), np.empty(-(-x.size // 256), np.float32),
+                                    fastadam.dynamic_map(signed))
+    fastadam.quantize_blockwise(x, state)
+    return state
+
+
+def check_int8(buffers: Buffers, threads: int) -> None:
+    """adam_step with 8-bit moments bitwise equal to fastadam.reference, on a slice."""
+    n = min(CHECK_ELEMENTS, buffers.param.size)
+    runs = []
+    for step in (fastadam.adam_step, fastadam.reference.adam_step):
+        p, g = buffers.param[:n].copy(), buffers.grad[:n].copy()
+        m, v = (_quantized(fastadam.dequantize_blockwise(q)[:n], signed)
+                for q, signed in zip(buffers.quantized, (True, False)))
+        kwargs = {"num_threads": threads} if step is fastadam.adam_step else {}
+        step(p, g, m, v, step=1, lr=LR, betas=BETAS, eps=EPS, **kwargs)
+        runs.append([p, m.codes, m.absmax, v.codes, v.absmax])
+    if not _same_bits(*runs):
+        raise AssertionError("adam_step with 8-bit moments differs from fastadam.reference")
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -146,7 +175,8 @@ def check_pair(buffers: Buffers, label: str, threads: int) -> None:
         c32, d32 = c.astype(np.float32), d.astype(np.float32)
         if exact:
             c_new, d_new = c32 * half + b, d32 * half + b * b
-            a_new = a - c_new / (np.sqrt(d_new) + np.float32(1e-8))
+            with np.errstate(invalid="ignore"):  # the plain probe's calls may have left d negative: NaN both ways
+                a_new = a - c_new / (np.sqrt(d_new) + np.float32(1e-8))
         else:
             a_new, c_new, d_new = a * half + b, c32 * half + b, d32 * half + b
         _core.probe_step(a, b, c, d, threads, exact=exact)
@@ -230,6 +260,11 @@ def run_cell(buffers: Buffers, threads: int, repeats: int, sample_seconds: float
         steps[f"exact probe {label}"] = lambda m=m, v=v: _core.probe_step(p, g, m, v, threads, exact=True)
         for kind in ("adam_step", "probe", "exact probe"):
             traffic[f"{kind} {label}"] = bytes_per_element(pair)
+    check_int8(buffers, threads)
+    m8, v8 = buffers.quantized
+    steps[INT8] = lambda: fastadam.adam_step(buffers.param, buffers.grad, m8, v8, step=1, lr=LR, betas=BETAS,
+                                             eps=EPS, num_threads=threads)
+    traffic[INT8] = INT8_BYTES
     first_call: dict[str, float] = {}
     for library in libraries:
         step, first_call[library] = bind_library(library, buffers, threads)
@@ -292,6 +327,11 @@ def format_cell(r: dict[str, Any]) -> str:
             lines.append(f"  {'(' + probe + ' ' + label + ')':<26}{c['bytes_per_element']:>5}"
                          + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
                          + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}")
+    c = cs[INT8]
+    lines.append(f"  {'int8/int8 (8-bit state)':<26}{c['bytes_per_element']:>5.0f}"
+                 + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
+                 + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}{'':>18}"
+                 + mark(c["float32_step_time_over_this"], f"{c['float32_step_time_over_this']['median']:>12.2f}x"))
     for name, c in cs.items():
         if "AdamW8bit" in name:
             slower = 1 / c["float32_step_time_over_this"]["median"]
@@ -518,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         document["levels"] = {fastadam.config()["isa"]: run_timings(args)}
     if args.memory_params:
-        kinds = ["fastadam float32", "fastadam bfloat16"] + [lib for lib in args.libraries
+        kinds = ["fastadam float32", "fastadam bfloat16", "fastadam int8"] + [lib for lib in args.libraries
                                                              if _torch_adamw8bit(lib) is not None]
         memory = {kind: measure_memory(kind, args.memory_params) for kind in kinds}
         document["memory"] = {"params": args.memory_params, "optimizers": memory}

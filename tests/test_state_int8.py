@@ -341,6 +341,52 @@ def test_the_optimizer_is_the_functional_step_and_resumes_bitwise(rng, tmp_path)
         assert_bitwise_equal(a, b)
 
 
+@pytest.mark.parametrize("source, target", [("float32", "int8"), ("bfloat16", "int8"), ("int8", "float32"),
+                                            ("int8", "bfloat16"), (("int8", "bfloat16"), ("float32", "int8"))])
+def test_a_live_optimizers_state_converts_into_and_out_of_8_bits(source, target, rng):
+    pytest.importorskip("ml_dtypes")
+    p = rng.standard_normal((64, 100)).astype(np.float32)
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for _ in range(3)]
+    old = fastadam.AdamW([p.copy()], state_dtype=source, amsgrad=True)
+    old.step([grads[0]])
+    param = p.copy()
+    new = fastadam.AdamW([param], state_dtype=target, amsgrad=True)
+    new.load_state_dict(old.state_dict())
+    assert new.steps == [1]
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        values = (fastadam.dequantize_blockwise(fastadam._optim._moment(old.state[0], key))
+                  if key + "_codes" in old.state[0] else old.state[0][key].astype(np.float32))
+        if key + "_codes" in new.state[0]:  # quantized as a step would store those values
+            expected = quantized(values, new.state[0][key + "_map"])
+            assert_states_equal(fastadam._optim._moment(new.state[0], key), expected, key)
+        else:  # widened exactly, or rounded to nearest-even into bfloat16
+            assert_bitwise_equal(new.state[0][key], values.astype(new.state[0][key].dtype))
+    # and the converted optimizer steps on from there as the reference does
+    expected_p = param.copy()
+    states = [copy(fastadam._optim._moment(new.state[0], key)) if key + "_codes" in new.state[0]
+              else new.state[0][key].copy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    new.step([grads[1]])
+    fastadam.reference.adam_step(expected_p, grads[1], states[0], states[1], max_exp_avg_sqs=states[2],
+                                 amsgrad=True, step=2, weight_decay=1e-2, decoupled_weight_decay=True)
+    assert_bitwise_equal(param, expected_p)
+
+
+def test_8_bit_state_with_a_bad_map_is_refused_on_loading_and_nothing_changes(rng):
+    p = rng.standard_normal(5000).astype(np.float32)
+    old = fastadam.Adam([p.copy()], state_dtype="int8")
+    old.step([np.ones(5000, np.float32)])
+    sd = old.state_dict()
+    sd["state"][0]["exp_avg_map"] = sd["state"][0]["exp_avg_map"][::-1].copy()
+    new = fastadam.Adam([p.copy()])
+    new.step([np.ones(5000, np.float32)])
+    before = {key: a.copy() for key, a in new.state[0].items()}
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg_map'\]: map: must hold 256 finite values"):
+        new.load_state_dict(sd)
+    for key, a in new.state[0].items():
+        assert_bitwise_equal(a, before[key])
+    assert new.steps == [1]
+
+
 def test_row_sparse_steps_need_rows_of_whole_blocks_and_change_nothing_otherwise(rng):
     table = rng.standard_normal((50, 512)).astype(np.float32)
     opt = fastadam.SparseAdam([table], state_dtype="int8")

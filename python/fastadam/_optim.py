@@ -64,6 +64,83 @@ def _moment(s: Mapping[str, np.ndarray], key: str) -> Any:
     return QuantizedState(*(s[key + part] for part in _QUANTIZED_PARTS))
 
 
+def _moment_names(s: Mapping[str, Any]) -> list[str]:
+    """The moments a param's state holds, in whatever storage."""
+    return [key for key in _MOMENTS if key in s or key + "_codes" in s]
+
+
+def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: int) -> None:
+    """Check a saved param state against this optimizer's, before anything is loaded (load_state_dict).
+
+    Each moment may be stored otherwise than this optimizer stores it -- float32, bfloat16 or 8-bit
+    (``<key>_codes``, ``_absmax``, ``_map``) -- and is converted on loading; everything else must match.
+    """
+    moment_keys = {m + part for m in _MOMENTS for part in ("", *_QUANTIZED_PARTS)}
+    want = {"step"} | (set(mine) - moment_keys)
+    for key in _moment_names(mine):
+        want |= {key} if key in saved else {key + part for part in _QUANTIZED_PARTS}
+    if set(saved) != want:
+        raise ValueError(f"state[{i}]: expected keys {sorted({'step', *mine})} (any moment may be float32, "
+                         f"bfloat16 or 8-bit state), got {_sorted_keys(saved)}")
+    for key in want - {"step"}:
+        if not isinstance(saved[key], np.ndarray):
+            raise ValueError(f"state[{i}][{key!r}]: expected a numpy.ndarray, got {type(saved[key]).__name__}")
+    for key, a in mine.items():
+        if key not in saved:
+            continue
+        src = saved[key]
+        # float32 and bfloat16 moments load into each other (converting a live optimizer).
+        convertible = key in _MOMENTS and {src.dtype.name, a.dtype.name} <= {"float32", "bfloat16"}
+        if src.shape != a.shape or (src.dtype != a.dtype and not convertible):
+            raise ValueError(f"state[{i}][{key!r}]: expected {a.dtype}{a.shape}, got {src.dtype}{src.shape}")
+    for key in _moment_names(mine):
+        if (key in saved) == (key in mine):
+            continue
+        # 8-bit state into a float32/bfloat16 moment, or the reverse: the values must fit the param.
+        shape = (mine[key] if key in mine else mine[key + "_codes"]).shape
+        if key in saved:
+            src = saved[key]
+            if src.shape != shape or src.dtype.name not in ("float32", "bfloat16"):
+                raise ValueError(f"state[{i}][{key!r}]: expected float32 or bfloat16{shape} to convert into "
+                                 f"8-bit state, got {src.dtype}{src.shape}")
+        else:
+            if mine[key].dtype.name not in ("float32", "bfloat16"):
+                raise ValueError(f"state[{i}]: 8-bit {key!r} cannot load into a {mine[key].dtype} moment")
+            codes, absmax, qmap = (saved[key + part] for part in _QUANTIZED_PARTS)
+            wants = {"_codes": (np.uint8, shape), "_absmax": (np.float32, (-(-int(np.prod(shape)) // QUANT_BLOCK),)),
+                     "_map": (np.float32, (256,))}
+            for part, a in zip(_QUANTIZED_PARTS, (codes, absmax, qmap)):
+                dtype, part_shape = wants[part]
+                if a.dtype != dtype or a.shape != part_shape:
+                    raise ValueError(f"state[{i}][{key + part!r}]: expected {np.dtype(dtype)}{part_shape}, "
+                                     f"got {a.dtype}{a.shape}")
+    for key in want:
+        if key.endswith("_map") and saved[key].shape == (256,) and saved[key].dtype == np.float32:
+            try:
+                _core.codebook_layout(saved[key])
+            except ValueError as e:
+                raise ValueError(f"state[{i}][{key!r}]: {e}") from None
+
+
+def _copy_converted(src: np.ndarray, a: np.ndarray) -> None:
+    if src.dtype == a.dtype:
+        np.copyto(a, src)
+    else:  # float32 <-> bfloat16 moments: exact one way, to nearest-even the other
+        with np.errstate(over="ignore", invalid="ignore"):
+            a[...] = src.astype(a.dtype)
+
+
+def _convert_moment(src: Any, into: Any) -> None:
+    """A checked moment from one storage into another (8-bit on one side): quantized as the step stores it,
+    or its values widened (and rounded to nearest-even into bfloat16)."""
+    if isinstance(into, QuantizedState):
+        _core.quantize_blockwise(np.ascontiguousarray(src, dtype=np.float32), into)
+    else:
+        values = np.empty(src.codes.shape, np.float32)
+        _core.dequantize_blockwise(QuantizedState(*(np.ascontiguousarray(a) for a in src)), values)
+        _copy_converted(values, into)
+
+
 def _stored(a: np.ndarray) -> np.ndarray:
     """An array as save() writes it: bfloat16, which has no .npy dtype of its own, as its uint16 bits."""
     return a.view(np.uint16) if _is_bfloat16(a) else a
@@ -540,16 +617,7 @@ class Adam:
                 raise ValueError(f"state_dict has no state for params[{i}]")
             if not isinstance(saved, dict):
                 raise ValueError(f"state[{i}]: expected a dict, got {type(saved).__name__}")
-            if set(saved) != {"step", *mine}:
-                raise ValueError(f"state[{i}]: expected keys {sorted({'step', *mine})}, got {_sorted_keys(saved)}")
-            for key, a in mine.items():
-                src = saved[key]
-                if not isinstance(src, np.ndarray):
-                    raise ValueError(f"state[{i}][{key!r}]: expected a numpy.ndarray, got {type(src).__name__}")
-                # A float32 moment loads into bfloat16 state and the reverse (converting a live optimizer).
-                convertible = key in _MOMENTS and {src.dtype.name, a.dtype.name} <= {"float32", "bfloat16"}
-                if src.shape != a.shape or (src.dtype != a.dtype and not convertible):
-                    raise ValueError(f"state[{i}][{key!r}]: expected {a.dtype}{a.shape}, got {src.dtype}{src.shape}")
+            _check_saved_state(saved, mine, i)
             steps.append(_checked_step(saved["step"], f"state[{i}]['step']"))
         for i, mine in enumerate(self._state):
             targets = list(mine.items()) + ([("param", self._params[i])] if "master_param" in mine else [])
@@ -563,13 +631,12 @@ class Adam:
             mine.update(hyper)
         for i, mine in enumerate(self._state):
             saved = by_id[ids[i]]
-            for key, a in mine.items():
-                src = saved[key]
-                if src.dtype == a.dtype:
-                    np.copyto(a, src)
-                else:  # float32 <-> bfloat16 moments: exact one way, to nearest-even the other
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        a[...] = src.astype(a.dtype)
+            for key in mine:
+                if key in saved:
+                    _copy_converted(saved[key], mine[key])
+            for key in _moment_names(mine):
+                if (key in saved) != (key in mine):  # 8-bit state from or into a float32/bfloat16 moment
+                    _convert_moment(_moment(saved, key), _moment(mine, key))
             if "master_param" in mine:  # the model copy follows its restored master
                 self._params[i][...] = mine["master_param"].astype(self._params[i].dtype)
         self._plan.steps = steps
