@@ -7,9 +7,10 @@ Commands:
     The default.  Trains a small NumPy network twice side by side, stepped by
     fastadam.Adam and by the NumPy reference, checks that both copies stay
     bitwise identical and times the optimizer steps (see ``fastadam._demo``).
-    With ``--state-dtype float32,bfloat16`` (a pair: ``bfloat16/float32`` for
-    exp_avg/exp_avg_sq) it trains one copy per storage of Adam's moments
-    instead, each checked against the reference, and compares their accuracy.
+    With ``--state-dtype float32,bfloat16,int8`` (a pair: ``bfloat16/float32``
+    for exp_avg/exp_avg_sq; int8 is 8-bit block-wise state) it trains one copy
+    per storage of Adam's moments instead, each checked against the
+    reference, and compares their accuracy.
 
 ``python -m fastadam bench [--quick] [--out DIR] [args...]``
     How fast the step runs on this machine: measurements and ratios against

@@ -12,7 +12,8 @@ the parameters ever differ.  It also times the optimizer step of each copy.
 
 With ``--state-dtype`` it instead compares ways of storing Adam's moments
 (issue 10's accuracy check): one copy of the network per storage (float32,
-bfloat16, or a pair such as ``bfloat16/float32`` for exp_avg/exp_avg_sq), all
+bfloat16, int8 -- 8-bit block-wise state -- or a pair such as
+``bfloat16/float32`` for exp_avg/exp_avg_sq), all
 from the same weights and batches, each stepped by fastadam.Adam and checked
 bitwise against the reference with the same storage, then the final test
 accuracies side by side.
@@ -24,11 +25,12 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import Adam, config, get_num_threads, reference, show_config
+from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
 
 DTYPE = np.float32
 N_CLASSES = 10
@@ -192,18 +194,34 @@ class ReferenceAdam:
 
     def __init__(self, params: list[np.ndarray], lr: float, betas: tuple[float, float], eps: float,
                  moment_dtypes: Optional[tuple[np.dtype, np.dtype]] = None) -> None:
-        """``moment_dtypes``: how (exp_avg, exp_avg_sq) are stored, for every param; default: the param's dtype."""
+        """``moment_dtypes``: how (exp_avg, exp_avg_sq) are stored, for every param -- a dtype, or ``"int8"``
+        for 8-bit block-wise state (the dynamic maps, as fastadam.Adam's); default: the param's dtype."""
         self.params = params
         self.lr, self.betas, self.eps = lr, betas, eps
         m_dtype, v_dtype = moment_dtypes or (None, None)
-        self.exp_avgs = [np.zeros_like(p, dtype=m_dtype) for p in params]
-        self.exp_avg_sqs = [np.zeros_like(p, dtype=v_dtype) for p in params]
+        self.exp_avgs = [zero_moment(p, m_dtype, signed=True) for p in params]
+        self.exp_avg_sqs = [zero_moment(p, v_dtype, signed=False) for p in params]
         self.steps = 0
 
     def step(self, grads: Sequence[np.ndarray]) -> None:
         self.steps += 1  # the reference numbers steps from 1 (it sets the bias corrections)
         reference.adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, step=self.steps, lr=self.lr,
                             betas=self.betas, eps=self.eps)
+
+
+def zero_moment(p: np.ndarray, storage: Union[np.dtype, str, None], signed: bool) -> Any:
+    """A zero moment of param ``p``: an array of ``storage`` (default p's dtype), or for ``"int8"`` 8-bit state
+    (every code that of 0.0, absmax 0) over the signed or unsigned dynamic map."""
+    if storage != "int8":
+        return np.zeros_like(p, dtype=storage)
+    qmap = dynamic_map(signed)
+    return QuantizedState(np.full(p.shape, np.flatnonzero(qmap == 0)[0], np.uint8),
+                          np.zeros(-(-p.size // QUANT_BLOCK), np.float32), qmap)
+
+
+def storage_of(state: dict[str, np.ndarray], key: str) -> Union[np.dtype, str]:
+    """How fastadam.Adam stores a param's moment ``key``: its dtype, or "int8"."""
+    return "int8" if key + "_codes" in state else state[key].dtype
 
 
 @dataclass
@@ -291,7 +309,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         help="the most threads fastadam's step may use (default: fastadam's own default)")
     parser.add_argument("--state-dtype", type=_storages, nargs="+", default=None, metavar="STORAGE[,STORAGE...]",
                         help="instead of the comparison with the reference, train one copy per storage of the "
-                             "moments side by side and compare their test accuracy: float32, bfloat16, or "
+                             "moments side by side and compare their test accuracy: float32, bfloat16, int8 "
+                             "(8-bit block-wise state), or "
                              "M/V for exp_avg and exp_avg_sq stored differently (e.g. bfloat16/float32); "
                              "several separated by commas or spaces, e.g. --state-dtype float32,bfloat16. "
                              "bfloat16 needs ml_dtypes")
@@ -299,7 +318,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 #: The storages of a moment that fastadam.Adam's state_dtype accepts.
-MOMENT_STORAGES = ("float32", "bfloat16")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8")
 #: Issue 10's accuracy target: final test accuracy with compressed moments within this many points of float32.
 TARGET_POINTS = 0.5
 
@@ -400,10 +419,13 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def moment_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a moment storage's name; bfloat16 comes from ml_dtypes (NumPy has none)."""
+def moment_dtype(name: str) -> Union[np.dtype, str]:
+    """The NumPy dtype of a moment storage's name (bfloat16 from ml_dtypes: NumPy has none); "int8" stays
+    "int8", 8-bit block-wise state."""
     if name == "float32":
         return np.dtype(DTYPE)
+    if name == "int8":
+        return name
     try:
         import ml_dtypes  # optional dependency: imported only when used
     except ImportError as e:
@@ -449,12 +471,14 @@ def compare_storages(args: argparse.Namespace, storages: Sequence[tuple[str, str
         # bitsandbytes) would keep the small arrays (the biases, W2 at 128 hidden units) in float32.
         optimizer = Adam(fast_params, lr=args.lr, betas=betas, eps=eps, num_threads=args.threads,
                          state_dtype=storage, min_compressed_size=0)
-        stored = {(s["exp_avg"].dtype, s["exp_avg_sq"].dtype) for s in optimizer.state}
+        stored = {(storage_of(s, "exp_avg"), storage_of(s, "exp_avg_sq")) for s in optimizer.state}
         if stored != {dtypes}:
             print(f"error: fastadam.Adam(state_dtype={storage!r}, min_compressed_size=0) stored its moments as "
                   f"{sorted(map(str, stored))}, not {dtypes}", file=sys.stderr)
             return 1
-        moment_bytes = sum(s[key].nbytes for s in optimizer.state for key in ("exp_avg", "exp_avg_sq"))
+        # Every array of the moments, each shared 8-bit map once.
+        moment_bytes = sum(a.nbytes for a in {id(a): a for s in optimizer.state for key, a in s.items()
+                                              if key.startswith("exp_avg")}.values())
         runs.append(StorageRun(
             label, Replica(f"fastadam.Adam {label}", fast_params, optimizer.step),
             Replica(f"reference {label}", ref_params, ReferenceAdam(ref_params, args.lr, betas, eps, dtypes).step),
