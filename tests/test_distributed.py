@@ -114,8 +114,7 @@ def run_mpi(tmp_path: Path, world: int, scenario: str, arg: str = "", expect_exi
 
 
 ENGINES = ["torch", "mpi"]
-#: Each torch rank imports torch (4 s of a loaded 2-core machine each): 1 and 4 ranks run under MPI only.
-WORLDS = [pytest.param("torch", 2), pytest.param("torch", 3)] + [pytest.param("mpi", n) for n in (1, 2, 3, 4)]
+WORLDS = [pytest.param(engine, n) for engine in ENGINES for n in (1, 2, 3, 4)]
 
 
 def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -> list:
@@ -130,12 +129,15 @@ def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -
 @pytest.mark.parametrize("engine, world", WORLDS)
 def test_every_rank_is_bitwise_a_single_process_step(engine, world, tmp_path):
     """Float32/float64 params in two groups (L2 decay; amsgrad + maximize), bfloat16/float16 params with
-    master weights under AdamW + amsgrad; mean and sum; buckets of 64 elements per rank, 4 KiB and 32 MiB:
-    after each of 3 steps every rank's params, and each rank's pieces of the state, are bitwise those of
-    fastadam.Adam stepped in one process with the reduced gradients."""
+    master weights under AdamW + amsgrad, both also with bfloat16 moments; mean and sum; buckets of 64
+    elements per rank, 4 KiB and 32 MiB; communication overlapped with the step and not: after each of 3
+    steps every rank's params, and each rank's pieces of the state (values and storage dtype), are bitwise
+    those of fastadam.Adam stepped in one process with the reduced gradients."""
     reports = run(engine, tmp_path, world, "exact")
-    # 2 configs x 2 reductions x 3 bucket sizes x 3 steps x 12 params, plus the state pieces
-    assert all(r["compared"] >= 2 * 3 * 3 * 9 for r in reports)
+    if distributed_worker.ml_dtypes is None:  # only the float config runs: 6 cases x 2 overlaps x 3 steps x 9
+        assert all(r["configs"] == 1 and r["compared"] >= 6 * 2 * 3 * 9 for r in reports)
+    else:  # (6 + 6 + 2 + 2 cases) x 2 overlaps x 3 steps x at least 3 params, plus the state pieces
+        assert all(r["configs"] == 4 and r["compared"] >= 16 * 2 * 3 * 3 for r in reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -156,6 +158,10 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
     assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
     manifest = json.loads((directory / "B" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["step"] == 5 and manifest["groups"][1]["lr"] == 1e-3
+    # The 333-element param's bfloat16 moments were resharded bitwise (the comparisons above); an optimizer
+    # storing them as float32 refuses the checkpoint on every rank.
+    assert manifest["state_dtype"] == ["bfloat16", "bfloat16"] and manifest["min_compressed_size"] == 300
+    assert all("stored with state_dtype ['bfloat16', 'bfloat16']" in r["other_storage"] for r in c)
 
 
 # -- failures ----------------------------------------------------------------------------------------------
@@ -219,6 +225,21 @@ def test_the_engine_must_be_named_or_initialized():
     if not torch.distributed.is_initialized():
         with pytest.raises(ValueError, match="torch.distributed is not initialized"):
             fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)])
+
+
+def test_options_that_would_break_exactness_are_refused_before_any_engine_is_touched():
+    """8-bit state quantizes 256-element blocks from each param's first element and stochastic rounding
+    draws its bits by the position of the stepped array: a rank's pieces would not match one process."""
+    with pytest.raises(ValueError, match="state_dtype='int8' is not supported by ZeroAdam"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype=("bfloat16", "int8"))
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="float16")
+    with pytest.raises(ValueError, match="stochastic_rounding is not supported by ZeroAdam"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="bfloat16", stochastic_rounding=True)
+    with pytest.raises(ValueError, match="min_compressed_size must be an integer >= 0"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], min_compressed_size=-1)
+    with pytest.raises(TypeError, match="overlap must be True or False"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], overlap="yes")
 
 
 def test_shards_are_64_element_multiples_of_equal_length():
