@@ -27,11 +27,31 @@ state per rank is ``1/N`` of the unsharded state.  :meth:`ZeroAdam.step`:
 
 The step is element-wise, so given the same reduced gradients every rank's
 parameters are bitwise equal to a single-process :class:`fastadam.Adam` step,
-whatever ``N`` and the bucket size; only the reduction's summation order is
-the engine's.  Communication goes through buckets of at most
-``bucket_bytes``: the only temporary is one buffer of that size, reused by
-every bucket; the reduced gradient of the shard (``1/N`` of the model) is
-kept between steps.
+whatever ``N``, the bucket size and ``overlap``; only the reduction's
+summation order is the engine's.  Communication goes through buckets of at
+most ``bucket_bytes``; the reduced gradient of the shard (``1/N`` of the
+model) is kept between steps.
+
+With ``overlap=True`` (the default) the three phases are pipelined over the
+buckets ``0 .. B-1`` (all param dtypes' buckets, in order): while bucket
+``k``'s elements are stepped, the reduction of bucket ``k+1`` and the
+all-gather of bucket ``k-1`` are in flight (MPI ``Ireduce_scatter_block`` /
+``Iallgather``; gloo ``async_op=True``, run by gloo's threads)::
+
+    start reduce(0)
+    for k in 0 .. B-1:
+        wait reduce(k); start reduce(k+1)
+        step bucket k                          (reduce(k+1), gather(k-1) in flight)
+        wait gather(k-1), unpack it; start gather(k)
+    wait gather(B-1), unpack it
+
+That takes two buffers of ``bucket_bytes``, the reductions' and the
+gathers', instead of one; ``overlap=False`` keeps one and steps the whole
+shard in one call after all reductions.  Each bucket is stepped by a plan
+over views of the same state arrays, with the same values: the bits are
+those of the serial step.  Open MPI progresses a nonblocking collective only
+inside MPI calls, so under MPI little moves while a bucket is stepped;
+gloo's own threads keep communicating (see benchmarks/bench_distributed.py).
 """
 
 from __future__ import annotations
@@ -306,7 +326,13 @@ class ZeroAdam:
         ``"mean"`` (the reduced gradient is ``fl(sum / N)``) or ``"sum"``.
     bucket_bytes
         The most bytes one collective moves in all ranks' blocks together
-        (default 32 MiB); the one communication buffer is this large.
+        (default 32 MiB); each communication buffer is this large.
+    overlap
+        Pipeline the buckets (default True): the communication of buckets
+        ``k+1`` (reduce) and ``k-1`` (gather) overlaps the step of bucket
+        ``k``; this holds two buffers of ``bucket_bytes`` instead of one, and
+        steps the shard in one kernel call per bucket instead of one call.
+        The bits are the same either way.  Every rank must pass the same.
     timeout
         MPI only: seconds a collective may wait for the other ranks before it
         raises TimeoutError (default 300; ``None`` uses MPI's blocking calls,
@@ -315,6 +341,20 @@ class ZeroAdam:
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, eps_before_bias_correction,
     master_weights, num_threads
         As for :class:`fastadam.Adam`.
+    state_dtype, min_compressed_size
+        As for :class:`fastadam.Adam`, ``"float32"`` or ``"bfloat16"`` (or a
+        pair of them): whether a param's moments are stored compressed is
+        decided by the size of the whole param, as in one process, so a
+        rank's piece of a large param is stored as bfloat16 however short
+        it is.  bfloat16 needs no alignment (each element is rounded on its
+        own); ``"int8"`` is refused with ValueError, because its 256-element
+        quantization blocks start at each param's first element, which
+        the shard boundaries do not respect.
+    stochastic_rounding
+        Refused (ValueError) when True: its random bits are drawn by the
+        position of an array in the kernel call and the element's index in
+        that array, which for a shard's pieces change with the number of
+        ranks; bfloat16 moments are rounded to nearest-even.
 
     Examples
     --------
@@ -483,8 +523,9 @@ class ZeroAdam:
                                          min(r * seq.shard + start + length, seq.total)) for r in range(world)]
                 seq.buckets.append((length, per_rank))
                 buffer_bytes = max(buffer_bytes, world * length * itemsize)
-        # One buffer per bucket in flight: the reductions' and the gathers' (one shared buffer without overlap).
-        self._buffer = np.empty(buffer_bytes, np.uint8)
+        # One buffer per bucket in flight: the reductions' and the gathers' (one shared buffer without overlap;
+        # none on one rank, which communicates nothing).
+        self._buffer = np.empty(buffer_bytes if world > 1 else 0, np.uint8)
         self._gather_buffer = np.empty(buffer_bytes, np.uint8) if self.overlap and world > 1 else self._buffer
         self._flat = [p.reshape(-1) for p in self._params]  # views: C-contiguous params
         self._flat_bits = [f.view(np.uint16) if _is_16bit_float(f) else f for f in self._flat]
@@ -804,10 +845,13 @@ class ZeroAdam:
 
         Every rank must call it.  Each shard holds the rank's elements of the
         params and of their state, as flat arrays per param dtype (no
-        pickle); the manifest holds the layout, the groups and the step
-        count, and is written last (after all shards), so its presence means
-        the checkpoint is complete.  :meth:`load` reads it on any number of
-        ranks.
+        pickle); the manifest holds the layout, the groups, the step count
+        and the moments' storage (``state_dtype``, ``min_compressed_size``),
+        and is written last (after all shards), so its presence means the
+        checkpoint is complete.  :meth:`load` reads it on any number of
+        ranks.  Moments are written in the param's working dtype: a bfloat16
+        moment widened to float32, which is exact, and narrowed back exactly
+        by :meth:`load` (which refuses a checkpoint of another storage).
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
