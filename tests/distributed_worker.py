@@ -65,9 +65,11 @@ def mixed_precision_config() -> dict[str, Any]:
 
 
 def bfloat16_state_config() -> dict[str, Any]:
-    """The float params with bfloat16 moments (amsgrad's maximum too): the params of at least 150 elements
-    store them compressed, the smaller ones (and the float64 ones) in their own dtype."""
-    return {**float_config(), "options": dict(state_dtype="bfloat16", min_compressed_size=150)}
+    """The float params with bfloat16 moments (amsgrad's maximum too), rounded stochastically: the params
+    of at least 150 elements store them compressed, the smaller ones (and the float64 ones) in their own
+    dtype.  A rank's piece of a param draws the random bits of those elements of the whole param."""
+    return {**float_config(), "options": dict(state_dtype="bfloat16", min_compressed_size=150,
+                                              stochastic_rounding=True, rounding_seed=5)}
 
 
 def mixed_precision_bfloat16_state_config() -> dict[str, Any]:
@@ -211,9 +213,10 @@ def checkpoint_config() -> dict[str, Any]:
             rng.standard_normal((11, 13)).astype(np.float32)]
     if ml_dtypes is not None:
         init.append(rng.standard_normal((150,)).astype(ml_dtypes.bfloat16))
-    # With ml_dtypes, bfloat16 moments for the 333-element param (cut into pieces of 64-192 elements on
-    # 4, 2 and 3 ranks), float32 ones for the smaller params.
-    options = dict(master_weights=True, state_dtype="bfloat16", min_compressed_size=300) if ml_dtypes else {}
+    # With ml_dtypes, bfloat16 moments, rounded stochastically, for the 333-element param (cut into pieces
+    # of 64-192 elements on 4, 2 and 3 ranks), float32 ones for the smaller params.
+    options = dict(master_weights=True, state_dtype="bfloat16", min_compressed_size=300, stochastic_rounding=True,
+                   rounding_seed=11) if ml_dtypes else {}
     return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True), dict(lr=2e-3, weight_decay=0.1)],
                 split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam), options=options)
 

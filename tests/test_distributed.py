@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastadam
 import fastadam.distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -158,8 +159,8 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
     assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
     manifest = json.loads((directory / "B" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["step"] == 5 and manifest["groups"][1]["lr"] == 1e-3
-    # The 333-element param's bfloat16 moments were resharded bitwise (the comparisons above); an optimizer
-    # storing them as float32 refuses the checkpoint on every rank.
+    # The 333-element param's stochastically rounded bfloat16 moments were resharded bitwise (the
+    # comparisons above); an optimizer storing them as float32 refuses the checkpoint on every rank.
     assert manifest["state_dtype"] == ["bfloat16", "bfloat16"] and manifest["min_compressed_size"] == 300
     assert all("stored with state_dtype ['bfloat16', 'bfloat16']" in r["other_storage"] for r in c)
 
@@ -227,19 +228,40 @@ def test_the_engine_must_be_named_or_initialized():
             fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)])
 
 
-def test_options_that_would_break_exactness_are_refused_before_any_engine_is_touched():
-    """8-bit state quantizes 256-element blocks from each param's first element and stochastic rounding
-    draws its bits by the position of the stepped array: a rank's pieces would not match one process."""
+def test_bad_options_are_refused_before_any_engine_is_touched():
+    """8-bit state is refused: it quantizes 256-element blocks from each param's first element, which
+    shard boundaries do not respect, so a rank's blocks would not be those of one process."""
     with pytest.raises(ValueError, match="state_dtype='int8' is not supported by ZeroAdam"):
         fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype=("bfloat16", "int8"))
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="float16")
-    with pytest.raises(ValueError, match="stochastic_rounding is not supported by ZeroAdam"):
-        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="bfloat16", stochastic_rounding=True)
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="bfloat16", stochastic_rounding=1)
+    with pytest.raises(ValueError, match=r"rounding_seed must be an integer in \[0, 2\*\*63\)"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], rounding_seed=-1)
     with pytest.raises(ValueError, match="min_compressed_size must be an integer >= 0"):
         fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], min_compressed_size=-1)
     with pytest.raises(TypeError, match="overlap must be True or False"):
         fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], overlap="yes")
+
+
+def test_a_piece_of_a_param_rounds_stochastically_with_the_whole_params_bits():
+    """What a rank's shard relies on: the plan's rounding_positions (param position, first element) make a
+    piece draw the bits of those elements of the whole param; without them it draws others."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    g = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    options = dict(state_dtype="bfloat16", min_compressed_size=0, stochastic_rounding=True, rounding_seed=3)
+    whole = fastadam.Adam([np.ones(10, np.float32), np.ones(5000, np.float32)], **options)
+    placed = fastadam.Adam([np.ones(1000, np.float32)], **options)
+    placed._plan.rounding_positions = [(1, 2000)]
+    unplaced = fastadam.Adam([np.ones(1000, np.float32)], **options)
+    for opt, grads in ((whole, [np.ones(10, np.float32), g]), (placed, [g[2000:3000]]), (unplaced, [g[2000:3000]])):
+        opt.step(grads)
+    for key in ("exp_avg", "exp_avg_sq"):
+        want = whole.state[1][key][2000:3000]
+        assert want.dtype == bfloat16 and np.array_equal(placed.state[0][key].view(np.uint16), want.view(np.uint16))
+        assert not np.array_equal(unplaced.state[0][key].view(np.uint16), want.view(np.uint16))
+    assert placed._plan.rounding_positions == [(1, 2000)] and unplaced._plan.rounding_positions == [(0, 0)]
 
 
 def test_shards_are_64_element_multiples_of_equal_length():

@@ -292,13 +292,20 @@ def _shard_length(total: int, world: int) -> int:
 
 
 class _ShardAdam(Adam):
-    """The fastadam.Adam over a rank's pieces of params.  Whether a piece's moments take ``state_dtype``'s
-    storage follows the size of the whole param it is cut from (against ``min_compressed_size``), as in one
-    process, not the piece's size."""
+    """The fastadam.Adam over a rank's pieces of params, each stepped as that part of the whole param.
 
-    def __init__(self, groups: list[dict[str, Any]], whole_sizes: list[int], **options: Any) -> None:
+    Whether a piece's moments take ``state_dtype``'s storage follows the
+    size of the whole param it is cut from (against ``min_compressed_size``),
+    not the piece's size; and stochastic rounding draws a piece's bits from
+    the whole param's position and its elements' indices in the whole param
+    (``rounding_positions``), as one process over all params would.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], whole_sizes: list[int],
+                 rounding_positions: list[tuple[int, int]], **options: Any) -> None:
         self._whole_sizes = whole_sizes
         super().__init__(groups, **options)
+        self._plan.rounding_positions = rounding_positions
 
     def _compresses(self, p: np.ndarray, i: int) -> bool:
         return self._whole_sizes[i] >= self.min_compressed_size
@@ -350,11 +357,12 @@ class ZeroAdam:
         own); ``"int8"`` is refused with ValueError, because its 256-element
         quantization blocks start at each param's first element, which
         the shard boundaries do not respect.
-    stochastic_rounding
-        Refused (ValueError) when True: its random bits are drawn by the
-        position of an array in the kernel call and the element's index in
-        that array, which for a shard's pieces change with the number of
-        ranks; bfloat16 moments are rounded to nearest-even.
+    stochastic_rounding, rounding_seed
+        As for :class:`fastadam.Adam`: bfloat16 moments rounded
+        stochastically, the random bits of an element drawn from (seed, step,
+        the param's position among all params, the element's index in the
+        whole param) -- on every rank and any number of ranks the bits one
+        process would draw.
 
     Examples
     --------
@@ -369,7 +377,7 @@ class ZeroAdam:
                  weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
                  decoupled_weight_decay: bool = False, eps_before_bias_correction: bool = False,
                  master_weights: bool = False, state_dtype: Union[str, tuple[str, str]] = "float32",
-                 min_compressed_size: int = 4096, stochastic_rounding: bool = False,
+                 min_compressed_size: int = 4096, stochastic_rounding: bool = False, rounding_seed: int = 0,
                  num_threads: Optional[int] = None) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -387,17 +395,18 @@ class ZeroAdam:
             _bfloat16()  # TypeError naming ml_dtypes when it is missing
         if not _is_integer(min_compressed_size) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
-        if stochastic_rounding is not False:
-            raise ValueError("stochastic_rounding is not supported by ZeroAdam: its random bits are drawn per "
-                             "(position of the array in the step, element index in that array), and a rank "
-                             "steps pieces of params, so the bits would change with the number of ranks; "
-                             "bfloat16 state is rounded to nearest-even")
+        if not isinstance(stochastic_rounding, (bool, np.bool_)):
+            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+        if not _is_integer(rounding_seed) or not 0 <= rounding_seed < 2**63:
+            raise ValueError(f"rounding_seed must be an integer in [0, 2**63), got {rounding_seed!r}")
         self._comm = _communicator(process_group, comm, timeout)
         self.rank, self.world_size = self._comm.rank, self._comm.size
         self.reduction = reduction
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = bool(overlap)
         self.min_compressed_size = int(min_compressed_size)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.rounding_seed = int(rounding_seed)
         self.master_weights = bool(master_weights)
         self.num_threads = num_threads
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -462,7 +471,8 @@ class ZeroAdam:
                 "groups": [[len(g["params"]), {key: g[key] for key in _HYPERPARAMETERS}] for g in self._groups],
                 "master_weights": self.master_weights, "reduction": self.reduction,
                 "bucket_bytes": self.bucket_bytes, "overlap": self.overlap,
-                "state_dtype": list(self.state_dtype), "min_compressed_size": self.min_compressed_size}
+                "state_dtype": list(self.state_dtype), "min_compressed_size": self.min_compressed_size,
+                "stochastic_rounding": self.stochastic_rounding, "rounding_seed": self.rounding_seed}
 
     def _agree_across_ranks(self, local_error: Optional[BaseException]) -> None:
         """Raise on every rank if any rank's params failed their checks or differ from rank 0's."""
@@ -554,9 +564,14 @@ class ZeroAdam:
         self._inner_grads = inner_grads
         self._inner: Optional[Adam] = None
         if inner_groups:
-            self._inner = _ShardAdam(inner_groups, [self._params[i].size for i in self._inner_params],
+            positions = []  # each piece's param and the param's element it starts at
+            for i in self._inner_params:
+                seq, offset = self._where[i]
+                positions.append((i, max(seq.bounds(self.rank)[0] - offset, 0)))
+            self._inner = _ShardAdam(inner_groups, [self._params[i].size for i in self._inner_params], positions,
                                      master_weights=self.master_weights, num_threads=self.num_threads,
-                                     state_dtype=self.state_dtype, min_compressed_size=self.min_compressed_size)
+                                     state_dtype=self.state_dtype, min_compressed_size=self.min_compressed_size,
+                                     stochastic_rounding=self.stochastic_rounding, rounding_seed=self.rounding_seed)
 
     def _build_bucket_plans(self) -> None:
         """For the overlapped step: the rank's part of each bucket as its own plan over views of the state.
@@ -576,7 +591,8 @@ class ZeroAdam:
             for b, (length, per_rank) in enumerate(seq.buckets):
                 start = b * seq.block
                 params, exp_avgs, exp_avg_sqs, maxes, models, group_of, grads = [], [], [], [], [], [], []
-                for s in seq.segments(min(lo + start, hi), min(lo + start + length, hi)):
+                segments = seq.segments(min(lo + start, hi), min(lo + start + length, hi))
+                for s in segments:
                     state = self._inner.state[piece_of[s.param]]
                     first = s.start - max(lo - self._where[s.param][1], 0)  # the segment's place in the piece
                     part = slice(first, first + s.length)
@@ -592,8 +608,11 @@ class ZeroAdam:
                     maxes.append(state["max_exp_avg_sq"].reshape(-1)[part] if "max_exp_avg_sq" in state else None)
                     group_of.append(self._group_of[s.param])
                     grads.append(shard_grads[start + s.offset:start + s.offset + s.length])
-                plan = (_core.AdamPlan(params, exp_avgs, exp_avg_sqs, maxes, models, group_of, len(self._groups),
-                                       False, 0) if params else None)
+                plan = None
+                if params:
+                    plan = _core.AdamPlan(params, exp_avgs, exp_avg_sqs, maxes, models, group_of, len(self._groups),
+                                          self.stochastic_rounding, self.rounding_seed)
+                    plan.rounding_positions = [(s.param, s.start) for s in segments]
                 self._pipeline.append((seq, shard_grads, b, length, per_rank, plan, grads))
 
     # -- what the caller sees --------------------------------------------------------------------------------
@@ -1059,7 +1078,7 @@ def _difference(first: dict[str, Any], other: dict[str, Any], rank: int) -> str:
         if x[1] != y[1]:
             return f"params[{i}] has dtype {x[1]} on rank 0 and {y[1]} on rank {rank}"
     for key in ("groups", "master_weights", "reduction", "bucket_bytes", "overlap", "state_dtype",
-                "min_compressed_size"):
+                "min_compressed_size", "stochastic_rounding", "rounding_seed"):
         if first[key] != other[key]:
             return f"{key} is {str(first[key])[:200]} on rank 0 and {str(other[key])[:200]} on rank {rank}"
     return f"rank {rank} differs from rank 0"  # pragma: no cover - the digests differed on equal descriptions
