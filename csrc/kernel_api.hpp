@@ -137,6 +137,10 @@ struct AdamConstantsPair {
 struct StochasticRounding {
     bool on = false;
     std::uint32_t key_low = 0, key_high = 0;
+    // Added to the element index: the place of the tensor's element 0 in the
+    // array whose key this is (a rank's piece of a param in fastadam.distributed
+    // draws the bits of those elements of the whole param).
+    std::uint64_t first_element = 0;
 };
 
 struct AdamTensor {

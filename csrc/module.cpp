@@ -200,6 +200,7 @@ PYBIND11_MODULE(_core, m) {
                                   to_num_threads(num_threads));
              })
         .def_property("steps", &AdamPlan::steps, &AdamPlan::set_steps)
+        .def_property("rounding_positions", &AdamPlan::rounding_positions, &AdamPlan::set_rounding_positions)
         .def("__len__", &AdamPlan::size);
 
     m.def("config", &runtime_config, "The build and runtime configuration as a dict.");

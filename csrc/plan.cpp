@@ -55,6 +55,8 @@ AdamPlan::AdamPlan(PyObject* params, PyObject* exp_avgs, PyObject* exp_avg_sqs, 
     std::sort(written_spans_.begin(), written_spans_.end(),
               [](const Span& a, const Span& b) { return a.begin < b.begin; });
     steps_.assign(count, 0);
+    rounding_keys_.resize(count);
+    for (std::size_t i = 0; i < count; ++i) rounding_keys_[i] = i;
     constants_.resize(count);
     hyper_.resize(static_cast<std::size_t>(group_count));
 }
@@ -123,6 +125,28 @@ void AdamPlan::set_steps(const std::vector<std::int64_t>& steps) {
     for (std::size_t i = 0; i < steps.size(); ++i)
         if (steps[i] < 0) throw ArgValueError{"steps[" + std::to_string(i) + "] must be >= 0"};
     steps_ = steps;
+}
+
+std::vector<std::pair<std::int64_t, std::int64_t>> AdamPlan::rounding_positions() const {
+    std::vector<std::pair<std::int64_t, std::int64_t>> out(tensors_.size());
+    for (std::size_t i = 0; i < tensors_.size(); ++i)
+        out[i] = {static_cast<std::int64_t>(rounding_keys_[i]),
+                  static_cast<std::int64_t>(tensors_[i].rounding.first_element)};
+    return out;
+}
+
+void AdamPlan::set_rounding_positions(const std::vector<std::pair<std::int64_t, std::int64_t>>& positions) {
+    if (busy_.load()) throw UsageError{"rounding_positions cannot be set while the optimizer is stepping"};
+    if (positions.size() != tensors_.size())
+        throw ArgValueError{"rounding_positions: expected " + std::to_string(tensors_.size()) + " pairs, got " +
+                            std::to_string(positions.size())};
+    for (std::size_t i = 0; i < positions.size(); ++i)
+        if (positions[i].first < 0 || positions[i].second < 0)
+            throw ArgValueError{"rounding_positions[" + std::to_string(i) + "]: both must be >= 0"};
+    for (std::size_t i = 0; i < positions.size(); ++i) {
+        rounding_keys_[i] = static_cast<std::uint64_t>(positions[i].first);
+        tensors_[i].rounding.first_element = static_cast<std::uint64_t>(positions[i].second);
+    }
 }
 
 bool AdamPlan::step(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads) {
@@ -233,7 +257,9 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             last = i;
         }
         tensors_[i].variant = variant_of(h);
-        tensors_[i].rounding = rounding_for(rounding_, t, i);
+        const std::uint64_t first_element = tensors_[i].rounding.first_element;
+        tensors_[i].rounding = rounding_for(rounding_, t, rounding_keys_[i]);
+        tensors_[i].rounding.first_element = first_element;
     }
     // g_list holds the gradients while the GIL may be released.
     if (!any_sparse) {

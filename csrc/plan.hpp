@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "arrays.hpp"
@@ -38,6 +39,12 @@ class AdamPlan {
     std::size_t size() const { return tensors_.size(); }
     const std::vector<std::int64_t>& steps() const { return steps_; }
     void set_steps(const std::vector<std::int64_t>& steps);
+    // Per tensor, (the param position its stochastic-rounding key is drawn
+    // for, the element index of its element 0 in that param): (i, 0) unless
+    // set -- fastadam.distributed sets them for the pieces of params a rank
+    // steps, so that their bits are those of the whole params.
+    std::vector<std::pair<std::int64_t, std::int64_t>> rounding_positions() const;
+    void set_rounding_positions(const std::vector<std::pair<std::int64_t, std::int64_t>>& positions);
 
    private:
     bool step_unguarded(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads);
@@ -70,6 +77,7 @@ class AdamPlan {
     std::vector<PyObject*> owned_;      // strong references to every array we point into
     std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step
     std::vector<std::int64_t> steps_;   // steps taken by each param
+    std::vector<std::uint64_t> rounding_keys_;  // the param position of each tensor's rounding key
     std::vector<std::int64_t> group_of_;
     std::vector<bool> has_max_;
     std::vector<PyArrayObject*> params_;  // for the grads' layout checks

@@ -64,6 +64,24 @@ def mixed_precision_config() -> dict[str, Any]:
                 cls=(ZeroAdamW, fastadam.AdamW), options=dict(master_weights=True))
 
 
+def bfloat16_state_config() -> dict[str, Any]:
+    """The float params with bfloat16 moments (amsgrad's maximum too), rounded stochastically: the params
+    of at least 150 elements store them compressed, the smaller ones (and the float64 ones) in their own
+    dtype.  A rank's piece of a param draws the random bits of those elements of the whole param."""
+    return {**float_config(), "options": dict(state_dtype="bfloat16", min_compressed_size=150,
+                                              stochastic_rounding=True, rounding_seed=5)}
+
+
+def mixed_precision_bfloat16_state_config() -> dict[str, Any]:
+    """Master weights with bfloat16 first moments and float32 second moments (the pair form), for params
+    of at least 100 elements.  The storage follows the whole param's size: on 2-4 ranks the float16 param's
+    153 elements are cut into pieces of 25 elements and more, the bfloat16 param's 300 into pieces of 44 and
+    more, and those pieces' first moments are bfloat16 too."""
+    config = mixed_precision_config()
+    return {**config, "options": dict(master_weights=True, state_dtype=("bfloat16", "float32"),
+                                      min_compressed_size=100)}
+
+
 def grouped(params: list, config: dict) -> list[dict]:
     split = config["split"]
     return [{"params": params[a:b], **g} for g, a, b in zip(config["groups"], split, split[1:])]
@@ -107,6 +125,7 @@ def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
                 continue
             for key, piece in opt.local_state[i].items():
                 full = ref.state[i][key].reshape(-1)[a:b]
+                assert piece.dtype == full.dtype, f"{what}: state[{i}][{key!r}] is {piece.dtype}, not {full.dtype}"
                 assert np.array_equal(bits(piece), bits(full)), f"{what}: state[{i}][{key!r}] piece differs"
                 count += 1
     return count
@@ -116,28 +135,41 @@ def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
 
 
 def scenario_exact(engine: dict, rank: int, world: int, arg: str) -> dict:
-    """Bitwise equality with a single-process step, for several bucket sizes, both reductions, and the options."""
-    configs = [float_config()] + ([mixed_precision_config()] if ml_dtypes is not None else [])
+    """Bitwise equality with a single-process step, for several bucket sizes, both reductions, the options
+    and the moments' storages, with the communication overlapped and not."""
+    every = [(reduction, bucket_bytes) for reduction in ("mean", "sum")
+             for bucket_bytes in (1, 4096, 1 << 25)]  # 1 byte: the smallest bucket, 64 elements per rank
+    cases = [(float_config(), every)]
+    if ml_dtypes is not None:
+        # The storages change no communication: two of the cases (many buckets, one bucket) each.
+        cases += [(mixed_precision_config(), every), (bfloat16_state_config(), [("mean", 1), ("sum", 1 << 25)]),
+                  (mixed_precision_bfloat16_state_config(), [("sum", 1), ("mean", 1 << 25)])]
     compared = 0
-    for config in configs:
-        for reduction in ("mean", "sum"):
-            for bucket_bytes in (1, 4096, 1 << 25):  # 1 byte: the smallest bucket, 64 elements per rank
+    for config, grid in cases:
+        for reduction, bucket_bytes in grid:
+            ref_params = [p.copy() for p in config["init"]]
+            zero_cls, ref_cls = config["cls"]
+            ref = ref_cls(grouped(ref_params, config), **config["options"])
+            runs = {}
+            for overlap in (True, False):
                 params = [p.copy() for p in config["init"]]
-                ref_params = [p.copy() for p in config["init"]]
-                zero_cls, ref_cls = config["cls"]
-                opt = zero_cls(grouped(params, config), reduction=reduction, bucket_bytes=bucket_bytes,
-                               **engine, **config["options"])
-                ref = ref_cls(grouped(ref_params, config), **config["options"])
-                for t in range(1, 4):
-                    if t == 3:  # a schedule changes the learning rate of group 0 on every rank
-                        opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 5e-3
-                    mine, reduced = grads_for(config, t, rank, world, reduction)
+                runs[overlap] = params, zero_cls(grouped(params, config), reduction=reduction,
+                                                 bucket_bytes=bucket_bytes, overlap=overlap, **engine,
+                                                 **config["options"])
+            for t in range(1, 4):
+                if t == 3:  # a schedule changes the learning rate of group 0 on every rank
+                    ref.param_groups[0]["lr"] = 5e-3
+                    for _, opt in runs.values():
+                        opt.param_groups[0]["lr"] = 5e-3
+                mine, reduced = grads_for(config, t, rank, world, reduction)
+                ref.step(reduced)
+                for overlap, (params, opt) in runs.items():
                     opt.step(mine)
-                    ref.step(reduced)
-                    what = f"{zero_cls.__name__} {reduction} bucket {bucket_bytes} step {t}"
+                    what = (f"{zero_cls.__name__} {config['options']} {reduction} bucket {bucket_bytes} "
+                            f"overlap {overlap} step {t}")
                     compared += check_equal(params, ref_params, what)
                     compared += check_local_state(opt, ref, what)
-    return {"compared": compared}
+    return {"compared": compared, "configs": len(cases)}
 
 
 def scenario_mismatch(engine: dict, rank: int, world: int, arg: str) -> dict:
@@ -181,9 +213,12 @@ def checkpoint_config() -> dict[str, Any]:
             rng.standard_normal((11, 13)).astype(np.float32)]
     if ml_dtypes is not None:
         init.append(rng.standard_normal((150,)).astype(ml_dtypes.bfloat16))
+    # With ml_dtypes, bfloat16 moments, rounded stochastically, for the 333-element param (cut into pieces
+    # of 64-192 elements on 4, 2 and 3 ranks), float32 ones for the smaller params.
+    options = dict(master_weights=True, state_dtype="bfloat16", min_compressed_size=300, stochastic_rounding=True,
+                   rounding_seed=11) if ml_dtypes else {}
     return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True), dict(lr=2e-3, weight_decay=0.1)],
-                split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam),
-                options=dict(master_weights=ml_dtypes is not None))
+                split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam), options=options)
 
 
 def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
@@ -215,6 +250,13 @@ def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
         except ValueError as e:
             result["damaged"] = str(e)
         assert all(not p.any() for p in params), "a failed load changed the params"
+        if ml_dtypes is not None:  # moments stored otherwise are refused
+            other = ZeroAdam(grouped([np.zeros_like(p) for p in config["init"]], config), reduction="sum",
+                             bucket_bytes=4096, **engine, **{**config["options"], "state_dtype": "float32"})
+            try:
+                other.load(os.path.join(directory, "B"))
+            except ValueError as e:
+                result["other_storage"] = str(e)
     if phase != "A":
         opt.load(os.path.join(directory, "B" if phase == "C" else "A"))
         assert opt.steps == first - 1

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastadam
 import fastadam.distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -114,8 +115,7 @@ def run_mpi(tmp_path: Path, world: int, scenario: str, arg: str = "", expect_exi
 
 
 ENGINES = ["torch", "mpi"]
-#: Each torch rank imports torch (4 s of a loaded 2-core machine each): 1 and 4 ranks run under MPI only.
-WORLDS = [pytest.param("torch", 2), pytest.param("torch", 3)] + [pytest.param("mpi", n) for n in (1, 2, 3, 4)]
+WORLDS = [pytest.param(engine, n) for engine in ENGINES for n in (1, 2, 3, 4)]
 
 
 def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -> list:
@@ -130,12 +130,15 @@ def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -
 @pytest.mark.parametrize("engine, world", WORLDS)
 def test_every_rank_is_bitwise_a_single_process_step(engine, world, tmp_path):
     """Float32/float64 params in two groups (L2 decay; amsgrad + maximize), bfloat16/float16 params with
-    master weights under AdamW + amsgrad; mean and sum; buckets of 64 elements per rank, 4 KiB and 32 MiB:
-    after each of 3 steps every rank's params, and each rank's pieces of the state, are bitwise those of
-    fastadam.Adam stepped in one process with the reduced gradients."""
+    master weights under AdamW + amsgrad, both also with bfloat16 moments; mean and sum; buckets of 64
+    elements per rank, 4 KiB and 32 MiB; communication overlapped with the step and not: after each of 3
+    steps every rank's params, and each rank's pieces of the state (values and storage dtype), are bitwise
+    those of fastadam.Adam stepped in one process with the reduced gradients."""
     reports = run(engine, tmp_path, world, "exact")
-    # 2 configs x 2 reductions x 3 bucket sizes x 3 steps x 12 params, plus the state pieces
-    assert all(r["compared"] >= 2 * 3 * 3 * 9 for r in reports)
+    if distributed_worker.ml_dtypes is None:  # only the float config runs: 6 cases x 2 overlaps x 3 steps x 9
+        assert all(r["configs"] == 1 and r["compared"] >= 6 * 2 * 3 * 9 for r in reports)
+    else:  # (6 + 6 + 2 + 2 cases) x 2 overlaps x 3 steps x at least 3 params, plus the state pieces
+        assert all(r["configs"] == 4 and r["compared"] >= 16 * 2 * 3 * 3 for r in reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -156,6 +159,10 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
     assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
     manifest = json.loads((directory / "B" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["step"] == 5 and manifest["groups"][1]["lr"] == 1e-3
+    # The 333-element param's stochastically rounded bfloat16 moments were resharded bitwise (the
+    # comparisons above); an optimizer storing them as float32 refuses the checkpoint on every rank.
+    assert manifest["state_dtype"] == ["bfloat16", "bfloat16"] and manifest["min_compressed_size"] == 300
+    assert all("stored with state_dtype ['bfloat16', 'bfloat16']" in r["other_storage"] for r in c)
 
 
 # -- failures ----------------------------------------------------------------------------------------------
@@ -219,6 +226,42 @@ def test_the_engine_must_be_named_or_initialized():
     if not torch.distributed.is_initialized():
         with pytest.raises(ValueError, match="torch.distributed is not initialized"):
             fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)])
+
+
+def test_bad_options_are_refused_before_any_engine_is_touched():
+    """8-bit state is refused: it quantizes 256-element blocks from each param's first element, which
+    shard boundaries do not respect, so a rank's blocks would not be those of one process."""
+    with pytest.raises(ValueError, match="state_dtype='int8' is not supported by ZeroAdam"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype=("bfloat16", "int8"))
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="float16")
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="bfloat16", stochastic_rounding=1)
+    with pytest.raises(ValueError, match=r"rounding_seed must be an integer in \[0, 2\*\*63\)"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], rounding_seed=-1)
+    with pytest.raises(ValueError, match="min_compressed_size must be an integer >= 0"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], min_compressed_size=-1)
+    with pytest.raises(TypeError, match="overlap must be True or False"):
+        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], overlap="yes")
+
+
+def test_a_piece_of_a_param_rounds_stochastically_with_the_whole_params_bits():
+    """What a rank's shard relies on: the plan's rounding_positions (param position, first element) make a
+    piece draw the bits of those elements of the whole param; without them it draws others."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    g = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    options = dict(state_dtype="bfloat16", min_compressed_size=0, stochastic_rounding=True, rounding_seed=3)
+    whole = fastadam.Adam([np.ones(10, np.float32), np.ones(5000, np.float32)], **options)
+    placed = fastadam.Adam([np.ones(1000, np.float32)], **options)
+    placed._plan.rounding_positions = [(1, 2000)]
+    unplaced = fastadam.Adam([np.ones(1000, np.float32)], **options)
+    for opt, grads in ((whole, [np.ones(10, np.float32), g]), (placed, [g[2000:3000]]), (unplaced, [g[2000:3000]])):
+        opt.step(grads)
+    for key in ("exp_avg", "exp_avg_sq"):
+        want = whole.state[1][key][2000:3000]
+        assert want.dtype == bfloat16 and np.array_equal(placed.state[0][key].view(np.uint16), want.view(np.uint16))
+        assert not np.array_equal(unplaced.state[0][key].view(np.uint16), want.view(np.uint16))
+    assert placed._plan.rounding_positions == [(1, 2000)] and unplaced._plan.rounding_positions == [(0, 0)]
 
 
 def test_shards_are_64_element_multiples_of_equal_length():

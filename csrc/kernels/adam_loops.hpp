@@ -405,7 +405,7 @@ FASTADAM_INLINE void narrow_into(const float* from, void* data, Storage storage,
 FASTADAM_INLINE void narrow_moment(const float* from, void* data, Storage storage, std::int64_t n,
                                    std::uint64_t index, const StochasticRounding& rounding) {
     if (rounding.on && storage == Storage::bfloat16)
-        narrow_bf16_stochastic(from, static_cast<std::uint16_t*>(data), n, index, rounding);
+        narrow_bf16_stochastic(from, static_cast<std::uint16_t*>(data), n, index + rounding.first_element, rounding);
     else
         narrow_into(from, data, storage, n);
 }

@@ -81,6 +81,12 @@ class AdamPlan:
         """The steps each param has taken, in the plan's order."""
     @steps.setter
     def steps(self, steps: Sequence[int], /) -> None: ...
+    @property
+    def rounding_positions(self) -> list[tuple[int, int]]:
+        """Per param, (the position its stochastic-rounding key is drawn for, the element index of its
+        element 0 there): (i, 0) unless set; fastadam.distributed places a rank's pieces of params."""
+    @rounding_positions.setter
+    def rounding_positions(self, positions: Sequence[tuple[int, int]], /) -> None: ...
     def __init__(
         self,
         params: Sequence[np.ndarray],

@@ -383,7 +383,7 @@ class Adam:
                                 "(a float32 master copy is kept and rounded into it)")
             s["master_param"] = np.ascontiguousarray(p, dtype=np.float32)
         work_dtype = np.dtype(np.float32) if "master_param" in s else p.dtype
-        compressed = work_dtype == np.float32 and p.size >= self.min_compressed_size
+        compressed = work_dtype == np.float32 and self._compresses(p, i)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
             storage = self.state_dtype[_MOMENTS[key]] if compressed else "float32"
             if storage == "int8":  # codes of 0, absmax 0: a zero moment; one map of each kind per optimizer
@@ -395,6 +395,11 @@ class Adam:
             else:
                 s[key] = np.zeros(p.shape, _bfloat16() if storage == "bfloat16" else work_dtype)
         return s
+
+    def _compresses(self, p: np.ndarray, i: int) -> bool:
+        """Whether params[i] is large enough for state_dtype's storage (fastadam.distributed's shards, which
+        hold pieces of params, decide by the whole param's size instead)."""
+        return p.size >= self.min_compressed_size
 
     def _build_plan(self, params: list[np.ndarray], states: list[dict], group_of: list[int],
                     group_count: int) -> Any:

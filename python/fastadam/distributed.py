@@ -27,11 +27,31 @@ state per rank is ``1/N`` of the unsharded state.  :meth:`ZeroAdam.step`:
 
 The step is element-wise, so given the same reduced gradients every rank's
 parameters are bitwise equal to a single-process :class:`fastadam.Adam` step,
-whatever ``N`` and the bucket size; only the reduction's summation order is
-the engine's.  Communication goes through buckets of at most
-``bucket_bytes``: the only temporary is one buffer of that size, reused by
-every bucket; the reduced gradient of the shard (``1/N`` of the model) is
-kept between steps.
+whatever ``N``, the bucket size and ``overlap``; only the reduction's
+summation order is the engine's.  Communication goes through buckets of at
+most ``bucket_bytes``; the reduced gradient of the shard (``1/N`` of the
+model) is kept between steps.
+
+With ``overlap=True`` (the default) the three phases are pipelined over the
+buckets ``0 .. B-1`` (all param dtypes' buckets, in order): while bucket
+``k``'s elements are stepped, the reduction of bucket ``k+1`` and the
+all-gather of bucket ``k-1`` are in flight (MPI ``Ireduce_scatter_block`` /
+``Iallgather``; gloo ``async_op=True``, run by gloo's threads)::
+
+    start reduce(0)
+    for k in 0 .. B-1:
+        wait reduce(k); start reduce(k+1)
+        step bucket k                          (reduce(k+1), gather(k-1) in flight)
+        wait gather(k-1), unpack it; start gather(k)
+    wait gather(B-1), unpack it
+
+That takes two buffers of ``bucket_bytes``, the reductions' and the
+gathers', instead of one; ``overlap=False`` keeps one and steps the whole
+shard in one call after all reductions.  Each bucket is stepped by a plan
+over views of the same state arrays, with the same values: the bits are
+those of the serial step.  Open MPI progresses a nonblocking collective only
+inside MPI calls, so under MPI little moves while a bucket is stepped;
+gloo's own threads keep communicating (see benchmarks/bench_distributed.py).
 """
 
 from __future__ import annotations
@@ -49,9 +69,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from . import _core
 from ._functional import RowSparseGrad
-from ._optim import (_HYPERPARAMETERS, Adam, _check_group_hyperparameters, _checked_group, _is_16bit_float,
-                     _json_number, _listed, _read_npy_header, _sorted_keys)
+from ._optim import (_HYPERPARAMETERS, Adam, _bfloat16, _check_group_hyperparameters, _checked_group,
+                     _is_16bit_float, _is_bfloat16, _is_integer, _json_number, _listed, _read_npy_header,
+                     _sorted_keys, _state_dtypes)
 
 __all__ = ["ZeroAdam", "ZeroAdamW"]
 
@@ -103,18 +125,27 @@ class _MPIComm:
                                        f"(rank {self.rank} of {self.size}); a rank died, hangs, or raised before "
                                        "the collective. The communicator cannot be used any more.")
 
-    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+    def finish(self, request: Any, what: str = "collective") -> None:
+        """Wait for a collective started by one of the ``start_`` methods."""
         if self.timeout is None:
-            self.comm.Reduce_scatter_block(send, recv, op=self._MPI.SUM)
+            request.Wait()
         else:
-            self._wait(self.comm.Ireduce_scatter_block(send, recv, op=self._MPI.SUM), "reduce-scatter")
+            self._wait(request, what)
 
-    def allgather_inplace(self, buffer: np.ndarray) -> None:
-        """``buffer`` holds ``size`` equal blocks; this rank's block is filled, the others are received."""
-        if self.timeout is None:
-            self.comm.Allgather(self._MPI.IN_PLACE, buffer)
-        else:
-            self._wait(self.comm.Iallgather(self._MPI.IN_PLACE, buffer), "all-gather")
+    def start_reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> Any:
+        """Start summing ``send`` (``size`` equal blocks) across ranks, this rank's block of the sum into
+        ``recv``; both buffers stay in use until :meth:`finish_reduce_scatter`."""
+        return self.comm.Ireduce_scatter_block(send, recv, op=self._MPI.SUM)
+
+    def finish_reduce_scatter(self, request: Any) -> None:
+        self.finish(request, "reduce-scatter")
+
+    def start_allgather_inplace(self, buffer: np.ndarray) -> Any:
+        """Start filling ``buffer``'s ``size`` equal blocks from every rank's own block (this rank's is filled)."""
+        return self.comm.Iallgather(self._MPI.IN_PLACE, buffer)
+
+    def finish_allgather(self, request: Any) -> None:
+        self.finish(request, "all-gather")
 
     def allgather(self, send: np.ndarray) -> np.ndarray:
         recv = np.empty((self.size,) + send.shape, send.dtype)
@@ -162,18 +193,27 @@ class _TorchComm:
             a = a.view(np.float16)
         return self._torch.from_numpy(a)
 
-    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+    def start_reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> Any:
         # gloo's reduce_scatter took twice as long as an all_reduce of the same buffer followed by taking
         # this rank's block (benchmarks/bench_distributed.py: 145 vs 68 ms for 32 MiB on 2 ranks, 277 vs
         # 149 on 4), though it could send half the bytes: so the all_reduce, in place in the bucket buffer.
-        self._dist.all_reduce(self._tensor(send), group=self.group)
+        # async_op: gloo runs it on its own threads while this one steps the previous bucket.
+        return self._dist.all_reduce(self._tensor(send), group=self.group, async_op=True), send, recv
+
+    def finish_reduce_scatter(self, pending: Any) -> None:
+        work, send, recv = pending
+        work.wait()
         block = len(recv)
         recv[...] = send[self.rank * block:(self.rank + 1) * block]
 
-    def allgather_inplace(self, buffer: np.ndarray) -> None:
+    def start_allgather_inplace(self, buffer: np.ndarray) -> Any:
         block = len(buffer) // self.size
         out = self._tensor(buffer)
-        self._all_gather(out, out[self.rank * block:(self.rank + 1) * block].clone(), group=self.group)
+        mine = out[self.rank * block:(self.rank + 1) * block].clone()  # the input may not alias the output
+        return self._all_gather(out, mine, group=self.group, async_op=True), mine
+
+    def finish_allgather(self, pending: Any) -> None:
+        pending[0].wait()
 
     def allgather(self, send: np.ndarray) -> np.ndarray:
         recv = np.empty((self.size,) + send.shape, send.dtype)
@@ -251,6 +291,27 @@ def _shard_length(total: int, world: int) -> int:
 # -- the optimizer -------------------------------------------------------------------------------------------
 
 
+class _ShardAdam(Adam):
+    """The fastadam.Adam over a rank's pieces of params, each stepped as that part of the whole param.
+
+    Whether a piece's moments take ``state_dtype``'s storage follows the
+    size of the whole param it is cut from (against ``min_compressed_size``),
+    not the piece's size; and stochastic rounding draws a piece's bits from
+    the whole param's position and its elements' indices in the whole param
+    (``rounding_positions``), as one process over all params would.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], whole_sizes: list[int],
+                 rounding_positions: list[tuple[int, int]], **options: Any) -> None:
+        self._whole_sizes = whole_sizes
+        super().__init__(groups, **options)
+        self._plan.rounding_positions = rounding_positions
+
+    def _compresses(self, p: np.ndarray, i: int) -> bool:
+        return self._whole_sizes[i] >= self.min_compressed_size
+
+
+
 class ZeroAdam:
     r"""Adam whose state is sharded across the ranks of an MPI communicator or a torch.distributed group.
 
@@ -272,7 +333,13 @@ class ZeroAdam:
         ``"mean"`` (the reduced gradient is ``fl(sum / N)``) or ``"sum"``.
     bucket_bytes
         The most bytes one collective moves in all ranks' blocks together
-        (default 32 MiB); the one communication buffer is this large.
+        (default 32 MiB); each communication buffer is this large.
+    overlap
+        Pipeline the buckets (default True): the communication of buckets
+        ``k+1`` (reduce) and ``k-1`` (gather) overlaps the step of bucket
+        ``k``; this holds two buffers of ``bucket_bytes`` instead of one, and
+        steps the shard in one kernel call per bucket instead of one call.
+        The bits are the same either way.  Every rank must pass the same.
     timeout
         MPI only: seconds a collective may wait for the other ranks before it
         raises TimeoutError (default 300; ``None`` uses MPI's blocking calls,
@@ -281,6 +348,21 @@ class ZeroAdam:
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, eps_before_bias_correction,
     master_weights, num_threads
         As for :class:`fastadam.Adam`.
+    state_dtype, min_compressed_size
+        As for :class:`fastadam.Adam`, ``"float32"`` or ``"bfloat16"`` (or a
+        pair of them): whether a param's moments are stored compressed is
+        decided by the size of the whole param, as in one process, so a
+        rank's piece of a large param is stored as bfloat16 however short
+        it is.  bfloat16 needs no alignment (each element is rounded on its
+        own); ``"int8"`` is refused with ValueError, because its 256-element
+        quantization blocks start at each param's first element, which
+        the shard boundaries do not respect.
+    stochastic_rounding, rounding_seed
+        As for :class:`fastadam.Adam`: bfloat16 moments rounded
+        stochastically, the random bits of an element drawn from (seed, step,
+        the param's position among all params, the element's index in the
+        whole param) -- on every rank and any number of ranks the bits one
+        process would draw.
 
     Examples
     --------
@@ -289,25 +371,48 @@ class ZeroAdam:
     """
 
     def __init__(self, params: Any, *, process_group: Any = None, comm: Any = None, reduction: str = "mean",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: Union[float, None, str] = "default",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
+                 timeout: Union[float, None, str] = "default",
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
                  decoupled_weight_decay: bool = False, eps_before_bias_correction: bool = False,
-                 master_weights: bool = False, num_threads: Optional[int] = None) -> None:
+                 master_weights: bool = False, state_dtype: Union[str, tuple[str, str]] = "float32",
+                 min_compressed_size: int = 4096, stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 num_threads: Optional[int] = None) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        if not isinstance(overlap, (bool, np.bool_)):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
+        self.state_dtype = _state_dtypes(state_dtype)
+        if "int8" in self.state_dtype:
+            raise ValueError("state_dtype='int8' is not supported by ZeroAdam: 8-bit state is quantized in "
+                             "256-element blocks counted from each param's first element, and a shard cuts "
+                             "params at other places, so a rank's blocks would not be those of one process "
+                             "(use 'bfloat16' or 'float32')")
+        if "bfloat16" in self.state_dtype:
+            _bfloat16()  # TypeError naming ml_dtypes when it is missing
+        if not _is_integer(min_compressed_size) or min_compressed_size < 0:
+            raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
+        if not isinstance(stochastic_rounding, (bool, np.bool_)):
+            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+        if not _is_integer(rounding_seed) or not 0 <= rounding_seed < 2**63:
+            raise ValueError(f"rounding_seed must be an integer in [0, 2**63), got {rounding_seed!r}")
         self._comm = _communicator(process_group, comm, timeout)
         self.rank, self.world_size = self._comm.rank, self._comm.size
         self.reduction = reduction
         self.bucket_bytes = int(bucket_bytes)
+        self.overlap = bool(overlap)
+        self.min_compressed_size = int(min_compressed_size)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.rounding_seed = int(rounding_seed)
         self.master_weights = bool(master_weights)
         self.num_threads = num_threads
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
                              eps_before_bias_correction=eps_before_bias_correction)
-        self.last_step_seconds = {"reduce": 0.0, "step": 0.0, "gather": 0.0}
+        self.last_step_seconds = {"reduce": 0.0, "step": 0.0, "gather": 0.0, "total": 0.0}
         self._step_count = 0
 
         # Checked locally first; a rank whose params are malformed tells the others before raising, so that
@@ -320,6 +425,7 @@ class ZeroAdam:
         self._agree_across_ranks(local_error)
         self._lay_out()
         self._build_inner()
+        self._build_bucket_plans()
 
     # -- construction ----------------------------------------------------------------------------------------
 
@@ -343,6 +449,7 @@ class ZeroAdam:
                 raise ValueError(f"params[{max(i, j)}] shares memory with params[{min(i, j)}]; each parameter "
                                  "must be its own buffer")
         self._group_of = [k for k, g in enumerate(self._groups) for _ in g["params"]]
+        self._built_amsgrad = [bool(g["amsgrad"]) for g in self._groups]
 
     def _check_param(self, p: Any, i: int) -> None:
         if not isinstance(p, np.ndarray):
@@ -363,7 +470,9 @@ class ZeroAdam:
         return {"params": [[list(p.shape), p.dtype.name] for p in self._params],
                 "groups": [[len(g["params"]), {key: g[key] for key in _HYPERPARAMETERS}] for g in self._groups],
                 "master_weights": self.master_weights, "reduction": self.reduction,
-                "bucket_bytes": self.bucket_bytes}
+                "bucket_bytes": self.bucket_bytes, "overlap": self.overlap,
+                "state_dtype": list(self.state_dtype), "min_compressed_size": self.min_compressed_size,
+                "stochastic_rounding": self.stochastic_rounding, "rounding_seed": self.rounding_seed}
 
     def _agree_across_ranks(self, local_error: Optional[BaseException]) -> None:
         """Raise on every rank if any rank's params failed their checks or differ from rank 0's."""
@@ -424,7 +533,10 @@ class ZeroAdam:
                                          min(r * seq.shard + start + length, seq.total)) for r in range(world)]
                 seq.buckets.append((length, per_rank))
                 buffer_bytes = max(buffer_bytes, world * length * itemsize)
-        self._buffer = np.empty(buffer_bytes, np.uint8)
+        # One buffer per bucket in flight: the reductions' and the gathers' (one shared buffer without overlap;
+        # none on one rank, which communicates nothing).
+        self._buffer = np.empty(buffer_bytes if world > 1 else 0, np.uint8)
+        self._gather_buffer = np.empty(buffer_bytes, np.uint8) if self.overlap and world > 1 else self._buffer
         self._flat = [p.reshape(-1) for p in self._params]  # views: C-contiguous params
         self._flat_bits = [f.view(np.uint16) if _is_16bit_float(f) else f for f in self._flat]
         # This rank's reduced gradients, kept between steps (1/N of the model).
@@ -450,8 +562,58 @@ class ZeroAdam:
                 self._inner_params.extend(i for i, _ in views)
                 inner_grads.extend(gr for _, (_, gr) in views)
         self._inner_grads = inner_grads
-        self._inner: Optional[Adam] = (Adam(inner_groups, master_weights=self.master_weights,
-                                            num_threads=self.num_threads) if inner_groups else None)
+        self._inner: Optional[Adam] = None
+        if inner_groups:
+            positions = []  # each piece's param and the param's element it starts at
+            for i in self._inner_params:
+                seq, offset = self._where[i]
+                positions.append((i, max(seq.bounds(self.rank)[0] - offset, 0)))
+            self._inner = _ShardAdam(inner_groups, [self._params[i].size for i in self._inner_params], positions,
+                                     master_weights=self.master_weights, num_threads=self.num_threads,
+                                     state_dtype=self.state_dtype, min_compressed_size=self.min_compressed_size,
+                                     stochastic_rounding=self.stochastic_rounding, rounding_seed=self.rounding_seed)
+
+    def _build_bucket_plans(self) -> None:
+        """For the overlapped step: the rank's part of each bucket as its own plan over views of the state.
+
+        ``self._pipeline`` lists every bucket of every sequence, in the order
+        all ranks communicate them, with the plan that steps this rank's
+        elements of it (None where it has none) and that plan's gradients (views
+        of the kept reduced gradients).  The plans hold no state of their own:
+        their arrays are slices of the inner optimizer's.
+        """
+        self._pipeline: list[tuple[_Sequence, np.ndarray, int, int, list, Any, list]] = []
+        if not (self.overlap and self.world_size > 1):
+            return
+        piece_of = {i: j for j, i in enumerate(self._inner_params)}
+        for seq, shard_grads in zip(self._sequences, self._shard_grads):
+            lo, hi = seq.bounds(self.rank)
+            for b, (length, per_rank) in enumerate(seq.buckets):
+                start = b * seq.block
+                params, exp_avgs, exp_avg_sqs, maxes, models, group_of, grads = [], [], [], [], [], [], []
+                segments = seq.segments(min(lo + start, hi), min(lo + start + length, hi))
+                for s in segments:
+                    state = self._inner.state[piece_of[s.param]]
+                    first = s.start - max(lo - self._where[s.param][1], 0)  # the segment's place in the piece
+                    part = slice(first, first + s.length)
+                    view = self._flat[s.param][s.start:s.start + s.length]
+                    if "master_param" in state:
+                        params.append(state["master_param"].reshape(-1)[part])
+                        models.append(view)
+                    else:
+                        params.append(view)
+                        models.append(None)
+                    exp_avgs.append(state["exp_avg"].reshape(-1)[part])
+                    exp_avg_sqs.append(state["exp_avg_sq"].reshape(-1)[part])
+                    maxes.append(state["max_exp_avg_sq"].reshape(-1)[part] if "max_exp_avg_sq" in state else None)
+                    group_of.append(self._group_of[s.param])
+                    grads.append(shard_grads[start + s.offset:start + s.offset + s.length])
+                plan = None
+                if params:
+                    plan = _core.AdamPlan(params, exp_avgs, exp_avg_sqs, maxes, models, group_of, len(self._groups),
+                                          self.stochastic_rounding, self.rounding_seed)
+                    plan.rounding_positions = [(s.param, s.start) for s in segments]
+                self._pipeline.append((seq, shard_grads, b, length, per_rank, plan, grads))
 
     # -- what the caller sees --------------------------------------------------------------------------------
 
@@ -520,71 +682,149 @@ class ZeroAdam:
         ``grads`` holds one dense gradient per param, in the order of the
         params, each of the param's shape and dtype (float32 also for a
         float16/bfloat16 param).  Every rank must call ``step`` the same number
-        of times.  A gradient that fails its checks raises on its rank before
-        anything is sent; the other ranks then raise when their collective
-        times out.
+        of times.  A gradient or a hyperparameter that fails its checks raises
+        on its rank before anything is sent; the other ranks then raise when
+        their collective times out.
+
+        ``last_step_seconds`` then holds the step's wall time (``"total"``)
+        and the time spent in each phase; with ``overlap`` these are the times
+        the phase kept this thread busy or waiting, the rest of its
+        communication being hidden behind the step of another bucket.
         """
         flat = self._check_grads(grads)
+        for k, group in enumerate(self._groups):  # checked here, before any collective starts
+            _check_group_hyperparameters(group, f"param_groups[{k}]")
+            if group["amsgrad"] and not self._built_amsgrad[k]:
+                raise ValueError(f"param_groups[{k}]: amsgrad was switched on after the optimizer was built")
         if self._inner is not None:
             for j, k in enumerate(self._inner_group_of):
                 inner, outer = self._inner.param_groups[j], self._groups[k]
                 for key in _HYPERPARAMETERS:
                     inner[key] = outer[key]
-        t0 = time.perf_counter()
-        self._reduce(flat)
-        t1 = time.perf_counter()
-        if self._inner is not None:
-            self._inner.step(self._inner_grads)
-        t2 = time.perf_counter()
-        self._gather()
-        t3 = time.perf_counter()
+        if self._pipeline:
+            self._pipelined_step(flat)
+        else:
+            t0 = time.perf_counter()
+            self._reduce(flat)
+            t1 = time.perf_counter()
+            if self._inner is not None:
+                self._inner.step(self._inner_grads)
+            t2 = time.perf_counter()
+            self._gather()
+            t3 = time.perf_counter()
+            self.last_step_seconds = {"reduce": t1 - t0, "step": t2 - t1, "gather": t3 - t2, "total": t3 - t0}
         self._step_count += 1
-        self.last_step_seconds = {"reduce": t1 - t0, "step": t2 - t1, "gather": t3 - t2}
+
+    def _pipelined_step(self, flat_grads: list[np.ndarray]) -> None:
+        """The step with communication overlapped: while bucket k is stepped, the reduction of bucket k+1 and
+        the gather of bucket k-1 are in flight (two buffers: the reductions' and the gathers').
+
+        Every rank starts the collectives in the same order: reduce(0),
+        then for each k: reduce(k+1), gather(k).  The elements each bucket's
+        plan steps, and the values it steps them with, are those of the serial
+        step, so the bits are too.
+        """
+        clock = time.perf_counter
+        spent = {"reduce": 0.0, "step": 0.0, "gather": 0.0}
+        t_begin = clock()
+        done = self._step_count
+        pipeline = self._pipeline
+        reducing = self._start_reduce(pipeline[0], flat_grads)
+        gathering = None
+        for k, bucket in enumerate(pipeline):
+            t0 = clock()
+            self._finish_reduce(bucket, reducing)
+            if k + 1 < len(pipeline):
+                reducing = self._start_reduce(pipeline[k + 1], flat_grads)
+            t1 = clock()
+            plan, grads = bucket[5], bucket[6]
+            if plan is not None:
+                plan.steps = [done] * len(plan)
+                plan.step(grads, self._groups, None, False, self.num_threads)
+            t2 = clock()
+            if gathering is not None:
+                self._finish_gather(*gathering)
+            gathering = (pipeline[k], self._start_gather(bucket))
+            t3 = clock()
+            spent["reduce"] += t1 - t0
+            spent["step"] += t2 - t1
+            spent["gather"] += t3 - t2
+        t0 = clock()
+        self._finish_gather(*gathering)
+        t_end = clock()
+        spent["gather"] += t_end - t0
+        if self._inner is not None:  # its step counts, which a later load or state_dict reads
+            self._inner._plan.steps = [done + 1] * len(self._inner_params)
+        self.last_step_seconds = {**spent, "total": t_end - t_begin}
+
+    # The pieces of the step, one bucket at a time.  A bucket is (sequence, its kept reduced gradients, its
+    # index, its block length, per rank the segments of params it covers[, plan, plan's gradients]).
+
+    def _start_reduce(self, bucket: tuple, flat_grads: list[np.ndarray]) -> Any:
+        """Copy the gradients of every rank's block of ``bucket`` into the reduction buffer, start the reduction."""
+        seq, shard_grads, b, length, per_rank = bucket[:5]
+        send = self._buffer[:self.world_size * length * seq.reduce_dtype.itemsize].view(seq.reduce_dtype)
+        for r, segments in enumerate(per_rank):
+            filled = 0
+            for s in segments:
+                np.copyto(send[r * length + s.offset:r * length + s.offset + s.length],
+                          flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
+                filled = s.offset + s.length
+            send[r * length + filled:(r + 1) * length] = 0  # past the last element: padding
+        start = b * seq.block
+        if len(shard_grads):
+            recv = shard_grads[start:start + length]
+        else:  # this rank's shard is empty: receive the padding into a scratch block
+            recv = np.empty(length, seq.reduce_dtype)
+        return self._comm.start_reduce_scatter(send, recv), recv
+
+    def _finish_reduce(self, bucket: tuple, pending: Any) -> None:
+        request, recv = pending
+        self._comm.finish_reduce_scatter(request)
+        if self.reduction == "mean" and len(bucket[1]):
+            np.divide(recv, self.world_size, out=recv)
+
+    def _start_gather(self, bucket: tuple) -> Any:
+        """Copy this rank's updated elements of ``bucket`` into the gather buffer, start the all-gather."""
+        seq, _, _, length, per_rank = bucket[:5]
+        rank = self.rank
+        buf = self._gather_buffer[:self.world_size * length * seq.gather_dtype.itemsize].view(seq.gather_dtype)
+        for s in per_rank[rank]:
+            buf[rank * length + s.offset:rank * length + s.offset + s.length] = \
+                self._flat_bits[s.param][s.start:s.start + s.length]
+        return self._comm.start_allgather_inplace(buf), buf
+
+    def _finish_gather(self, bucket: tuple, pending: Any) -> None:
+        """Wait for the all-gather of ``bucket``; copy the other ranks' elements into the params."""
+        request, buf = pending
+        self._comm.finish_allgather(request)
+        length, per_rank = bucket[3], bucket[4]
+        for r, segments in enumerate(per_rank):
+            if r == self.rank:
+                continue
+            for s in segments:
+                self._flat_bits[s.param][s.start:s.start + s.length] = \
+                    buf[r * length + s.offset:r * length + s.offset + s.length]
+
+    def _buckets(self) -> list[tuple]:
+        return [(seq, shard_grads, b, length, per_rank) for seq, shard_grads in zip(self._sequences, self._shard_grads)
+                for b, (length, per_rank) in enumerate(seq.buckets)]
 
     def _reduce(self, flat_grads: list[np.ndarray]) -> None:
-        world, rank = self.world_size, self.rank
-        if world == 1:  # the gradients are the reduced ones: copy them into the shard, no collective
+        if self.world_size == 1:  # the gradients are the reduced ones: copy them into the shard, no collective
             for seq, shard_grads in zip(self._sequences, self._shard_grads):
                 for s in seq.segments(0, seq.total):
                     np.copyto(shard_grads[s.offset:s.offset + s.length],
                               flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
             return
-        for seq, shard_grads in zip(self._sequences, self._shard_grads):
-            for b, (length, per_rank) in enumerate(seq.buckets):
-                send = self._buffer[:world * length * seq.reduce_dtype.itemsize].view(seq.reduce_dtype)
-                for r, segments in enumerate(per_rank):
-                    filled = 0
-                    for s in segments:
-                        np.copyto(send[r * length + s.offset:r * length + s.offset + s.length],
-                                  flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
-                        filled = s.offset + s.length
-                    send[r * length + filled:(r + 1) * length] = 0  # past the last element: padding
-                start = b * seq.block
-                if len(shard_grads):
-                    recv = shard_grads[start:start + length]
-                else:  # this rank's shard is empty: receive the padding into the buffer's unused end
-                    recv = np.empty(length, seq.reduce_dtype)
-                self._comm.reduce_scatter(send, recv)
-                if self.reduction == "mean" and len(shard_grads):
-                    np.divide(recv, world, out=recv)
+        for bucket in self._buckets():
+            self._finish_reduce(bucket, self._start_reduce(bucket, flat_grads))
 
     def _gather(self) -> None:
-        world, rank = self.world_size, self.rank
-        if world == 1:  # the step updated the params in place: nothing to gather
+        if self.world_size == 1:  # the step updated the params in place: nothing to gather
             return
-        for seq in self._sequences:
-            for length, per_rank in seq.buckets:
-                buf = self._buffer[:world * length * seq.gather_dtype.itemsize].view(seq.gather_dtype)
-                for s in per_rank[rank]:
-                    buf[rank * length + s.offset:rank * length + s.offset + s.length] = \
-                        self._flat_bits[s.param][s.start:s.start + s.length]
-                self._comm.allgather_inplace(buf)
-                for r, segments in enumerate(per_rank):
-                    if r == rank:
-                        continue
-                    for s in segments:
-                        self._flat_bits[s.param][s.start:s.start + s.length] = \
-                            buf[r * length + s.offset:r * length + s.offset + s.length]
+        for bucket in self._buckets():
+            self._finish_gather(bucket, self._start_gather(bucket))
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -624,10 +864,13 @@ class ZeroAdam:
 
         Every rank must call it.  Each shard holds the rank's elements of the
         params and of their state, as flat arrays per param dtype (no
-        pickle); the manifest holds the layout, the groups and the step
-        count, and is written last (after all shards), so its presence means
-        the checkpoint is complete.  :meth:`load` reads it on any number of
-        ranks.
+        pickle); the manifest holds the layout, the groups, the step count
+        and the moments' storage (``state_dtype``, ``min_compressed_size``),
+        and is written last (after all shards), so its presence means the
+        checkpoint is complete.  :meth:`load` reads it on any number of
+        ranks.  Moments are written in the param's working dtype: a bfloat16
+        moment widened to float32, which is exact, and narrowed back exactly
+        by :meth:`load` (which refuses a checkpoint of another storage).
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
@@ -664,6 +907,7 @@ class ZeroAdam:
         try:
             manifest = self._read_manifest(directory)
             arrays = self._read_shards(directory, manifest)
+            state = self._inner_state(arrays, manifest["step"])
         except (ValueError, OSError) as e:
             local_error = f"{type(e).__name__}: {e}"
         flags = self._comm.allgather(np.array([local_error is not None], np.uint8))[:, 0]
@@ -677,15 +921,6 @@ class ZeroAdam:
         for k, (group, saved) in enumerate(zip(self._groups, manifest["groups"])):
             group.update({key: (tuple(saved[key]) if key == "betas" else saved[key]) for key in _HYPERPARAMETERS})
         if self._inner is not None:
-            state: dict[int, dict[str, Any]] = {}
-            for j, i in enumerate(self._inner_params):
-                seq, start = self._where[i]
-                lo, _ = seq.bounds(self.rank)
-                a = max(start, lo) - lo  # the piece's first element in this rank's shard
-                entry: dict[str, Any] = {"step": manifest["step"]}
-                for key, live in self._inner.state[j].items():
-                    entry[key] = arrays[f"{seq.dtype.name}/{key}"][a:a + live.size].reshape(live.shape)
-                state[j] = entry
             inner_groups, first = [], 0
             for g in self._inner.param_groups:
                 n = len(g["params"])
@@ -700,6 +935,34 @@ class ZeroAdam:
             self._inner.load_state_dict({"state": state, "param_groups": inner_groups})
         self._step_count = int(manifest["step"])
         self._gather()
+
+    def _inner_state(self, arrays: dict[str, np.ndarray], step: int) -> dict[int, dict[str, Any]]:
+        """The inner optimizer's state_dict entries from a checkpoint's arrays of this rank's shard.
+
+        A checkpoint holds every moment in the param's working dtype; a
+        bfloat16 moment is narrowed back, which is exact for what save()
+        wrote (bfloat16 values widened), and refused for any other value.
+        """
+        state: dict[int, dict[str, Any]] = {}
+        if self._inner is None:
+            return state
+        for j, i in enumerate(self._inner_params):
+            seq, start = self._where[i]
+            lo, _ = seq.bounds(self.rank)
+            a = max(start, lo) - lo  # the piece's first element in this rank's shard
+            entry: dict[str, Any] = {"step": step}
+            for key, live in self._inner.state[j].items():
+                saved = arrays[f"{seq.dtype.name}/{key}"][a:a + live.size].reshape(live.shape)
+                if _is_bfloat16(live):
+                    narrowed = saved.astype(live.dtype)
+                    if not np.array_equal(narrowed.astype(saved.dtype), saved, equal_nan=True):
+                        raise ValueError(f"the {key} of params[{i}] holds values that are not bfloat16 (this "
+                                         "optimizer stores it as bfloat16); the checkpoint was not written "
+                                         "with this state_dtype")
+                    saved = narrowed
+                entry[key] = saved
+            state[j] = entry
+        return state
 
     def _read_manifest(self, directory: str) -> dict[str, Any]:
         path = os.path.join(directory, _MANIFEST)
@@ -730,6 +993,13 @@ class ZeroAdam:
             _check_group_hyperparameters(merged, f"{path}: groups[{k}]")
             if bool(saved["amsgrad"]) != bool(group["amsgrad"]):
                 raise ValueError(f"{path}: groups[{k}]: amsgrad differs from this optimizer's")
+        # Checkpoints written before state_dtype existed hold float32 moments.
+        storage = manifest.get("state_dtype", ["float32", "float32"])
+        if storage != list(self.state_dtype) or (storage != ["float32", "float32"] and manifest.get(
+                "min_compressed_size") != self.min_compressed_size):
+            raise ValueError(f"{path}: the checkpoint's moments were stored with state_dtype {str(storage)[:100]}, "
+                             f"min_compressed_size {str(manifest.get('min_compressed_size'))[:30]}; this optimizer "
+                             f"stores them with {list(self.state_dtype)}, {self.min_compressed_size}")
         if manifest.get("state_keys") != self._state_keys():
             raise ValueError(f"{path}: state keys {manifest.get('state_keys')} differ from {self._state_keys()}")
         world, step = manifest.get("world_size"), manifest.get("step")
@@ -807,7 +1077,8 @@ def _difference(first: dict[str, Any], other: dict[str, Any], rank: int) -> str:
             return f"params[{i}] has shape {tuple(x[0])} on rank 0 and {tuple(y[0])} on rank {rank}"
         if x[1] != y[1]:
             return f"params[{i}] has dtype {x[1]} on rank 0 and {y[1]} on rank {rank}"
-    for key in ("groups", "master_weights", "reduction", "bucket_bytes"):
+    for key in ("groups", "master_weights", "reduction", "bucket_bytes", "overlap", "state_dtype",
+                "min_compressed_size", "stochastic_rounding", "rounding_seed"):
         if first[key] != other[key]:
             return f"{key} is {str(first[key])[:200]} on rank 0 and {str(other[key])[:200]} on rank {rank}"
     return f"rank {rank} differs from rank 0"  # pragma: no cover - the digests differed on equal descriptions
