@@ -32,7 +32,7 @@ summation order is the engine's.  Communication goes through buckets of at
 most ``bucket_bytes``; the reduced gradient of the shard (``1/N`` of the
 model) is kept between steps.
 
-With ``overlap=True`` (the default) the three phases are pipelined over the
+With ``overlap=True`` (the default on torch.distributed) the three phases are pipelined over the
 buckets ``0 .. B-1`` (all param dtypes' buckets, in order): while bucket
 ``k``'s elements are stepped, the reduction of bucket ``k+1`` and the
 all-gather of bucket ``k-1`` are in flight (MPI ``Ireduce_scatter_block`` /
@@ -50,8 +50,11 @@ gathers', instead of one; ``overlap=False`` keeps one and steps the whole
 shard in one call after all reductions.  Each bucket is stepped by a plan
 over views of the same state arrays, with the same values: the bits are
 those of the serial step.  Open MPI progresses a nonblocking collective only
-inside MPI calls, so under MPI little moves while a bucket is stepped;
-gloo's own threads keep communicating (see benchmarks/bench_distributed.py).
+inside MPI calls, so under MPI little moves while a bucket is stepped
+(measured: 0.93-1.04 of the serial step on 2-4 ranks, where gloo's own
+threads, which keep communicating, gave 0.88-0.89; see
+benchmarks/bench_distributed.py): ``overlap`` defaults to True on
+torch.distributed and False under MPI.
 """
 
 from __future__ import annotations
@@ -335,7 +338,9 @@ class ZeroAdam:
         The most bytes one collective moves in all ranks' blocks together
         (default 32 MiB); each communication buffer is this large.
     overlap
-        Pipeline the buckets (default True): the communication of buckets
+        Pipeline the buckets (default: True on torch.distributed, False under
+        MPI, where Open MPI moves a nonblocking collective only inside MPI
+        calls and the overlap measured no gain): the communication of buckets
         ``k+1`` (reduce) and ``k-1`` (gather) overlaps the step of bucket
         ``k``; this holds two buffers of ``bucket_bytes`` instead of one, and
         steps the shard in one kernel call per bucket instead of one call.
@@ -371,7 +376,7 @@ class ZeroAdam:
     """
 
     def __init__(self, params: Any, *, process_group: Any = None, comm: Any = None, reduction: str = "mean",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: Optional[bool] = None,
                  timeout: Union[float, None, str] = "default",
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
@@ -383,8 +388,8 @@ class ZeroAdam:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-        if not isinstance(overlap, (bool, np.bool_)):
-            raise TypeError(f"overlap must be True or False, got {overlap!r}")
+        if overlap is not None and not isinstance(overlap, (bool, np.bool_)):
+            raise TypeError(f"overlap must be True, False or None, got {overlap!r}")
         self.state_dtype = _state_dtypes(state_dtype)
         if "int8" in self.state_dtype:
             raise ValueError("state_dtype='int8' is not supported by ZeroAdam: 8-bit state is quantized in "
@@ -403,7 +408,9 @@ class ZeroAdam:
         self.rank, self.world_size = self._comm.rank, self._comm.size
         self.reduction = reduction
         self.bucket_bytes = int(bucket_bytes)
-        self.overlap = bool(overlap)
+        # Default: overlap where the engine communicates during the kernel call (gloo's threads), not under
+        # MPI, where it measured no gain (see the module docstring) and would only hold a second buffer.
+        self.overlap = isinstance(self._comm, _TorchComm) if overlap is None else bool(overlap)
         self.min_compressed_size = int(min_compressed_size)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.rounding_seed = int(rounding_seed)
