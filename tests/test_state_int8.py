@@ -187,6 +187,37 @@ def test_quantize_and_dequantize_blockwise_are_bitwise_the_reference(qmap, size,
     assert_bitwise_equal(out, fastadam.reference.dequantize_blockwise(expected))
 
 
+def random_map(kind: str, rng) -> np.ndarray:
+    """256 strictly ascending float32 values holding 0, of several shapes the table builder must handle."""
+    if kind == "uniform":
+        values = rng.uniform(-1, 1, 600)
+    elif kind == "log":  # spread over many binades, both signs
+        values = np.exp(rng.uniform(-40, 0, 600)) * rng.choice([-1, 1], 600)
+    elif kind == "beyond one":  # values outside [-1, 1] are allowed (never the nearest of much)
+        values = rng.uniform(-3, 3, 600)
+    elif kind == "subnormal":  # a cluster of subnormals near zero: the table must floor below them or search
+        values = np.concatenate([np.arange(1, 40) * 1e-45, rng.uniform(-1, 1, 600)])
+    else:
+        raise ValueError(kind)
+    values = np.unique(np.float32(values))
+    values = values[values != 0]
+    chosen = np.sort(rng.choice(values, 255, replace=False))
+    return np.unique(np.concatenate([chosen, np.float32([0.0])])).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "log", "beyond one", "subnormal"])
+def test_any_valid_map_quantizes_bitwise_like_the_reference(kind, rng):
+    qmap = random_map(kind, rng)
+    assert qmap.size == 256 and np.all(np.diff(qmap) > 0)
+    x = np.resize(values_around_the_midpoints_and_anywhere(qmap, rng), 1 << 15).astype(np.float32)
+    x[::256] = 1.0  # absmax 1 in every block: the values near the midpoints are quantized as they are
+    ours = QuantizedState(np.zeros(x.size, np.uint8), np.zeros(x.size // 256, np.float32), qmap)
+    expected = QuantizedState(np.zeros(x.size, np.uint8), np.zeros(x.size // 256, np.float32), qmap)
+    fastadam.quantize_blockwise(x, ours)
+    quantize_blockwise(x, expected)
+    assert_states_equal(ours, expected, f"{kind} map")
+
+
 def test_a_crowded_map_steps_bitwise_like_the_reference(rng):
     p = rng.standard_normal(3000).astype(np.float32)
     g = rng.standard_normal(3000).astype(np.float32)
