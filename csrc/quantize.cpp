@@ -27,40 +27,35 @@ void convert(const Conversion& c, std::int64_t size, int num_threads) {
     run_in_pieces(starts, 1, num_threads, PieceFn{const_cast<Conversion*>(&c), piece}, size);
 }
 
-// The float32 array and the state, checked, and checked not to overlap.
-CheckedMoment checked(PyObject* values, const char* values_name, PyObject* state, Access values_access,
-                      CheckedArray& array) {
+// Checks the float32 array and the state (and that they do not overlap),
+// then converts: values into state (quantize) or state into values.
+void convert_checked(PyObject* values, const char* values_name, PyObject* state, bool quantize, int num_threads) {
     const ArgName v_name{values_name, -1}, s_name{"state", -1};
-    array = check_float_array(values, v_name, values_access);
+    const Access values_access = quantize ? Access::read : Access::write;
+    const Access state_access = quantize ? Access::write : Access::read;
+    const CheckedArray array = check_float_array(values, v_name, values_access);
     if (array.dtype != DType::float32)
         throw ArgTypeError{std::string(values_name) + ": dtype must be float32, got " + dtype_name(array.dtype)};
-    const Access state_access = values_access == Access::write ? Access::read : Access::write;
-    CheckedMoment m = check_quantized_state(state, s_name, array, v_name, state_access);
+    const CheckedMoment m = check_quantized_state(state, s_name, array, v_name, state_access);
     OverlapCheck overlap;
     overlap.add(array, v_name, values_access);
     overlap.add(m.array, s_name, state_access);
     overlap.add(m.absmax, s_name, state_access);
     overlap.add(m.map, s_name, Access::read);
     overlap.check();
-    return m;
+    convert({m.codebook.get(), static_cast<float*>(array.data), static_cast<std::uint8_t*>(PyArray_DATA(m.array)),
+             static_cast<float*>(PyArray_DATA(m.absmax)), quantize},
+            array.size, num_threads);
 }
 
 }  // namespace
 
 void quantize_blockwise(PyObject* values, PyObject* state, int num_threads) {
-    CheckedArray array{};
-    const CheckedMoment m = checked(values, "values", state, Access::read, array);
-    convert({m.codebook.get(), static_cast<float*>(array.data), static_cast<std::uint8_t*>(PyArray_DATA(m.array)),
-             static_cast<float*>(PyArray_DATA(m.absmax)), true},
-            array.size, num_threads);
+    convert_checked(values, "values", state, true, num_threads);
 }
 
 void dequantize_blockwise(PyObject* state, PyObject* out, int num_threads) {
-    CheckedArray array{};
-    const CheckedMoment m = checked(out, "out", state, Access::write, array);
-    convert({m.codebook.get(), static_cast<float*>(array.data), static_cast<std::uint8_t*>(PyArray_DATA(m.array)),
-             static_cast<float*>(PyArray_DATA(m.absmax)), false},
-            array.size, num_threads);
+    convert_checked(out, "out", state, false, num_threads);
 }
 
 }  // namespace fastadam
