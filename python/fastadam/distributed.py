@@ -362,7 +362,9 @@ class ZeroAdam:
         ``"mean"`` (the reduced gradient is ``fl(sum / N)``) or ``"sum"``.
     bucket_bytes
         The most bytes one collective moves in all ranks' blocks together
-        (default 32 MiB); each communication buffer is this large.
+        (default 32 MiB); each communication buffer is this large.  A
+        bucket holds at least 64 elements per rank (256 in a sequence with
+        8-bit moments, so that buckets, too, are cut on blocks).
     overlap
         Pipeline the buckets (default: True on torch.distributed, False under
         MPI, where Open MPI moves a nonblocking collective only inside MPI
@@ -681,7 +683,8 @@ class ZeroAdam:
     @property
     def local_state(self) -> dict[int, dict[str, np.ndarray]]:
         """This rank's state: ``{param index: {"exp_avg": slice state, ...}}`` for the params it holds a
-        piece of (the arrays are the live ones, of the piece's length)."""
+        piece of (the arrays are the live ones, of the piece's length; an 8-bit moment is ``<key>_codes`` of
+        the piece's length, ``<key>_absmax`` of its blocks, which are the whole param's, and ``<key>_map``)."""
         if self._inner is None:
             return {}
         return {i: dict(s) for i, s in zip(self._inner_params, self._inner.state)}
