@@ -82,6 +82,21 @@ def mixed_precision_bfloat16_state_config() -> dict[str, Any]:
                                       min_compressed_size=100)}
 
 
+def int8_state_config() -> dict[str, Any]:
+    """The float params with 8-bit moments (amsgrad's maximum too) for the params of at least 100 elements:
+    185, 200, 3000 and (in the amsgrad group) 129 elements, none a multiple of 256, so the layout pads
+    before all but the first, and on 2-4 ranks the 3000-element param is cut into pieces of whole blocks."""
+    return {**float_config(), "options": dict(state_dtype="int8", min_compressed_size=100)}
+
+
+def mixed_precision_int8_state_config() -> dict[str, Any]:
+    """Master weights with bfloat16 first moments and 8-bit second moments (and maxima) for the 16-bit
+    params (300 and 153 elements), float32 ones for the 90-element float32 param."""
+    config = mixed_precision_config()
+    return {**config, "options": dict(master_weights=True, state_dtype=("bfloat16", "int8"),
+                                      min_compressed_size=100)}
+
+
 def grouped(params: list, config: dict) -> list[dict]:
     split = config["split"]
     return [{"params": params[a:b], **g} for g, a, b in zip(config["groups"], split, split[1:])]
@@ -111,22 +126,60 @@ def check_equal(got: list, want: list, what: str) -> int:
     return len(got)
 
 
+def param_offsets(opt: ZeroAdam) -> list[int]:
+    """Each param's first element in its dtype's flat sequence, as the layout promises: the params one after
+    the other, except that a param with 8-bit moments starts on the next multiple of 256."""
+    ends: dict[str, int] = {}
+    offsets = []
+    for i, p in enumerate(opt._params):
+        offset = ends.get(p.dtype.name, 0)
+        if any(key.endswith("_codes") for key in opt_state_keys(opt, i)):
+            offset = -(-offset // 256) * 256
+        offsets.append(offset)
+        ends[p.dtype.name] = offset + p.size
+    return offsets
+
+
+def opt_state_keys(opt: ZeroAdam, i: int) -> list[str]:
+    """The state keys of params[i] in fastadam.Adam with the same options (the piece's keys)."""
+    alone = fastadam.Adam([np.zeros(opt._params[i].shape, opt._params[i].dtype)], master_weights=opt.master_weights,
+                          state_dtype=opt.state_dtype, min_compressed_size=opt.min_compressed_size)
+    return list(alone.state[0])
+
+
 def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
-    """This rank's state pieces equal the slices of the single-process state they stand for."""
+    """This rank's state pieces equal the slices of the single-process state they stand for: for 8-bit
+    moments the codes of those elements, the absmax of the whole blocks they cover (a piece starts on a
+    block of the param) and the map."""
     count = 0
+    offsets = param_offsets(opt)
+    assert [opt._where[i][1] for i in range(len(offsets))] == offsets, f"{what}: the layout is not as promised"
     for name, (lo, hi) in opt.shard_bounds().items():
-        offset = 0
+        mine = [i for i, p in enumerate(opt._params) if p.dtype.name == name]
+        # Shards of a multiple of 64 elements, or of 256 in a sequence with 8-bit moments.
+        align = 256 if any(key.endswith("_codes") for i in mine for key in opt_state_keys(opt, i)) else 64
+        total = max(offsets[i] + opt._params[i].size for i in mine)
+        shard = align * -(-(-(-total // opt.world_size)) // align) if total else 0
+        assert (lo, hi) == (min(opt.rank * shard, total), min((opt.rank + 1) * shard, total)), f"{what}: shard"
         for i, p in enumerate(opt._params):
             if p.dtype.name != name:
                 continue
+            offset = offsets[i]
             a, b = max(lo, offset) - offset, min(hi, offset + p.size) - offset
-            offset += p.size
             if a >= b:
                 continue
+            assert set(opt.local_state[i]) == set(ref.state[i]), f"{what}: state[{i}] keys differ"
             for key, piece in opt.local_state[i].items():
-                full = ref.state[i][key].reshape(-1)[a:b]
+                full = ref.state[i][key].reshape(-1)
+                if key.endswith("_map"):
+                    pass
+                elif key.endswith("_absmax"):
+                    assert a % 256 == 0 and (b % 256 == 0 or b == p.size), f"{what}: piece [{a}, {b}) of {i}"
+                    full = full[a // 256:-(-b // 256)]
+                else:
+                    full = full[a:b]
                 assert piece.dtype == full.dtype, f"{what}: state[{i}][{key!r}] is {piece.dtype}, not {full.dtype}"
-                assert np.array_equal(bits(piece), bits(full)), f"{what}: state[{i}][{key!r}] piece differs"
+                assert np.array_equal(bits(piece.reshape(-1)), bits(full)), f"{what}: state[{i}][{key!r}] differs"
                 count += 1
     return count
 
@@ -143,7 +196,10 @@ def scenario_exact(engine: dict, rank: int, world: int, arg: str) -> dict:
     if ml_dtypes is not None:
         # The storages change no communication: two of the cases (many buckets, one bucket) each.
         cases += [(mixed_precision_config(), every), (bfloat16_state_config(), [("mean", 1), ("sum", 1 << 25)]),
-                  (mixed_precision_bfloat16_state_config(), [("sum", 1), ("mean", 1 << 25)])]
+                  (mixed_precision_bfloat16_state_config(), [("sum", 1), ("mean", 1 << 25)]),
+                  (mixed_precision_int8_state_config(), [("mean", 1), ("sum", 1 << 25)])]
+    # 8-bit moments need no ml_dtypes; 1 byte: buckets of one 256-element block per rank, 4 KiB: of 2-4 blocks.
+    cases += [(int8_state_config(), [("sum", 1), ("mean", 4096), ("mean", 1 << 25)])]
     compared = 0
     for config, grid in cases:
         for reduction, bucket_bytes in grid:
@@ -221,15 +277,43 @@ def checkpoint_config() -> dict[str, Any]:
                 split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam), options=options)
 
 
+def int8_checkpoint_config() -> dict[str, Any]:
+    """8-bit moments (amsgrad's maximum too) for the float32 params of 2100 and 700 elements, float32 ones
+    for the others.  The float32 sequence: 2100 elements, 143, 61 of padding, 700 (3004 in all), in shards of
+    768 elements on 4 ranks, 1536 on 2, 1024 on 3: the 8-bit params are cut into pieces of whole blocks at
+    other places on each number of ranks, and the absmax of every new piece comes from one old shard."""
+    rng = np.random.default_rng(10)
+    init = [rng.standard_normal((2100,)).astype(np.float32), rng.standard_normal((20, 7)),
+            rng.standard_normal((11, 13)).astype(np.float32), rng.standard_normal((700,)).astype(np.float32)]
+    if ml_dtypes is not None:
+        init.append(rng.standard_normal((150,)).astype(ml_dtypes.bfloat16))
+    return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True), dict(lr=2e-3, weight_decay=0.1)],
+                split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam),
+                options=dict(master_weights=True, state_dtype="int8", min_compressed_size=300))
+
+
 def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
     """Phase A on 4 ranks: steps 1-3, save.  B on 2: load, 4-5, save.  C on 3: load, 6-7.
+
+    ``arg`` is ``PHASE:DIRECTORY``.  Each phase runs checkpoint_config in
+    DIRECTORY (its report at the top level) and int8_checkpoint_config in
+    DIRECTORY/int8 (under ``"int8"``), in the same ranks, which take longer
+    to start than to run both.
+    """
+    phase, directory = arg.split(":", 1)
+    result = checkpoint_phase(engine, rank, world, phase, checkpoint_config(), directory)
+    result["int8"] = checkpoint_phase(engine, rank, world, phase, int8_checkpoint_config(),
+                                      os.path.join(directory, "int8"))
+    return result
+
+
+def checkpoint_phase(engine: dict, rank: int, world: int, phase: str, config: dict, directory: str) -> dict:
+    """One phase of scenario_checkpoint for one config.
 
     Each phase compares with a single process stepped without interruption.
     The params start from zeros in B and C: load() restores them too.  The
     learning rate of group 1 is changed at step 2; the checkpoint carries it.
     """
-    phase, directory = arg.split(":", 1)
-    config = checkpoint_config()
     first, last = {"A": (1, 3), "B": (4, 5), "C": (6, 7)}[phase]
     ref_params = [p.copy() for p in config["init"]]
     ref = fastadam.Adam(grouped(ref_params, config), **config["options"])
@@ -250,7 +334,7 @@ def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
         except ValueError as e:
             result["damaged"] = str(e)
         assert all(not p.any() for p in params), "a failed load changed the params"
-        if ml_dtypes is not None:  # moments stored otherwise are refused
+        if config["options"].get("state_dtype"):  # moments stored otherwise are refused
             other = ZeroAdam(grouped([np.zeros_like(p) for p in config["init"]], config), reduction="sum",
                              bucket_bytes=4096, **engine, **{**config["options"], "state_dtype": "float32"})
             try:

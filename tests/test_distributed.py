@@ -130,15 +130,18 @@ def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -
 @pytest.mark.parametrize("engine, world", WORLDS)
 def test_every_rank_is_bitwise_a_single_process_step(engine, world, tmp_path):
     """Float32/float64 params in two groups (L2 decay; amsgrad + maximize), bfloat16/float16 params with
-    master weights under AdamW + amsgrad, both also with bfloat16 moments; mean and sum; buckets of 64
-    elements per rank, 4 KiB and 32 MiB; communication overlapped with the step and not: after each of 3
-    steps every rank's params, and each rank's pieces of the state (values and storage dtype), are bitwise
-    those of fastadam.Adam stepped in one process with the reduced gradients."""
+    master weights under AdamW + amsgrad, both also with bfloat16 moments and with 8-bit ones (the 16-bit
+    params with bfloat16 first and 8-bit second moments); mean and sum; buckets of 64 elements per rank
+    (256 with 8-bit moments), 4 KiB and 32 MiB; communication overlapped with the step and not: after each
+    of 3 steps every rank's params, and each rank's pieces of the state (values and storage dtype; for 8-bit
+    moments codes, absmax and map), are bitwise those of fastadam.Adam stepped in one process with the
+    reduced gradients, and the layout is as documented (8-bit params and their shards on 256-element
+    blocks, the float layouts unpadded)."""
     reports = run(engine, tmp_path, world, "exact")
-    if distributed_worker.ml_dtypes is None:  # only the float config runs: 6 cases x 2 overlaps x 3 steps x 9
-        assert all(r["configs"] == 1 and r["compared"] >= 6 * 2 * 3 * 9 for r in reports)
-    else:  # (6 + 6 + 2 + 2 cases) x 2 overlaps x 3 steps x at least 3 params, plus the state pieces
-        assert all(r["configs"] == 4 and r["compared"] >= 16 * 2 * 3 * 3 for r in reports)
+    if distributed_worker.ml_dtypes is None:  # the float configs: (6 + 3 cases) x 2 overlaps x 3 steps x 9
+        assert all(r["configs"] == 2 and r["compared"] >= 9 * 2 * 3 * 9 for r in reports)
+    else:  # (6 + 6 + 2 + 2 + 2 + 3 cases) x 2 overlaps x 3 steps x at least 3 params, plus the state pieces
+        assert all(r["configs"] == 6 and r["compared"] >= 21 * 2 * 3 * 3 for r in reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -163,6 +166,27 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
     # comparisons above); an optimizer storing them as float32 refuses the checkpoint on every rank.
     assert manifest["state_dtype"] == ["bfloat16", "bfloat16"] and manifest["min_compressed_size"] == 300
     assert all("stored with state_dtype ['bfloat16', 'bfloat16']" in r["other_storage"] for r in c)
+    # The same ranks also ran a model with 8-bit moments (in ckpt/int8).  Each shard holds their codes (per
+    # element), absmax (per 256-element block of the shard) and maps; the params with 8-bit moments start
+    # on blocks and so do the shards, so every block of a new shard comes from one old shard, and each
+    # rank's state after loading is bitwise the single process's (compared in the ranks after every step,
+    # amsgrad's 8-bit maximum included).
+    a, b, c = ([r["int8"] for r in phase] for phase in (a, b, c))
+    assert [r["steps"] for r in a + b + c] == [3] * 4 + [5] * 2 + [7] * 3
+    assert all(r["compared"] > 0 for r in a + b + c)
+    assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
+    directory = directory / "int8"
+    manifest = json.loads((directory / "B" / "manifest.json").read_text())
+    assert manifest["state_dtype"] == ["int8", "int8"] and manifest["min_compressed_size"] == 300
+    assert manifest["sequences"]["float32"] == {"total": 3004, "shard": 1536, "alignment": 256}
+    assert manifest["sequences"]["float64"] == {"total": 140, "shard": 128}
+    with np.load(directory / "B" / "shard-00001-of-00002.npz") as shard:  # elements 1536-3003 of float32
+        assert shard["float32/exp_avg_codes"].shape == (1468,) and shard["float32/exp_avg_absmax"].shape == (6,)
+        assert shard["float32/max_exp_avg_sq_absmax"].shape == (6,)
+        assert np.array_equal(shard["float32/exp_avg_map"], fastadam.dynamic_map(signed=True))
+        assert np.array_equal(shard["float32/exp_avg_sq_map"], fastadam.dynamic_map(signed=False))
+        assert "float64/exp_avg_codes" not in shard  # float64 params keep float64 moments
+    assert all("stored with state_dtype ['int8', 'int8']" in r["other_storage"] for r in c)
 
 
 # -- failures ----------------------------------------------------------------------------------------------
@@ -229,10 +253,6 @@ def test_the_engine_must_be_named_or_initialized():
 
 
 def test_bad_options_are_refused_before_any_engine_is_touched():
-    """8-bit state is refused: it quantizes 256-element blocks from each param's first element, which
-    shard boundaries do not respect, so a rank's blocks would not be those of one process."""
-    with pytest.raises(ValueError, match="state_dtype='int8' is not supported by ZeroAdam"):
-        fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype=("bfloat16", "int8"))
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         fastadam.distributed.ZeroAdam([np.zeros(3, np.float32)], state_dtype="float16")
     with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
@@ -268,3 +288,10 @@ def test_shards_are_64_element_multiples_of_equal_length():
     shard = fastadam.distributed._shard_length
     assert [shard(total, world) for total, world in [(0, 3), (1, 4), (64, 1), (65, 2), (1000, 3)]] == \
         [0, 64, 64, 64, 384]
+
+
+def test_with_8bit_moments_shards_are_256_element_multiples():
+    """A sequence holding a param with 8-bit moments is cut on quantization blocks."""
+    shard = fastadam.distributed._shard_length
+    assert [shard(total, world, 256) for total, world in [(0, 3), (1, 4), (256, 1), (257, 2), (3004, 3)]] == \
+        [0, 256, 256, 256, 1024]

@@ -3,11 +3,25 @@ r"""Adam with its state sharded across processes (ZeRO stage 1/2), on ``torch.di
 Every rank holds the full parameters and computes gradients on its part of
 the data.  :class:`ZeroAdam` lays all parameters of one dtype out as one flat
 sequence of elements (in the order they were given) and cuts it into ``N``
-contiguous shards of equal length ``S`` (a multiple of 64 elements; the last
-shard is shorter or empty)::
+contiguous shards of equal length ``S`` (a multiple of ``A`` = 64 elements;
+the last shard is shorter or empty)::
 
-    S = 64 * ceil(ceil(T / N) / 64)            T: elements of that dtype, N: ranks
+    S = A * ceil(ceil(T / N) / A)              T: elements of that dtype, N: ranks
     shard r = elements [min(r*S, T), min((r+1)*S, T))
+
+With 8-bit moments (``state_dtype="int8"``), which are quantized in blocks
+of 256 elements counted from each param's first element, a sequence holding
+such a param is laid out on blocks instead: every param with 8-bit moments
+starts at a multiple of 256 (up to 255 elements of padding before it, which
+no param owns) and ``A`` = 256, so each rank's piece of such a param starts
+on one of the whole param's blocks and ends on one (or at the param's end),
+and the rank's 8-bit state of that piece -- codes, one absmax per block, the
+maps -- is exactly the whole param's state of those blocks.  The padding
+costs at most ``255`` elements per 8-bit param, and the coarser rounding of
+``S`` at most ``255 - 63`` more elements per rank, in the reduced gradient
+kept per rank (``S`` elements), the bucket buffers and the checkpoint
+files; no state is kept for it.  Float32 and bfloat16 layouts are
+unchanged.
 
 Rank ``r`` keeps the Adam state (``exp_avg``, ``exp_avg_sq``, and
 ``max_exp_avg_sq`` / ``master_param`` when used) of its shard only, so the
@@ -74,9 +88,10 @@ import numpy as np
 
 from . import _core
 from ._functional import RowSparseGrad
-from ._optim import (_HYPERPARAMETERS, Adam, _bfloat16, _check_group_hyperparameters, _checked_group,
+from ._optim import (_HYPERPARAMETERS, _MOMENTS, Adam, _bfloat16, _check_group_hyperparameters, _checked_group,
                      _is_16bit_float, _is_bfloat16, _is_integer, _json_number, _listed, _read_npy_header,
                      _sorted_keys, _state_dtypes)
+from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
 
 __all__ = ["ZeroAdam", "ZeroAdamW"]
 
@@ -263,6 +278,7 @@ class _Sequence:
     offsets: list[int] = field(default_factory=list)
     total: int = 0
     shard: int = 0
+    alignment: int = SHARD_ALIGNMENT  # QUANT_BLOCK when a param of the sequence has 8-bit moments
     block: int = 0              # elements per rank per bucket
     buckets: list[tuple[int, list[list[_Segment]]]] = field(default_factory=list)  # (block length, per rank)
     sizes: list[int] = field(default_factory=list)
@@ -271,24 +287,34 @@ class _Sequence:
         return min(rank * self.shard, self.total), min((rank + 1) * self.shard, self.total)
 
     def segments(self, lo: int, hi: int) -> list[_Segment]:
-        """The params' pieces covering elements ``[lo, hi)`` of the sequence, at buffer offsets from 0."""
+        """The params' pieces within elements ``[lo, hi)`` of the sequence, at buffer offsets from 0 (the
+        padding before a param with 8-bit moments belongs to no piece)."""
         out: list[_Segment] = []
-        if lo >= hi:
-            return out
-        k = bisect.bisect_right(self.offsets, lo) - 1
-        pos = lo
-        while pos < hi:
-            while self.offsets[k] + self.sizes[k] <= pos:
-                k += 1
-            start = pos - self.offsets[k]
-            length = min(hi, self.offsets[k] + self.sizes[k]) - pos
-            out.append(_Segment(pos - lo, self.params[k], start, length))
-            pos += length
+        k = max(bisect.bisect_right(self.offsets, lo) - 1, 0)
+        while lo < hi and k < len(self.params) and self.offsets[k] < hi:
+            a, b = max(lo, self.offsets[k]), min(hi, self.offsets[k] + self.sizes[k])
+            if a < b:
+                out.append(_Segment(a - lo, self.params[k], a - self.offsets[k], b - a))
+            k += 1
         return out
 
 
-def _shard_length(total: int, world: int) -> int:
-    return SHARD_ALIGNMENT * math.ceil(math.ceil(total / world) / SHARD_ALIGNMENT) if total else 0
+def _shard_length(total: int, world: int, alignment: int = SHARD_ALIGNMENT) -> int:
+    return alignment * math.ceil(math.ceil(total / world) / alignment) if total else 0
+
+
+def _moment_part(state: dict[str, np.ndarray], key: str, part: slice) -> Any:
+    """Elements ``part`` of a piece's moment ``key`` as the core takes them: a view of the array, or for
+    8-bit state a QuantizedState of views -- its codes, and the absmax of the blocks they fill (``part``
+    starts on a block: a multiple of 256 elements from the piece's first element, itself a block's first)."""
+    if key in state:
+        return state[key].reshape(-1)[part]
+    if key + "_codes" not in state:
+        return None
+    assert part.start % QUANT_BLOCK == 0, "an 8-bit moment is cut off a block boundary"
+    return QuantizedState(state[key + "_codes"].reshape(-1)[part],
+                          state[key + "_absmax"][part.start // QUANT_BLOCK:-(-part.stop // QUANT_BLOCK)],
+                          state[key + "_map"])
 
 
 # -- the optimizer -------------------------------------------------------------------------------------------
@@ -336,7 +362,9 @@ class ZeroAdam:
         ``"mean"`` (the reduced gradient is ``fl(sum / N)``) or ``"sum"``.
     bucket_bytes
         The most bytes one collective moves in all ranks' blocks together
-        (default 32 MiB); each communication buffer is this large.
+        (default 32 MiB); each communication buffer is this large.  A
+        bucket holds at least 64 elements per rank (256 in a sequence with
+        8-bit moments, so that buckets, too, are cut on blocks).
     overlap
         Pipeline the buckets (default: True on torch.distributed, False under
         MPI, where Open MPI moves a nonblocking collective only inside MPI
@@ -354,14 +382,16 @@ class ZeroAdam:
     master_weights, num_threads
         As for :class:`fastadam.Adam`.
     state_dtype, min_compressed_size
-        As for :class:`fastadam.Adam`, ``"float32"`` or ``"bfloat16"`` (or a
-        pair of them): whether a param's moments are stored compressed is
+        As for :class:`fastadam.Adam`, ``"float32"``, ``"bfloat16"`` or
+        ``"int8"`` (or a pair of them; amsgrad's maximum follows
+        ``exp_avg_sq``): whether a param's moments are stored compressed is
         decided by the size of the whole param, as in one process, so a
-        rank's piece of a large param is stored as bfloat16 however short
-        it is.  bfloat16 needs no alignment (each element is rounded on its
-        own); ``"int8"`` is refused with ValueError, because its 256-element
-        quantization blocks start at each param's first element, which
-        the shard boundaries do not respect.
+        rank's piece of a large param is stored compressed however short it
+        is.  bfloat16 needs no alignment (each element is rounded on its
+        own); with ``"int8"`` the params with 8-bit moments and the shard
+        boundaries of their sequence fall on multiples of 256 elements (see
+        the module's docstring), so a rank's 8-bit state is the whole
+        params' state of its blocks.
     stochastic_rounding, rounding_seed
         As for :class:`fastadam.Adam`: bfloat16 moments rounded
         stochastically, the random bits of an element drawn from (seed, step,
@@ -391,11 +421,6 @@ class ZeroAdam:
         if overlap is not None and not isinstance(overlap, (bool, np.bool_)):
             raise TypeError(f"overlap must be True, False or None, got {overlap!r}")
         self.state_dtype = _state_dtypes(state_dtype)
-        if "int8" in self.state_dtype:
-            raise ValueError("state_dtype='int8' is not supported by ZeroAdam: 8-bit state is quantized in "
-                             "256-element blocks counted from each param's first element, and a shard cuts "
-                             "params at other places, so a rank's blocks would not be those of one process "
-                             "(use 'bfloat16' or 'float32')")
         if "bfloat16" in self.state_dtype:
             _bfloat16()  # TypeError naming ml_dtypes when it is missing
         if not _is_integer(min_compressed_size) or min_compressed_size < 0:
@@ -523,6 +548,9 @@ class ZeroAdam:
                                 np.dtype(np.uint16) if sixteen else p.dtype)
                 by_dtype[p.dtype.name] = seq
                 self._sequences.append(seq)
+            if self._quantized(i):  # its blocks must be the sequence's blocks: start it on one
+                seq.alignment = QUANT_BLOCK
+                seq.total = -(-seq.total // QUANT_BLOCK) * QUANT_BLOCK
             seq.params.append(i)
             self._where[i] = (seq, seq.total)
             seq.offsets.append(seq.total)
@@ -530,10 +558,10 @@ class ZeroAdam:
             seq.total += p.size
         buffer_bytes = 0
         for seq in self._sequences:
-            seq.shard = _shard_length(seq.total, world)
+            seq.shard = _shard_length(seq.total, world, seq.alignment)
             itemsize = max(seq.reduce_dtype.itemsize, seq.gather_dtype.itemsize)
-            block = self.bucket_bytes // (world * itemsize) // SHARD_ALIGNMENT * SHARD_ALIGNMENT
-            seq.block = max(SHARD_ALIGNMENT, min(block, seq.shard))
+            block = self.bucket_bytes // (world * itemsize) // seq.alignment * seq.alignment
+            seq.block = max(seq.alignment, min(block, seq.shard))
             for start in range(0, seq.shard, seq.block):
                 length = min(seq.block, seq.shard - start)
                 per_rank = [seq.segments(min(r * seq.shard + start, seq.total),
@@ -549,6 +577,13 @@ class ZeroAdam:
         # This rank's reduced gradients, kept between steps (1/N of the model).
         self._shard_grads = [np.zeros(seq.shard if seq.bounds(rank)[1] > seq.bounds(rank)[0] else 0,
                                       seq.reduce_dtype) for seq in self._sequences]
+
+    def _quantized(self, i: int) -> bool:
+        """Whether params[i] has a moment in 8-bit state: as fastadam.Adam decides, by the whole param's size,
+        for params of float32 working dtype (float32, or 16-bit with a float32 master)."""
+        p = self._params[i]
+        return ("int8" in self.state_dtype and (p.dtype == np.float32 or _is_16bit_float(p))
+                and p.size >= self.min_compressed_size)
 
     def _build_inner(self) -> None:
         """A fastadam.Adam over this rank's pieces: views of the params and of the reduced gradients."""
@@ -610,9 +645,9 @@ class ZeroAdam:
                     else:
                         params.append(view)
                         models.append(None)
-                    exp_avgs.append(state["exp_avg"].reshape(-1)[part])
-                    exp_avg_sqs.append(state["exp_avg_sq"].reshape(-1)[part])
-                    maxes.append(state["max_exp_avg_sq"].reshape(-1)[part] if "max_exp_avg_sq" in state else None)
+                    exp_avgs.append(_moment_part(state, "exp_avg", part))
+                    exp_avg_sqs.append(_moment_part(state, "exp_avg_sq", part))
+                    maxes.append(_moment_part(state, "max_exp_avg_sq", part))
                     group_of.append(self._group_of[s.param])
                     grads.append(shard_grads[start + s.offset:start + s.offset + s.length])
                 plan = None
@@ -648,14 +683,17 @@ class ZeroAdam:
     @property
     def local_state(self) -> dict[int, dict[str, np.ndarray]]:
         """This rank's state: ``{param index: {"exp_avg": slice state, ...}}`` for the params it holds a
-        piece of (the arrays are the live ones, of the piece's length)."""
+        piece of (the arrays are the live ones, of the piece's length; an 8-bit moment is ``<key>_codes`` of
+        the piece's length, ``<key>_absmax`` of its blocks, which are the whole param's, and ``<key>_map``)."""
         if self._inner is None:
             return {}
         return {i: dict(s) for i, s in zip(self._inner_params, self._inner.state)}
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state this rank holds (its moments and master copies)."""
-        return sum(a.nbytes for s in self.local_state.values() for a in s.values())
+        """Bytes of optimizer state this rank holds (its moments and master copies; the 8-bit maps, shared by
+        all pieces, once)."""
+        arrays = {id(a): a for s in self.local_state.values() for a in s.values()}
+        return sum(a.nbytes for a in arrays.values())
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -774,6 +812,7 @@ class ZeroAdam:
         for r, segments in enumerate(per_rank):
             filled = 0
             for s in segments:
+                send[r * length + filled:r * length + s.offset] = 0  # padding before an 8-bit param
                 np.copyto(send[r * length + s.offset:r * length + s.offset + s.length],
                           flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
                 filled = s.offset + s.length
@@ -843,27 +882,55 @@ class ZeroAdam:
             keys.append("master_param")
         return keys
 
+    def _members(self, seq: _Sequence, length: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """A shard's checkpoint members of ``seq`` for ``length`` of its elements: name -> (dtype, shape).
+
+        Per element of the shard: ``param`` (16-bit floats as their bits),
+        and each state key in the working dtype.  In a sequence with 8-bit
+        moments, each such moment also has ``<key>_codes`` (uint8 per
+        element), ``<key>_absmax`` (float32 per 256 elements of the shard:
+        the shard starts on a block, and so does every 8-bit param in it, so
+        block ``k`` of the shard is a block of one param) and ``<key>_map``.
+        """
+        work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
+        out = {"param": (seq.gather_dtype, (length,))}
+        for key in self._state_keys():
+            out[key] = (work, (length,))
+            if seq.alignment == QUANT_BLOCK and key in _MOMENTS and self.state_dtype[_MOMENTS[key]] == "int8":
+                out[key + "_codes"] = (np.dtype(np.uint8), (length,))
+                out[key + "_absmax"] = (np.dtype(np.float32), (-(-length // QUANT_BLOCK),))
+                out[key + "_map"] = (np.dtype(np.float32), (256,))
+        return out
+
     def _shard_arrays(self) -> dict[str, np.ndarray]:
         """This rank's shard of params and state, per sequence: flat arrays of the shard's length.
 
         State a param does not have (``max_exp_avg_sq`` of a group without
-        amsgrad, ``master_param`` of a float32 param) is written as zeros /
-        the param's value, so that every shard has the same members.
+        amsgrad, ``master_param`` of a float32 param, the float moments of an
+        8-bit param and the 8-bit ones of a float param) and the padding
+        before 8-bit params are written as zeros (a map as the default
+        :func:`fastadam.dynamic_map`), so that every shard has the same
+        members.
         """
         state = self.local_state
         out: dict[str, np.ndarray] = {}
         for seq in self._sequences:
             lo, hi = seq.bounds(self.rank)
             name = seq.dtype.name
-            work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
-            out[f"{name}/param"] = np.empty(hi - lo, seq.gather_dtype)  # 16-bit floats as their bits (uint16)
-            for key in self._state_keys():
-                out[f"{name}/{key}"] = np.zeros(hi - lo, work)
+            for member, (dtype, shape) in self._members(seq, hi - lo).items():
+                out[f"{name}/{member}"] = np.zeros(shape, dtype)
+                if member.endswith("_map"):  # also where no piece of this shard has the moment: a valid map
+                    out[f"{name}/{member}"][...] = dynamic_map(signed=member == "exp_avg_map")
             for s in seq.segments(lo, hi):
                 where = slice(s.offset, s.offset + s.length)
                 out[f"{name}/param"][where] = self._flat_bits[s.param][s.start:s.start + s.length]
                 for key, a in state[s.param].items():
-                    out[f"{name}/{key}"][where] = a
+                    if key.endswith("_absmax"):  # the piece starts on a block of the shard
+                        out[f"{name}/{key}"][s.offset // QUANT_BLOCK:s.offset // QUANT_BLOCK + a.size] = a
+                    elif key.endswith("_map"):
+                        out[f"{name}/{key}"][...] = a
+                    else:
+                        out[f"{name}/{key}"][where] = a.reshape(-1)
         return out
 
     def save(self, directory: Union[str, "os.PathLike[str]"]) -> None:
@@ -877,7 +944,9 @@ class ZeroAdam:
         checkpoint is complete.  :meth:`load` reads it on any number of
         ranks.  Moments are written in the param's working dtype: a bfloat16
         moment widened to float32, which is exact, and narrowed back exactly
-        by :meth:`load` (which refuses a checkpoint of another storage).
+        by :meth:`load` (which refuses a checkpoint of another storage); an
+        8-bit moment as its codes (per element of the shard), its absmax
+        (per 256-element block of the shard) and its map.
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
@@ -887,8 +956,7 @@ class ZeroAdam:
         if self.rank == 0:
             manifest = {
                 "format": _FORMAT, "world_size": self.world_size, "step": self._step_count,
-                **self._description(), "state_keys": self._state_keys(),
-                "sequences": {seq.dtype.name: {"total": seq.total, "shard": seq.shard} for seq in self._sequences},
+                **self._description(), "state_keys": self._state_keys(), "sequences": self._layout(self.world_size),
             }
             manifest["groups"] = [{**hyper, "params": count} for count, hyper in manifest["groups"]]
             tmp = os.path.join(directory, _MANIFEST + ".tmp")
@@ -959,7 +1027,14 @@ class ZeroAdam:
             a = max(start, lo) - lo  # the piece's first element in this rank's shard
             entry: dict[str, Any] = {"step": step}
             for key, live in self._inner.state[j].items():
-                saved = arrays[f"{seq.dtype.name}/{key}"][a:a + live.size].reshape(live.shape)
+                saved = arrays[f"{seq.dtype.name}/{key}"]
+                if key.endswith("_map"):
+                    entry[key] = saved
+                    continue
+                if key.endswith("_absmax"):  # the piece starts on a block of the shard
+                    entry[key] = saved[a // QUANT_BLOCK:a // QUANT_BLOCK + live.size]
+                    continue
+                saved = saved[a:a + live.size].reshape(live.shape)
                 if _is_bfloat16(live):
                     narrowed = saved.astype(live.dtype)
                     if not np.array_equal(narrowed.astype(saved.dtype), saved, equal_nan=True):
@@ -1014,42 +1089,52 @@ class ZeroAdam:
             raise ValueError(f"{path}: world_size {world!r} is not a positive integer")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63 - 1:
             raise ValueError(f"{path}: step {step!r} is not an integer in [0, 2**63 - 1)")
-        expected = {seq.dtype.name: {"total": seq.total, "shard": _shard_length(seq.total, world)}
-                    for seq in self._sequences}
+        expected = self._layout(world)
         if manifest.get("sequences") != expected:
             raise ValueError(f"{path}: the layout {manifest.get('sequences')} is not the one of "
                              f"{world} ranks over these params ({expected})")
         return manifest
 
+    def _layout(self, world: int) -> dict[str, dict[str, int]]:
+        """The flat sequences on ``world`` ranks, as the manifest records them (``alignment`` only where it is
+        not 64 elements: a sequence with 8-bit moments, whose params and shards start on 256-element blocks)."""
+        return {seq.dtype.name: {"total": seq.total, "shard": _shard_length(seq.total, world, seq.alignment),
+                                 **({"alignment": seq.alignment} if seq.alignment != SHARD_ALIGNMENT else {})}
+                for seq in self._sequences}
+
     def _read_shards(self, directory: str, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-        """This rank's new shard, assembled from the saved shards that overlap it."""
+        """This rank's new shard, assembled from the saved shards that overlap it.
+
+        Old and new shards start on multiples of the sequence's alignment, so
+        in a sequence with 8-bit moments (256) every block of the new shard
+        lies in one old shard, and its absmax is copied from there.
+        """
         world = manifest["world_size"]
-        keys = ["param", *self._state_keys()]
         out: dict[str, np.ndarray] = {}
         for seq in self._sequences:
             lo, hi = seq.bounds(self.rank)
-            work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
-            for key in keys:
-                out[f"{seq.dtype.name}/{key}"] = np.empty(hi - lo, seq.gather_dtype if key == "param" else work)
+            members = self._members(seq, hi - lo)
+            for member, (dtype, shape) in members.items():
+                out[f"{seq.dtype.name}/{member}"] = np.empty(shape, dtype)
             if lo >= hi:
                 continue
-            old_shard = _shard_length(seq.total, world)
+            old_shard = _shard_length(seq.total, world, seq.alignment)
             for r in range(lo // old_shard, (hi - 1) // old_shard + 1):
                 old_lo, old_hi = min(r * old_shard, seq.total), min((r + 1) * old_shard, seq.total)
                 a, b = max(lo, old_lo), min(hi, old_hi)
                 path = os.path.join(directory, f"shard-{r:05d}-of-{world:05d}.npz")
-                want = {f"{seq.dtype.name}/{key}.npy": out[f"{seq.dtype.name}/{key}"].dtype for key in keys}
                 try:
                     zf = zipfile.ZipFile(path)
                 except zipfile.BadZipFile as e:
                     raise ValueError(f"{path}: not an .npz file ({e})") from None
                 with zf:
-                    for name, dtype in want.items():
+                    for member, (dtype, want_shape) in self._members(seq, old_hi - old_lo).items():
+                        name = f"{seq.dtype.name}/{member}.npy"
                         try:
                             with zf.open(name) as fp:
                                 shape, declared = _read_npy_header(fp)
-                            if shape != (old_hi - old_lo,) or declared != dtype:
-                                raise ValueError(f"expected {dtype}({old_hi - old_lo},), the file declares "
+                            if shape != want_shape or declared != dtype:
+                                raise ValueError(f"expected {dtype}{want_shape}, the file declares "
                                                  f"{declared}{shape}")
                             with zf.open(name) as fp:
                                 data = np.lib.format.read_array(fp, allow_pickle=False)
@@ -1057,7 +1142,15 @@ class ZeroAdam:
                             raise ValueError(f"{path}: member {name!r} is missing") from None
                         except (ValueError, EOFError, OSError, zlib.error, zipfile.BadZipFile) as e:
                             raise ValueError(f"{path}: member {name!r}: {e}") from None
-                        out[name[:-len(".npy")]][a - lo:b - lo] = data[a - old_lo:b - old_lo]
+                        into = out[f"{seq.dtype.name}/{member}"]
+                        if member.endswith("_map"):
+                            into[...] = data
+                        elif member.endswith("_absmax"):  # a, lo and old_lo are multiples of 256
+                            blocks = -(-(b - a) // QUANT_BLOCK)
+                            into[(a - lo) // QUANT_BLOCK:(a - lo) // QUANT_BLOCK + blocks] = \
+                                data[(a - old_lo) // QUANT_BLOCK:(a - old_lo) // QUANT_BLOCK + blocks]
+                        else:
+                            into[a - lo:b - lo] = data[a - old_lo:b - old_lo]
         return out
 
     def __repr__(self) -> str:
