@@ -182,6 +182,7 @@ PYBIND11_MODULE(_core, m) {
                                   to_num_threads(num_threads));
              })
         .def_property("steps", &AdamPlan::steps, &AdamPlan::set_steps)
+        .def("set_step_counts", [](AdamPlan& plan, py::handle counts) { plan.set_step_counts(counts.ptr()); })
         .def("__len__", &AdamPlan::size);
 
     m.def("config", &runtime_config, "The build and runtime configuration as a dict.");
