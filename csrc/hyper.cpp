@@ -1,6 +1,7 @@
 #include "hyper.hpp"
 
 #include <cmath>
+#include <new>
 #include <string>
 
 #include "arrays.hpp"
@@ -59,12 +60,30 @@ AdamHyper hyper_from_group(PyObject* group) {
             for (PyObject* o : values) Py_XDECREF(o);
         }
     } held;
+    // The names as interned str, made once: a step reads every group's values, and building the keys from C
+    // strings each time cost more than the rest of a one-tensor step's Python layer.
+    static PyObject* const* const keys = [] {
+        static PyObject* made[count];
+        for (int k = 0; k < count; ++k) made[k] = PyUnicode_InternFromString(kHyperparameterNames[k]);
+        return made;
+    }();
     PyObject** v = held.values;
+    const bool plain_dict = PyDict_CheckExact(group);  // a subclass may define __missing__ or __getitem__
     for (int k = 0; k < count; ++k) {
-        v[k] = PyMapping_GetItemString(group, kHyperparameterNames[k]);
-        if (v[k] != nullptr) continue;
-        if (!PyErr_ExceptionMatches(PyExc_KeyError)) throw PythonErrorSet{};
-        PyErr_Clear();
+        if (keys[k] == nullptr) throw std::bad_alloc{};  // (the names could not be made)
+        if (plain_dict) {
+            v[k] = PyDict_GetItemWithError(group, keys[k]);  // borrowed
+            if (v[k] != nullptr) {
+                Py_INCREF(v[k]);
+                continue;
+            }
+            if (PyErr_Occurred()) throw PythonErrorSet{};  // a key's __eq__ raised
+        } else {
+            v[k] = PyObject_GetItem(group, keys[k]);
+            if (v[k] != nullptr) continue;
+            if (!PyErr_ExceptionMatches(PyExc_KeyError)) throw PythonErrorSet{};
+            PyErr_Clear();
+        }
         if (k < kFirstOptionalHyperparameter)
             throw ArgValueError{std::string("the group has no '") + kHyperparameterNames[k] + "'"};
         // The defaults of the optional ones: no weight decay, and every flag off.

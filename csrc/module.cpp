@@ -201,6 +201,7 @@ PYBIND11_MODULE(_core, m) {
              })
         .def_property("steps", &AdamPlan::steps, &AdamPlan::set_steps)
         .def_property("rounding_positions", &AdamPlan::rounding_positions, &AdamPlan::set_rounding_positions)
+        .def("set_step_counts", [](AdamPlan& plan, py::handle counts) { plan.set_step_counts(counts.ptr()); })
         .def("__len__", &AdamPlan::size);
 
     m.def("config", &runtime_config, "The build and runtime configuration as a dict.");

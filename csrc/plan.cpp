@@ -92,11 +92,45 @@ void AdamPlan::hold_written(PyArrayObject* a, std::size_t tensor, const char* ro
 }
 
 AdamPlan::~AdamPlan() {
+    release_step_counts();
     for (const HeldArray& h : written_) Py_DECREF(h.descr);
     for (PyObject* o : owned_) Py_DECREF(o);
 }
 
+void AdamPlan::release_step_counts() {
+    for (const HeldArray& h : step_counts_) {
+        Py_DECREF(h.descr);
+        Py_DECREF(reinterpret_cast<PyObject*>(h.array));
+    }
+    step_counts_.clear();
+}
+
+void AdamPlan::set_step_counts(PyObject* counts) {
+    if (busy_.load()) throw UsageError{"step_counts cannot be set while the optimizer is stepping"};
+    if (counts == Py_None) {
+        release_step_counts();
+        return;
+    }
+    const CheckedArray c = check_float_array(counts, ArgName{"step_counts", -1}, Access::write);
+    if (PyArray_NDIM(c.array) != 1 || static_cast<std::size_t>(c.size) != tensors_.size())
+        throw ArgValueError{"step_counts: expected a 1-d array of " + std::to_string(tensors_.size()) +
+                            " counts (one per param), got " + std::to_string(c.size) + " elements in " +
+                            std::to_string(PyArray_NDIM(c.array)) + " dimensions"};
+    release_step_counts();
+    Py_INCREF(counts);
+    Py_INCREF(PyArray_DESCR(c.array));
+    step_counts_.push_back({c.array, c.data, PyArray_NBYTES(c.array), PyArray_DESCR(c.array), 0, "step_counts",
+                            true});
+}
+
 void AdamPlan::check_written_unchanged() const {
+    for (const HeldArray& h : step_counts_) {
+        PyArrayObject* a = h.array;
+        if (PyArray_DATA(a) != h.data || (PyArray_DESCR(a) != h.descr && !PyArray_EquivTypes(PyArray_DESCR(a), h.descr)) ||
+            PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a))
+            throw ArgValueError{"step_counts changed after they were set (its data, dtype, shape, strides or "
+                                "writeability): set them again"};
+    }
     for (const HeldArray& h : written_) {
         PyArrayObject* a = h.array;
         const char* change = nullptr;
@@ -281,6 +315,15 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
         if (!run_adam_step(jobs->data(), jobs->size(), num_threads, scaling.skip_if_nonfinite)) return false;
     }
     for (auto& s : steps_) ++s;
+    for (const HeldArray& h : step_counts_) {  // checked unchanged above, before anything was written
+        if (PyArray_TYPE(h.array) == NPY_FLOAT32) {
+            auto* c = static_cast<float*>(h.data);
+            for (std::size_t i = 0; i < steps_.size(); ++i) c[i] += 1.0f;
+        } else {
+            auto* c = static_cast<double*>(h.data);
+            for (std::size_t i = 0; i < steps_.size(); ++i) c[i] += 1.0;
+        }
+    }
     return true;
 }
 

@@ -45,6 +45,11 @@ class AdamPlan {
     // steps, so that their bits are those of the whole params.
     std::vector<std::pair<std::int64_t, std::int64_t>> rounding_positions() const;
     void set_rounding_positions(const std::vector<std::pair<std::int64_t, std::int64_t>>& positions);
+    // A float32 or float64 array of one count per param (fastadam.torch's
+    // state["step"] tensors are views of it), or None: each step that runs
+    // adds 1 to every count in the array's dtype -- what NumPy's `counts += 1`
+    // after the step did, in the same call as the step.
+    void set_step_counts(PyObject* counts);
 
    private:
     bool step_unguarded(PyObject* grads, PyObject* groups, const LossScaling& scaling, int num_threads);
@@ -60,6 +65,7 @@ class AdamPlan {
     // Each array the plan points into still has the data pointer, dtype,
     // size and layout it had when the plan was built, and is writeable.
     void check_written_unchanged() const;
+    void release_step_counts();
 
     // An array the step writes, as the plan saw it.  NumPy lets a user
     // reassign .dtype, .shape or .strides in place; a kernel working from the
@@ -90,6 +96,7 @@ class AdamPlan {
         const char* role;
     };
     std::vector<HeldCodebook> codebooks_;
+    std::vector<HeldArray> step_counts_;  // none or one: the array of set_step_counts
     std::atomic<bool> busy_{false};     // a step is running (from another thread, or re-entered)
     struct Span {
         std::uintptr_t begin, end;

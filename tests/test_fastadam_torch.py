@@ -831,6 +831,118 @@ def test_a_param_whose_data_is_replaced_is_updated_in_its_new_memory():
     assert torch.allclose(old, torch.full((4,), -0.1))  # the old memory kept its first step only
 
 
+def test_a_param_replaced_in_its_group_between_steps_is_the_one_updated():
+    old, new = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = fastadam.torch.Adam([old], lr=0.1)
+    old.grad = new.grad = torch.ones(4)
+    opt.step()
+    opt.param_groups[0]["params"][0] = new
+    opt.step()
+    assert torch.equal(old.detach(), torch.full((4,), -0.1))  # its first step only
+    assert torch.equal(new.detach(), torch.full((4,), -0.1))  # a first step, from fresh state
+    assert float(opt.state[new]["step"]) == 1
+
+
+@pytest.mark.parametrize("replacement, error, match", [
+    (torch.ones(4, dtype=torch.float64), TypeError, r"the grad of param_groups\[0\]\['params'\]\[0\] is torch.float64"),
+    (torch.ones(6), ValueError, r"the grad of param_groups\[0\]\['params'\]\[0\]: shape \(6,\) does not match"),
+], ids=["dtype", "shape"])
+def test_a_grad_whose_data_is_replaced_by_another_dtype_or_shape_is_refused_before_anything_changes(
+        replacement, error, match):
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = fastadam.torch.Adam([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    p.grad = torch.ones(4)  # a new gradient tensor, as after zero_grad() and backward()
+    p.grad.data = replacement  # torch's .grad setter refuses both; .data does not
+    before = [t.clone() for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"])]
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"])))
+
+
+@pytest.mark.parametrize("resize", [lambda p: p.data[:2], lambda p: torch.zeros(8)], ids=["view", "new-memory"])
+def test_a_param_resized_through_data_is_noticed_and_steps_once_its_state_is_reset(resize):
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = fastadam.torch.Adam([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    p.data = resize(p)  # the first keeps the param's address: its data pointer alone would not tell
+    size = p.numel()
+    p.grad = torch.ones(size)
+    with pytest.raises(ValueError, match=rf"'exp_avg' must be a tensor of shape \({size},\), got shape \(4,\)"):
+        opt.step()
+    del opt.state[p]  # as a user would, to start the resized param afresh
+    expected = torch.nn.Parameter(p.detach().clone())
+    expected.grad = torch.ones(size)
+    fastadam.torch.Adam([expected], lr=0.1).step()
+    opt.step()
+    assert_bitwise_equal(p.detach().numpy(), expected.detach().numpy())
+
+
+def test_a_state_dict_loaded_between_steps_is_the_state_stepped_from():
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    source, target = torch.nn.Parameter(torch.randn(3, 4, generator=gen)), torch.nn.Parameter(torch.zeros(3, 4))
+    opt_source, opt_target = fastadam.torch.Adam([source], lr=0.01), fastadam.torch.Adam([target], lr=0.01)
+    for g in grads[:2]:
+        source.grad = g.clone()
+        opt_source.step()
+    target.grad = grads[0].clone()
+    opt_target.step()  # a plan of its own, then replaced by the loaded state
+    opt_target.load_state_dict(opt_source.state_dict())
+    with torch.no_grad():
+        target.copy_(source)
+    source.grad, target.grad = grads[2].clone(), grads[2].clone()
+    opt_source.step()
+    opt_target.step()
+    assert_bitwise_equal(target.detach().numpy(), source.detach().numpy())
+    assert float(opt_target.state[target]["step"]) == 3
+
+
+def test_new_gradients_laid_out_unlike_their_params_at_every_step_are_read_as_the_same_values():
+    # Such gradients fail the core's check of the fast path, which then retakes the checked one (a copy laid
+    # out as the param) for this and every later step.
+    p, q = torch.nn.Parameter(torch.zeros(5, 4)), torch.nn.Parameter(torch.zeros(5, 4))
+    opt, reference = fastadam.torch.Adam([p], lr=0.1), fastadam.torch.Adam([q], lr=0.1)
+    for _ in range(3):
+        grad = torch.randn(4, 5).t()
+        p.grad, q.grad = grad, grad.contiguous()
+        opt.step()
+        reference.step()
+    assert_bitwise_equal(p.detach().numpy(), q.detach().numpy())
+    assert float(opt.state[p]["step"]) == 3
+
+
+def test_the_step_counts_a_plan_advances_are_checked_like_any_array_it_writes():
+    p = np.zeros(4, np.float32)
+    plan = fastadam._core.AdamPlan([p], [np.zeros(4, np.float32)], [np.zeros(4, np.float32)], [None], [None], [0], 1,
+                                   False, 0)
+    group = [{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}]
+    for bad, match in [(np.zeros(2, np.float32), "expected a 1-d array of 1 counts"),
+                       (np.zeros(1, np.int64), "dtype"), ([0.0], "expected a numpy.ndarray"),
+                       (np.zeros((1, 1), np.float32), "expected a 1-d array")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            plan.set_step_counts(bad)
+    read_only = np.zeros(1, np.float64)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        plan.set_step_counts(read_only)
+    counts = np.zeros(1, np.float64)
+    plan.set_step_counts(counts)
+    plan.step([np.ones(4, np.float32)], group, None, False, 1)
+    assert counts[0] == 1.0 and plan.steps == [1]
+    counts.flags.writeable = False  # changed after it was set: refused before anything is written
+    before = p.copy()
+    with pytest.raises(ValueError, match="step_counts changed"):
+        plan.step([np.ones(4, np.float32)], group, None, False, 1)
+    assert counts[0] == 1.0 and plan.steps == [1]
+    assert_bitwise_equal(p, before)
+    plan.set_step_counts(None)
+    plan.step([np.ones(4, np.float32)], group, None, False, 1)
+    assert plan.steps == [2]
+
+
 def test_a_state_tensor_put_in_by_hand_is_the_one_updated():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = fastadam.torch.Adam([p], lr=0.1)

@@ -100,6 +100,8 @@ class AdamPlan:
         rounding_seed: int,
         /,
     ) -> None: ...
+    def set_step_counts(self, counts: Optional[np.ndarray], /) -> None:
+        """A float32/float64 array of one count per param (or None): each step adds 1 to every count."""
     def step(
         self,
         grads: Sequence[Any],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
+from itertools import compress, count, repeat
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -34,6 +35,13 @@ from ._optim import _state_dtypes
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The per-step checks run over every param: C-level maps of these instead of Python loops.
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_as_numpy = torch.Tensor.numpy
+# torch.autograd.graph.increment_version without its Python wrapper (which only wraps a lone tensor in a tuple).
+_increment_versions = getattr(torch._C, "_increment_version", torch.autograd.graph.increment_version)
 _WORK_DTYPES = (torch.float32, torch.float64)
 #: The state tensors of a param that the step updates, besides "step".
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
@@ -204,6 +212,13 @@ class _Prepared:
         self.grad_ids: list[int] = []
         self.let_go: list[int] = []       # the entries whose gradients this step lets go of
         self.ptrs: list[int] = []         # params' data_ptr(): a `p.data = ...` swap must not go unnoticed
+        self.params: list = []            # the params with gradients, in plan order
+        self.all_present = False          # every param had a gradient when the plan was built
+        # New gradients go to the core as t.numpy(), unchecked here, when every entry is a plain float32/float64
+        # C-contiguous param (the core checks dtype, shape and layout, and a failure retakes the slow path):
+        self.fast_grads = False
+        self.dtypes: list = []            # each entry's param dtype, the only dtype its grad may have then
+        self.unchecked = False            # this step's new gradients took the fast path
         self.plan: Any = None
         self.buffer: Optional[torch.Tensor] = None  # the step counts; each state["step"] is a 0-d view of it
         self.steps: Optional[np.ndarray] = None     # a NumPy view of the buffer
@@ -476,21 +491,37 @@ class _FastAdamOptimizer(Optimizer):
             if not pr.entries or (found_inf is not None and float(found_inf) != 0.0):
                 return loss
             grad_scale = getattr(self, "grad_scale", None)
-            hyper = [self._hyper(g) for g in self.param_groups]
+            grad_scale = None if grad_scale is None else float(grad_scale)
+            groups = self.param_groups
+            hyper = groups if type(groups) is list and type(self)._hyper is Adam._hyper \
+                else [self._hyper(g) for g in groups]
             try:
-                pr.plan.step(pr.grad_arrays, hyper, None if grad_scale is None else float(grad_scale), False,
-                             self.num_threads)
+                pr.plan.step(pr.grad_arrays, hyper, grad_scale, False, self.num_threads)  # counts += 1 too
             except (TypeError, ValueError) as e:
-                raise type(e)(self._named(str(e), pr.entries)) from None
-            np.add(pr.steps, 1, out=pr.steps)
-            torch.autograd.graph.increment_version(pr.written)
+                if not pr.unchecked:
+                    raise type(e)(self._named(str(e), pr.entries)) from None
+                # Gradients taken unchecked did not pass the core's checks (nothing was written): everything
+                # is checked afresh -- params, state and gradients -- and the checked step taken, or the error
+                # of the check raised.  This optimizer then takes its gradients the checked way.
+                self._release_grads(pr)
+                pr = self._rebuild()
+                pr.fast_grads = False
+                try:
+                    pr.plan.step(pr.grad_arrays, hyper, grad_scale, False, self.num_threads)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(self._named(str(e), pr.entries)) from None
+            _increment_versions(pr.written)
             pr.buffer_version = pr.buffer._version
             return loss
         finally:
-            if pr.let_go:
-                for i in pr.let_go:
-                    pr.grad_objs[i] = pr.grad_arrays[i] = None
-                pr.let_go = []
+            self._release_grads(pr)
+
+    @staticmethod
+    def _release_grads(pr: _Prepared) -> None:
+        if pr.let_go:
+            for i in pr.let_go:
+                pr.grad_objs[i] = pr.grad_arrays[i] = None
+            pr.let_go = []
 
     def _prepare(self) -> _Prepared:
         """The step's views, checked against the groups, grads and state of now; taken afresh where they moved."""
@@ -506,27 +537,53 @@ class _FastAdamOptimizer(Optimizer):
         all_params = groups[0]["params"] if len(groups) == 1 else [p for g in groups for p in g["params"]]
         if len(all_params) != len(pr.all_params) or not all(map(operator.is_, all_params, pr.all_params)):
             return self._rebuild()
-        grads = [p.grad for p in all_params]
-        present = [g for g in grads if g is not None]
+        grads = list(map(_grad_of, all_params))
+        present = grads if pr.all_present else [g for g in grads if g is not None]
+        pr.unchecked = False
         if len(present) != len(pr.grad_objs) or not all(map(operator.is_, present, pr.grad_objs)):
-            if [i for i, g in enumerate(grads) if g is not None] != pr.positions:
+            if pr.all_present:
+                if not all(map(operator.is_not, grads, repeat(None))):
+                    return self._rebuild()
+            elif [i for i, g in enumerate(grads) if g is not None] != pr.positions:
                 return self._rebuild()
-            let_go = []
-            for i, g in enumerate(present):
-                if g is not pr.grad_objs[i]:
-                    pr.grad_arrays[i] = self._grad_array(pr.entries[i], g)
-                    pr.grad_objs[i] = g
-                    if id(g) != pr.grad_ids[i]:  # (an id may be a freed tensor's: then g is kept one step more)
-                        let_go.append(i)
-                        pr.grad_ids[i] = id(g)
-            pr.let_go = let_go
+            self._take_grads(pr, present)
         if pr.entries:
-            if [e.param.data_ptr() for e in pr.entries] != pr.ptrs:
+            if list(map(_data_ptr, pr.params)) != pr.ptrs:
                 return self._rebuild()
             if pr.buffer._version != pr.buffer_version:  # a step count was written into
                 pr.plan.steps = [int(c) for c in pr.steps]
                 pr.buffer_version = pr.buffer._version
         return pr
+
+    def _take_grads(self, pr: _Prepared, present: list) -> None:
+        """The views of the gradients that are not last step's tensors (after zero_grad(), all of them)."""
+        changed = list(compress(count(), map(operator.is_not, present, pr.grad_objs)))
+        every = len(changed) == len(present)
+        new = present if every else [present[i] for i in changed]
+        arrays = None
+        if pr.fast_grads and list(map(_dtype_of, new)) == (pr.dtypes if every else [pr.dtypes[i] for i in changed]):
+            try:
+                arrays = list(map(_as_numpy, new))  # refuses sparse, non-CPU and requires_grad tensors
+            except (TypeError, RuntimeError, ValueError):
+                arrays = None
+        if arrays is None:
+            arrays = [self._grad_array(pr.entries[i], g) for i, g in zip(changed, new)]
+        else:
+            pr.unchecked = True
+        ids = list(map(id, new))
+        # (an id may be a freed tensor's: then g is kept one step more)
+        if every:
+            pr.let_go = list(compress(count(), map(operator.ne, ids, pr.grad_ids)))
+            pr.grad_objs, pr.grad_arrays, pr.grad_ids = new, arrays, ids
+            return
+        let_go = []
+        for i, g, a, gid in zip(changed, new, arrays, ids):
+            pr.grad_arrays[i] = a
+            pr.grad_objs[i] = g
+            if gid != pr.grad_ids[i]:
+                let_go.append(i)
+                pr.grad_ids[i] = gid
+        pr.let_go = let_go
 
     def _amsgrad(self, group: dict[str, Any]) -> bool:
         return False
@@ -594,7 +651,13 @@ class _FastAdamOptimizer(Optimizer):
         except (TypeError, ValueError) as err:
             raise type(err)(self._named(str(err), pr.entries)) from None
         pr.plan.steps = [int(c) for c in counts]
-        pr.ptrs = [e.param.data_ptr() for e in pr.entries]
+        pr.plan.set_step_counts(pr.steps)
+        pr.params = [e.param for e in pr.entries]
+        pr.ptrs = list(map(_data_ptr, pr.params))
+        pr.all_present = len(pr.entries) == len(pr.all_params)
+        pr.dtypes = [e.dtype for e in pr.entries]
+        pr.fast_grads = not self._sparse_only and all(
+            not e.master and not e.flat and e.dtype in _WORK_DTYPES for e in pr.entries)
         written: list[torch.Tensor] = [buffer]
         for e in pr.entries:
             written.append(e.param)
