@@ -123,25 +123,23 @@ void AdamPlan::set_step_counts(PyObject* counts) {
                             true});
 }
 
+// How a held array differs from what the plan saw (null: it does not).
+const char* AdamPlan::change_of(const HeldArray& h) {
+    PyArrayObject* a = h.array;
+    if (PyArray_DATA(a) != h.data) return "its data buffer was replaced";
+    if (PyArray_DESCR(a) != h.descr && !PyArray_EquivTypes(PyArray_DESCR(a), h.descr)) return "its dtype was changed";
+    if (PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a)) return "its shape or strides were changed";
+    if (h.written && !PyArray_ISWRITEABLE(a)) return "it became read-only";
+    return nullptr;
+}
+
 void AdamPlan::check_written_unchanged() const {
-    for (const HeldArray& h : step_counts_) {
-        PyArrayObject* a = h.array;
-        if (PyArray_DATA(a) != h.data || (PyArray_DESCR(a) != h.descr && !PyArray_EquivTypes(PyArray_DESCR(a), h.descr)) ||
-            PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a))
+    for (const HeldArray& h : step_counts_)
+        if (change_of(h) != nullptr)
             throw ArgValueError{"step_counts changed after they were set (its data, dtype, shape, strides or "
                                 "writeability): set them again"};
-    }
     for (const HeldArray& h : written_) {
-        PyArrayObject* a = h.array;
-        const char* change = nullptr;
-        if (PyArray_DATA(a) != h.data)
-            change = "its data buffer was replaced";
-        else if (PyArray_DESCR(a) != h.descr && !PyArray_EquivTypes(PyArray_DESCR(a), h.descr))
-            change = "its dtype was changed";
-        else if (PyArray_NBYTES(a) != h.nbytes || !PyArray_IS_C_CONTIGUOUS(a))
-            change = "its shape or strides were changed";
-        else if (h.written && !PyArray_ISWRITEABLE(a))
-            change = "it became read-only";
+        const char* const change = change_of(h);
         if (change == nullptr) continue;
         const std::string index = "[" + std::to_string(h.tensor) + "]";
         const std::string what = std::string(h.role) == "params" ? "params" + index

@@ -79,6 +79,7 @@ class AdamPlan {
         const char* role;  // "params", "exp_avg", ... for the message
         bool written;
     };
+    static const char* change_of(const HeldArray& h);
 
     std::vector<PyObject*> owned_;      // strong references to every array we point into
     std::vector<AdamTensor> tensors_;   // grad pointers are filled in by each step

@@ -72,6 +72,15 @@ FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
     return take_b ? b : a;
 }
 
+// A kernel-internal variant bit: the gradient is used as it is, without the
+// multiply by inv_grad_scale and the XOR with grad_sign.  The loops take it
+// when those are 1 and +0.0 (no loss scaling, no maximize), where they are
+// identities (see below): the bits are the same, and in cache the two
+// operations are what holds the step below the exact-arithmetic probe
+// (measured on Zen 3, float32 2^14-2^20: 87.6-94.7% of it with them,
+// 93.9-99.5% without).
+constexpr unsigned kPlainGradient = kVariantCount;
+
 //   g  = g * (1 / grad_scale)                 (1 without loss scaling)
 //   g  = -g                                   if maximize (an XOR of the sign bit)
 //   g  = g + weight_decay * p                 if L2 weight decay (Adam)
@@ -101,15 +110,6 @@ FASTADAM_INLINE V maximum_propagating_nan(V a, V b) {
 // all of it below 3e-8, where it rounds to 1 -- and the error is the same every
 // step, so it builds up.  (lr * weight_decay) * p keeps float32's relative
 // accuracy at any size, and p is rounded once per step instead of twice.
-// A kernel-internal variant bit: the gradient is used as it is, without the
-// multiply by inv_grad_scale and the XOR with grad_sign.  The loops take it
-// when those are 1 and +0.0 (no loss scaling, no maximize), where they are
-// identities (see above): the bits are the same, and in cache the two
-// operations are what holds the step below the exact-arithmetic probe
-// (measured on Zen 3, float32 2^14-2^20: 87.6-94.7% of it with them,
-// 93.9-99.5% without).
-constexpr unsigned kPlainGradient = kVariantCount;
-
 template <unsigned Variant, class V, class Sqrt>
 FASTADAM_INLINE void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq,
                         const Coefficients<V>& c, Sqrt sqrt) {
