@@ -270,20 +270,37 @@ FASTADAM_INLINE void store_f16(std::uint16_t* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #elif defined(__AVX2__)
+// Zen 3 runs shifts, shuffles and lane crossings on two of its four vector
+// pipes, beside the multiplies, the divider and the square root; these
+// conversions use one such operation per register to load and two to store
+// (not 2 and 4: with bfloat16 moments that halved the in-cache step).
 FASTADAM_INLINE __m256 load_bf16(const std::uint16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    // The 8 values in both halves; each lands in the high 16 bits of its lane (0x80: a zero byte).
+    const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i to_high_halves = _mm256_setr_epi8(
+        -128, -128, 0, 1, -128, -128, 2, 3, -128, -128, 4, 5, -128, -128, 6, 7,
+        -128, -128, 8, 9, -128, -128, 10, 11, -128, -128, 12, 13, -128, -128, 14, 15);
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, to_high_halves));
 }
 FASTADAM_INLINE void store_bf16(std::uint16_t* p, __m256 x) {
     const __m256i u = _mm256_castps_si256(x);
-    const __m256i high = _mm256_srli_epi32(u, 16);
-    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(high, _mm256_set1_epi32(1)));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-    const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
-    const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-    // Every lane is <= 0xFFFF, so the saturating pack is a plain narrowing.
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    // float_to_bf16 before its final shift: bit 16 (the last bit kept) is min(u & 0x10000, 1), no shift needed.
+    const __m256i last_kept = _mm256_min_epu32(_mm256_and_si256(u, _mm256_set1_epi32(0x10000)), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), last_kept);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256i r = rounded;
+    if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {  // (a test and a branch: two operations, not three)
+        const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+        r = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(nan));
+    }
+    // The high 16 bits of each lane into the low 8 bytes of its 128-bit half, each half stored on its own
+    // (an extraction, not a lane-crossing permute, which would queue for the divider's pipe).
+    const __m256i from_high_halves = _mm256_setr_epi8(
+        2, 3, 6, 7, 10, 11, 14, 15, -128, -128, -128, -128, -128, -128, -128, -128,
+        2, 3, 6, 7, 10, 11, 14, 15, -128, -128, -128, -128, -128, -128, -128, -128);
+    const __m256i packed = _mm256_shuffle_epi8(r, from_high_halves);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p + 4), _mm256_extracti128_si256(packed, 1));
 }
 FASTADAM_INLINE __m256 load_f16(const std::uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
