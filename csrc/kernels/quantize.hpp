@@ -84,26 +84,45 @@ struct CodeLanes {
     }
 };
 
+// The bucket table's fields as locals: the loop that stores codes through a
+// byte pointer (which may alias anything) keeps them in registers instead of
+// re-reading the book after every store.
+struct BucketTable {
+    const std::uint32_t* entries;
+    std::uint32_t floor_bits;
+    std::uint32_t rank_mask;
+    std::int32_t shift;
+    std::int32_t buckets;
+    std::int32_t zero_code;
+    explicit BucketTable(const Codebook& book)
+        : entries(book.bucket),
+          floor_bits(book.floor_bits),
+          rank_mask((1u << book.shift) - 1u),
+          shift(book.shift),
+          buckets(book.buckets),
+          zero_code(book.zero_code) {}
+};
+
 // The codes of the values x of one block whose absmax is `absmax` (> 0):
 // kernel_api.hpp's Codebook table.  A NaN or inf element gets the code of 0.
-FASTADAM_INLINE CodeLanes::I nearest_codes(const Codebook& book, CodeLanes::F x, CodeLanes::F absmax) {
+FASTADAM_INLINE CodeLanes::I nearest_codes(const BucketTable& table, CodeLanes::F x, CodeLanes::F absmax) {
     using L = CodeLanes;
     const L::F y = x / absmax;  // correctly rounded, in [-1, 1] for finite x: as fastadam.reference
     const L::U bits = reinterpret_cast<L::U>(y);
-    const L::U one = L::U{} + 0x3F800000u, floor = L::U{} + book.floor_bits;
+    const L::U one = L::U{} + 0x3F800000u, floor = L::U{} + table.floor_bits;
     L::U magnitude = bits & 0x7FFFFFFFu;
     magnitude = magnitude < one ? magnitude : one;  // NaN lanes stay inside the table
     magnitude = magnitude > floor ? magnitude : floor;
     const L::U above_floor = magnitude - floor;
     const L::I negative = reinterpret_cast<L::I>(bits) >> 31;  // all ones for negative y
-    const L::I bucket = reinterpret_cast<L::I>(above_floor >> book.shift) + (negative & book.buckets);
-    const L::I entry = L::gather(book.bucket, bucket);
-    const L::I rank = reinterpret_cast<L::I>(above_floor & ((1u << book.shift) - 1u));
+    const L::I bucket = reinterpret_cast<L::I>(above_floor >> table.shift) + (negative & table.buckets);
+    const L::I entry = L::gather(table.entries, bucket);
+    const L::I rank = reinterpret_cast<L::I>(above_floor & table.rank_mask);
     const L::I threshold = entry & 0xFFFFFF;
     const L::I step = negative ? rank < threshold : rank > threshold;  // a true comparison is -1
     const L::I code = reinterpret_cast<L::I>(reinterpret_cast<L::U>(entry) >> 24) - step;
     const L::I finite = (reinterpret_cast<L::I>(x) & 0x7FFFFFFF) < 0x7F800000;
-    return finite ? code : L::ints(book.zero_code);
+    return finite ? code : L::ints(table.zero_code);
 }
 
 // The nearest code of y by binary search: for maps whose midpoints lie too
@@ -153,12 +172,19 @@ FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, st
     // The largest finite |x|: for non-negative floats, integer order is
     // float order; NaN and inf count as 0 (and so do the zeros past n).
     L::I largest = L::ints(0);
-    for (std::int64_t j = 0; j < n; j += L::width) {
-        const L::I magnitude = reinterpret_cast<L::I>(block_floats(from, j, n)) & 0x7FFFFFFF;
+    const auto count_in = [&largest](L::F x) FASTADAM_LAMBDA_INLINE {
+        const L::I magnitude = reinterpret_cast<L::I>(x) & 0x7FFFFFFF;
         const L::I finite = magnitude < 0x7F800000;
         const L::I counted = finite & magnitude;
         largest = counted > largest ? counted : largest;
+    };
+    std::int64_t whole = 0;
+    for (; whole + L::width <= n; whole += L::width) {
+        L::F x;
+        std::memcpy(&x, from + whole, sizeof x);
+        count_in(x);
     }
+    if (whole < n) count_in(block_floats(from, whole, n));
     std::int32_t top = 0;
     for (int l = 0; l < L::width; ++l) top = largest[l] > top ? largest[l] : top;
     float absmax;
@@ -176,15 +202,17 @@ FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, st
         return absmax;
     }
     const L::F scale = L::floats(absmax);
-    for (std::int64_t j = 0; j < n; j += L::width) {
-        const L::I code = nearest_codes(book, block_floats(from, j, n), scale);
-        if (n - j >= L::width) {
-            L::store_codes(codes + j, code);
-        } else {
-            std::uint8_t some[L::width];
-            L::store_codes(some, code);
-            std::memcpy(codes + j, some, static_cast<std::size_t>(n - j));
-        }
+    const BucketTable table(book);
+    std::int64_t j = 0;
+    for (; j + L::width <= n; j += L::width) {
+        L::F x;
+        std::memcpy(&x, from + j, sizeof x);
+        L::store_codes(codes + j, nearest_codes(table, x, scale));
+    }
+    if (j < n) {
+        std::uint8_t some[L::width];
+        L::store_codes(some, nearest_codes(table, block_floats(from, j, n), scale));
+        std::memcpy(codes + j, some, static_cast<std::size_t>(n - j));
     }
     return absmax;
 }
