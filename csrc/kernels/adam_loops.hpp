@@ -549,12 +549,16 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
     if (begin >= end) return;
     const AdamConstants<T>& constants = constants_for<T>(*t.constants);
     const BlockCoefficients<T> c = broadcast_for_blocks(constants);
-    const bool direct = is_direct(t);
-    // The common float32 case gets the loop without the gradient's scale and sign (kPlainGradient); only
-    // it, and not amsgrad's, so that the extension stays small (each such loop is ~7 KB per level).
+    // The common float32 cases get the loop without the gradient's scale and sign (kPlainGradient); not
+    // amsgrad, so that the extension stays small (each such loop is ~7 KB per level).  With bfloat16
+    // moments that loop is the only direct one (amsgrad aside): loss scaling or maximize with them goes
+    // staged, a rare case that does not pay for a loop of its own.
     constexpr bool has_plain_loop = sizeof(T) == sizeof(float) && (Variant & kAmsgrad) == 0;
+    constexpr unsigned plain_variant = Variant | (has_plain_loop ? kPlainGradient : 0);
     const bool plain = has_plain_loop && constants.inv_grad_scale == T(1) && constants.grad_sign == T(0) &&
                        !__builtin_signbit(constants.grad_sign);
+    const bool bf16_moments = t.exp_avg.storage == Storage::bfloat16;
+    const bool direct = is_direct(t) && !(bf16_moments && has_plain_loop && !plain);
     const bool gather = t.rows != nullptr;
     const std::int64_t row_size = gather ? t.row_size : end;
     const std::int64_t row_count = gather ? t.size / t.row_size : 1;
@@ -569,9 +573,8 @@ void adam_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t end)
         if (direct) {
             constexpr Storage same = Storage::same, bf16 = Storage::bfloat16;
             if constexpr (sizeof(T) == sizeof(float)) {
-                if (t.exp_avg.storage == bf16) direct_stretch<T, Variant, bf16, bf16>(s, column, stop, c);
-                else if (plain) direct_stretch<T, Variant | (has_plain_loop ? kPlainGradient : 0), same, same>(
-                    s, column, stop, c);
+                if (bf16_moments) direct_stretch<T, plain_variant, bf16, bf16>(s, column, stop, c);
+                else if (plain) direct_stretch<T, plain_variant, same, same>(s, column, stop, c);
                 else direct_stretch<T, Variant, same, same>(s, column, stop, c);
             } else {
                 direct_stretch<T, Variant, same, same>(s, column, stop, c);
