@@ -84,15 +84,19 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
         PyArrayObject* b_array = nullptr;
         const Storage b_storage = check_grad(lists[1][i], lists[1].name(i), x, lists[0].name(i), b_data, b_array);
         if (b_storage == Storage::float16) throw ArgTypeError{"probe: b must be float32, float64 or bfloat16"};
-        // c and d as the step's moments: a's dtype, or bfloat16 beside a float32 a (no 8-bit probe).
+        // c and d as the step's moments: a's dtype, bfloat16 beside a float32 a, or both 8-bit state.
         const CheckedMoment c = check_moment(lists[2][i], lists[2].name(i), x, lists[0].name(i));
         const CheckedMoment d = check_moment(lists[3][i], lists[3].name(i), x, lists[0].name(i));
-        if (c.stream.storage == Storage::block8 || d.stream.storage == Storage::block8)
-            throw ArgTypeError{"probe: c and d may be float32, float64 or bfloat16 arrays, not 8-bit state"};
+        const bool block8 = c.stream.storage == Storage::block8;
+        if (block8 != (d.stream.storage == Storage::block8) || (block8 && (b_storage != Storage::same || has_e)))
+            throw ArgTypeError{"probe: 8-bit state goes in both c and d, beside a float32 b and no e"};
         ProbeTensor t{x.data, b_data, c.stream.data, d.stream.data, x.size, x.dtype};
         t.bf16_b = b_storage == Storage::bfloat16;
         t.bf16_c = c.stream.storage == Storage::bfloat16;
         t.bf16_d = d.stream.storage == Storage::bfloat16;
+        t.block8 = block8;
+        t.absmax_c = c.stream.absmax;
+        t.absmax_d = d.stream.absmax;
         t.exact = exact;
         if (has_e) {
             Storage e_storage = Storage::same;

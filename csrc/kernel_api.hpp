@@ -179,6 +179,12 @@ struct ProbeTensor {
     // read widened and written rounded to nearest-even.
     bool bf16_c = false;
     bool bf16_d = false;
+    // The 8-bit state pattern (float32 only): c and d are one code byte per
+    // element and one float32 per block of kQuantBlock elements (absmax_c,
+    // absmax_d), read and written as the 8-bit step does.
+    bool block8 = false;
+    float* absmax_c = nullptr;
+    float* absmax_d = nullptr;
     // c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k) instead.
     bool exact = false;
 };

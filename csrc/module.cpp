@@ -168,7 +168,9 @@ PYBIND11_MODULE(_core, m) {
         "traffic): read exactly, computed in float32, stored rounded to nearest-even.  With exact=True, the same\n"
         "traffic and exactly the step's correctly rounded division and square root per element:\n"
         "c' = c/2 + b, d' = d/2 + b*b, a = a - c' / (sqrt(d') + 1e-8), then c = c', d = d' (a uses c' and d' in\n"
-        "float32, before a bfloat16 c or d is rounded).");
+        "float32, before a bfloat16 c or d is rounded).  c and d may both be 8-bit state ((codes, absmax, map)\n"
+        "beside a float32 a and b: the 8-bit step's traffic): each code is read as a float and replaced by the\n"
+        "second byte of its new value's bits, and each absmax x becomes x/2 + 1/2.");
 
     m.def(
         "quantize_blockwise",

@@ -124,6 +124,10 @@ def test_the_state_dtype_suite_checks_times_and_writes_its_rows(tmp_path):
             step = r["contenders"][f"adam_step {pair}"]
             assert step["bytes_per_element"] == bytes_per_element and len(step["seconds"]) == 3
             assert step["percent_of_probe"]["median"] > 0 and step["float32_step_time_over_this"]["median"] > 0
+        # The 8-bit step, against its own probes (the codes' and block floats' bytes).
+        assert {"fastadam int8/int8", "probe int8/int8", "exact probe int8/int8"} <= set(r["contenders"])
+        int8 = r["contenders"]["fastadam int8/int8"]
+        assert int8["percent_of_probe"]["median"] > 0 and int8["percent_of_exact_probe"]["median"] > 0
         assert r["other_load_cores"] is None or r["other_load_cores"] >= 0
     if "bitsandbytes" in timings["not_importable"]:
         assert "not importable, so not in the run: bitsandbytes AdamW8bit" in result.stdout

@@ -7,7 +7,10 @@ c' = c/2 + b, d' = d/2 + b*b, a = a - c' / (sqrt(d') + 1e-8).  Beside a float32
 a, b may be bfloat16 (the mixed-precision step's gradient, with e receiving a
 rounded to bfloat16), and c and d may be bfloat16 (the bfloat16 moments: read
 exactly, computed in float32, stored rounded to nearest-even; a uses c' and d'
-before that rounding, as the step uses its moments).  The benchmarks check
+before that rounding, as the step uses its moments), or both 8-bit state
+(codes and one float per block of 256, read and written as the 8-bit step
+does: each code is read as a float, and replaced by the second byte of its new
+value's bits; each block's float x becomes x/2 + 1/2).  The benchmarks check
 each probe against these formulas before timing it; here they are pinned bit
 for bit (the build has -ffp-contract=off, so NumPy's float32 operations in the
 same order give the same bits).
@@ -18,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import fastadam
 from conftest import assert_bitwise_equal
-from fastadam import _core
+from fastadam import QuantizedState, _core
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -126,3 +130,47 @@ def test_a_bad_moment_is_refused_naming_it(bad, message):
 def test_bfloat16_moments_need_a_float32_a():
     with pytest.raises(TypeError, match="c: a bfloat16 moment needs a float32 param, and a is float64"):
         _core.probe_step(np.zeros(4), np.zeros(4), np.zeros(4, BF16), np.zeros(4))
+
+
+def quantized_inputs(size, rng):
+    """a, b and two 8-bit states with random codes and block floats."""
+    blocks = -(-size // 256)
+    a = rng.standard_normal(size, dtype=np.float32)
+    b = rng.standard_normal(size, dtype=np.float32)
+    c, d = (QuantizedState(rng.integers(0, 256, size).astype(np.uint8), rng.random(blocks, dtype=np.float32),
+                           fastadam.dynamic_map(signed)) for signed in (True, False))
+    return a, b, c, d
+
+
+def second_byte(x):
+    return ((x.view(np.uint32) >> 8) & 0xFF).astype(np.uint8)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["probe", "exact"])
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 255, 256, 257, 1003, (1 << 17) + 5])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_probe_with_8_bit_state_moves_codes_and_block_floats(size, exact, threads):
+    a, b, c, d = quantized_inputs(size, np.random.default_rng(size))
+    ea, ec, ed = expected_probe(a, b, c.codes, d.codes, exact)  # the codes read as floats
+    half = np.float32(0.5)
+    c_absmax, d_absmax = c.absmax * half + half, d.absmax * half + half
+    _core.probe_step(a, b, c, d, threads, exact=exact)
+    assert_bitwise_equal(a, ea, "a")
+    np.testing.assert_array_equal(c.codes, second_byte(ec))
+    np.testing.assert_array_equal(d.codes, second_byte(ed))
+    assert_bitwise_equal(c.absmax, c_absmax, "c.absmax")  # every block's, once, whatever the threads
+    assert_bitwise_equal(d.absmax, d_absmax, "d.absmax")
+
+
+@pytest.mark.parametrize("where", ["c only", "beside a bfloat16 b"])
+def test_8_bit_state_goes_in_both_c_and_d_beside_a_float32_b(where):
+    a, b, c, d = quantized_inputs(300, np.random.default_rng(5))
+    before = [x.copy() for x in (a, c.codes, c.absmax)]
+    if where == "c only":
+        d = np.zeros(300, np.float32)
+    else:
+        b = b.astype(BF16)
+    with pytest.raises(TypeError, match="8-bit state goes in both c and d, beside a float32 b"):
+        _core.probe_step(a, b, c, d)
+    for x, y in zip((a, c.codes, c.absmax), before):
+        np.testing.assert_array_equal(x, y)  # refused before anything was written

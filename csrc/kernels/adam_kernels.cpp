@@ -27,7 +27,7 @@ bool nonfinite_range(const AdamTensor& t, std::int64_t begin, std::int64_t end) 
     }
 }
 
-// The float32 probe for each storage of b, c and d (bfloat16 or float32).
+// The float32 probe for each storage of b, c and d (bfloat16 or float32; 8-bit c and d beside float32 b).
 template <bool Exact, Storage B, Storage C>
 void probe_float_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     if (t.bf16_d) probe_range_typed<float, B, C, kBf16, Exact>(t, begin, end);
@@ -42,6 +42,7 @@ void probe_float_range(const ProbeTensor& t, std::int64_t begin, std::int64_t en
 template <bool Exact>
 void probe_range_of(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
     if (t.dtype == DType::float64) probe_range_typed<double, kSame, kSame, kSame, Exact>(t, begin, end);
+    else if (t.block8) probe_range_typed<float, kSame, Storage::block8, Storage::block8, Exact>(t, begin, end);
     else if (t.bf16_b) probe_float_range<Exact, kBf16>(t, begin, end);
     else probe_float_range<Exact, kSame>(t, begin, end);
 }

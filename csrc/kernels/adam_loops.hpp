@@ -669,9 +669,87 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
 // value in bfloat16); c and d are the bfloat16 moments.  A bfloat16 c or d is
 // widened exactly, computed in float32 and stored rounded to nearest-even;
 // like the step, a uses c and d before that rounding.
+//
+// An 8-bit c or d (block8) is read as its code bytes, converted to float
+// (exact), and written back as the second byte of the new value's bits (no
+// conversion back, whose out-of-range cases differ between lanes and C++);
+// its per-block float becomes x / 2 + 1 / 2 (a multiply-add that neither
+// grows nor vanishes over many calls) in a loop of its own (1/256 of the
+// traffic).
+
+// The lanes of a block that hold elements.
+template <class Block>
+FASTADAM_INLINE int lanes_of(const Block&) {
+    return static_cast<int>(sizeof(typename Block::V) / sizeof(float));
+}
+FASTADAM_INLINE int lanes_of(const PartialBlock<float>& block) { return block.count; }
+
+// Byte and 32-bit integer registers of W lanes (spelled out: GCC drops a
+// vector_size that depends on a template parameter).
+template <int W>
+struct ByteLanes;
+template <>
+struct ByteLanes<4> {
+    typedef std::uint8_t Bytes __attribute__((vector_size(4)));
+    typedef std::uint32_t Ints __attribute__((vector_size(16)));
+};
+template <>
+struct ByteLanes<8> {
+    typedef std::uint8_t Bytes __attribute__((vector_size(8)));
+    typedef std::uint32_t Ints __attribute__((vector_size(32)));
+};
+template <>
+struct ByteLanes<16> {
+    typedef std::uint8_t Bytes __attribute__((vector_size(16)));
+    typedef std::uint32_t Ints __attribute__((vector_size(64)));
+};
+
+template <class Block>
+FASTADAM_INLINE typename Block::V load_code_floats(const std::uint8_t* p, const Block& block) {
+    using V = typename Block::V;
+    if constexpr (sizeof(V) == sizeof(float)) {
+        return static_cast<float>(*p);
+    } else {
+        constexpr int width = sizeof(V) / sizeof(float);
+        using L = ByteLanes<width>;
+        if constexpr (width == CodeLanes::width) {
+            if (lanes_of(block) == width) return __builtin_convertvector(CodeLanes::load_codes(p), V);
+        }
+        typename L::Bytes bytes = {};
+        std::memcpy(&bytes, p, static_cast<std::size_t>(lanes_of(block)));
+        return __builtin_convertvector(__builtin_convertvector(bytes, typename L::Ints), V);
+    }
+}
+
+template <class Block>
+FASTADAM_INLINE void store_code_bytes(std::uint8_t* p, typename Block::V x, const Block& block) {
+    using V = typename Block::V;
+    if constexpr (sizeof(V) == sizeof(float)) {
+        *p = static_cast<std::uint8_t>(float_to_bits(x) >> 8);
+    } else {
+        constexpr int width = sizeof(V) / sizeof(float);
+        using Ints = typename ByteLanes<width>::Ints;
+        const Ints byte = (reinterpret_cast<Ints>(x) >> 8) & 0xFFu;
+        if constexpr (width == CodeLanes::width) {
+            if (lanes_of(block) == width) {
+                CodeLanes::store_codes(p, reinterpret_cast<CodeLanes::I>(byte));
+                return;
+            }
+        }
+        for (int lane = 0; lane < lanes_of(block); ++lane) p[lane] = static_cast<std::uint8_t>(byte[lane]);
+    }
+}
+
+template <class T, Storage S, class Block>
+FASTADAM_INLINE typename Block::V load_probe_stream(const void* from, std::int64_t i, const Block& block) {
+    if constexpr (S == Storage::block8) return load_code_floats(static_cast<const std::uint8_t*>(from) + i, block);
+    else return load_grad<T, S>(from, i, block);
+}
+
 template <class T, Storage S, class Block>
 FASTADAM_INLINE void store_probe_stream(void* to, std::int64_t i, const Block& block, typename Block::V x) {
     if constexpr (S == Storage::same) block.store(static_cast<T*>(to) + i, x);
+    else if constexpr (S == Storage::block8) store_code_bytes(static_cast<std::uint8_t*>(to) + i, x, block);
     else block.template store16<S>(static_cast<std::uint16_t*>(to) + i, x);
 }
 
@@ -681,8 +759,8 @@ FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Blo
     const V h = Block::broadcast(T(0.5)), k = Block::broadcast(T(1e-8));
     T* a = static_cast<T*>(t.a) + i;
     const V bv = load_grad<T, B>(t.b, i, block);
-    const V c_old = load_grad<T, C>(t.c, i, block);
-    const V d_old = load_grad<T, D>(t.d, i, block);
+    const V c_old = load_probe_stream<T, C>(t.c, i, block);
+    const V d_old = load_probe_stream<T, D>(t.d, i, block);
     V av, cv, dv;
     if constexpr (Exact) {
         cv = c_old * h + bv;
@@ -702,11 +780,19 @@ FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Blo
 }
 
 template <class T, Storage B, Storage C, Storage D, bool Exact>
-void probe_range_typed(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
+void probe_range_typed(const ProbeTensor& tensor, std::int64_t begin, std::int64_t end) {
+    const ProbeTensor t = tensor;  // a local copy: stores of code bytes cannot alias it (as update_span)
     const auto block = [&](std::int64_t i, const auto& kind) FASTADAM_LAMBDA_INLINE {
         probe_block<T, B, C, D, Exact>(t, i, kind);
     };
     for_each_block(static_cast<const T*>(t.a), begin, end, block);
+    if constexpr (C == Storage::block8) {
+        // A piece holds whole blocks (launch.cpp): the block of `begin` up to the one holding end - 1.
+        for (std::int64_t k = begin / kQuantBlock; k * kQuantBlock < end; ++k) {
+            t.absmax_c[k] = t.absmax_c[k] * 0.5f + 0.5f;
+            t.absmax_d[k] = t.absmax_d[k] * 0.5f + 0.5f;
+        }
+    }
 }
 
 }  // namespace FASTADAM_LEVEL
