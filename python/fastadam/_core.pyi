@@ -62,8 +62,8 @@ def as_array(obj: Any, name: str) -> Any: ...
 def probe_step(
     a: np.ndarray,
     b: np.ndarray,
-    c: np.ndarray,
-    d: np.ndarray,
+    c: Union[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    d: Union[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]],
     num_threads: Optional[int] = None,
     e: Optional[np.ndarray] = None,
     exact: bool = False,
