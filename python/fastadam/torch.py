@@ -946,7 +946,7 @@ class _FastAdamOptimizer(Optimizer):
             if role == "params":
                 return (f"state[{e.name}]['master_param']" if e.master else e.name) + (part or "")
             if part and role in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # a tensor of 8-bit state
-                return roles[role].format(e.name)[:-1] + "_" + part[1:] + "'"
+                return roles[role].format(e.name)[:-2] + "_" + part[1:] + "']"
             return roles[role].format(e.name) + (part or "")
 
         return re.sub(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|model_params)\[(\d+)\]"
