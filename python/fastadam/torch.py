@@ -1009,10 +1009,17 @@ class Adam(_FastAdamOptimizer):
     (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
     (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
     through float32 master copies (``state["master_param"]``) and float32
-    moments; ``state_dtype="bfloat16"`` (or a pair for ``exp_avg``,
-    ``exp_avg_sq``) keeps the moments of float32 params of at least
-    ``min_compressed_size`` elements as bfloat16 tensors (see
-    :class:`fastadam.Adam`); ``eps_before_bias_correction=True`` (also a group key) adds eps
+    moments; ``state_dtype="bfloat16"`` or ``"int8"`` (or a pair for
+    ``exp_avg``, ``exp_avg_sq``; amsgrad's maximum follows ``exp_avg_sq``)
+    keeps the moments of float32 params (master copies included) of at least
+    ``min_compressed_size`` elements as bfloat16 tensors, or in 8-bit
+    block-wise state: ``state[p]`` then holds ``exp_avg_codes`` (uint8, the
+    param's shape and strides), ``exp_avg_absmax`` (float32, one per block of
+    256 elements of the param's memory) and ``exp_avg_map`` (float32, 256
+    values, shared by the params) in place of ``exp_avg``, and so on; element
+    ``j`` stands for ``map[codes[j]] * absmax[j // 256]`` (see
+    :class:`fastadam.Adam`; :meth:`load_state_dict` converts between the
+    storages); ``eps_before_bias_correction=True`` (also a group key) adds eps
     before the bias correction, as Keras and scikit-learn do (see
     :func:`fastadam.adam_step`); ``num_threads`` caps the threads of a step.
 
@@ -1092,6 +1099,9 @@ class SparseAdam(_FastAdamOptimizer):
 
     Options, defaults, checks and ``state_dict`` format (``"step"`` an int)
     are torch's; a dense gradient raises RuntimeError, as there.
+    ``state_dtype`` and ``min_compressed_size`` are :class:`Adam`'s; with
+    8-bit state a row must hold a multiple of 256 elements (a block never
+    straddles rows), else the step raises ValueError and changes nothing.
     """
 
     _sparse_only = True
