@@ -461,10 +461,3 @@ def test_8_bit_state_needs_a_float32_param():
     with pytest.raises(TypeError, match=r"exp_avgs: 8-bit state needs a float32 param"):
         fastadam.adam_step(p, p.copy(), m, p.copy(), step=1)
 
-
-def test_fastadam_torch_refuses_int8_state_for_now():
-    torch = pytest.importorskip("torch")
-    import fastadam.torch as fatorch
-
-    with pytest.raises(ValueError, match=r"state_dtype='int8' is not supported by fastadam.torch yet"):
-        fatorch.Adam([torch.nn.Parameter(torch.zeros(3))], state_dtype="int8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 import zipfile
@@ -94,32 +95,38 @@ def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: in
         if src.shape != a.shape or (src.dtype != a.dtype and not convertible):
             raise ValueError(f"state[{i}][{key!r}]: expected {a.dtype}{a.shape}, got {src.dtype}{src.shape}")
     for key in _moment_names(mine):
-        if (key in saved) == (key in mine):
+        if key in saved and key in mine:  # float32 or bfloat16 on both sides: checked above
             continue
-        # 8-bit state into a float32/bfloat16 moment, or the reverse: the values must fit the param.
         shape = (mine[key] if key in mine else mine[key + "_codes"]).shape
-        if key in saved:
+        if key in saved:  # a float32/bfloat16 moment to quantize into this optimizer's 8-bit state
             src = saved[key]
             if src.shape != shape or src.dtype.name not in ("float32", "bfloat16"):
                 raise ValueError(f"state[{i}][{key!r}]: expected float32 or bfloat16{shape} to convert into "
                                  f"8-bit state, got {src.dtype}{src.shape}")
-        else:
-            if mine[key].dtype.name not in ("float32", "bfloat16"):
-                raise ValueError(f"state[{i}]: 8-bit {key!r} cannot load into a {mine[key].dtype} moment")
-            codes, absmax, qmap = (saved[key + part] for part in _QUANTIZED_PARTS)
-            wants = {"_codes": (np.uint8, shape), "_absmax": (np.float32, (-(-int(np.prod(shape)) // QUANT_BLOCK),)),
-                     "_map": (np.float32, (256,))}
-            for part, a in zip(_QUANTIZED_PARTS, (codes, absmax, qmap)):
-                dtype, part_shape = wants[part]
-                if a.dtype != dtype or a.shape != part_shape:
-                    raise ValueError(f"state[{i}][{key + part!r}]: expected {np.dtype(dtype)}{part_shape}, "
-                                     f"got {a.dtype}{a.shape}")
-    for key in want:
-        if key.endswith("_map") and saved[key].shape == (256,) and saved[key].dtype == np.float32:
-            try:
-                _core.codebook_layout(saved[key])
-            except ValueError as e:
-                raise ValueError(f"state[{i}][{key!r}]: {e}") from None
+            continue
+        if key in mine and mine[key].dtype.name not in ("float32", "bfloat16"):
+            raise ValueError(f"state[{i}]: 8-bit {key!r} cannot load into a {mine[key].dtype} moment")
+        _check_quantized_parts([saved[key + part] for part in _QUANTIZED_PARTS], shape, f"state[{i}]", key)
+
+
+def _check_quantized_parts(parts: Sequence[np.ndarray], shape: tuple[int, ...], where: str, key: str) -> None:
+    """The arrays ``(codes, absmax, map)`` of moment ``key`` in 8-bit state, for a param of ``shape``.
+
+    They must be what a step takes: uint8 codes of the param's shape, one
+    float32 absmax per block of ``QUANT_BLOCK`` elements (``ceil(size /
+    256)``), and a map of 256 finite, strictly ascending float32 values that
+    holds 0.  A ValueError names the entry, ``where[key + part]``.
+    """
+    blocks = -(-math.prod(shape) // QUANT_BLOCK)
+    wants = ((np.uint8, tuple(shape)), (np.float32, (blocks,)), (np.float32, (256,)))
+    for part, a, (dtype, part_shape) in zip(_QUANTIZED_PARTS, parts, wants):
+        if a.dtype != dtype or a.shape != part_shape:
+            raise ValueError(f"{where}[{key + part!r}]: expected {np.dtype(dtype)}{part_shape}, "
+                             f"got {a.dtype}{a.shape}")
+    try:
+        _core.codebook_layout(parts[2])
+    except ValueError as e:
+        raise ValueError(f"{where}[{key + '_map'!r}]: {e}") from None
 
 
 def _copy_converted(src: np.ndarray, a: np.ndarray) -> None:

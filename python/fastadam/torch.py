@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _core
-from ._optim import _state_dtypes
+from ._optim import _QUANTIZED_PARTS, _check_quantized_parts, _convert_moment, _state_dtypes
+from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
@@ -43,8 +44,16 @@ _as_numpy = torch.Tensor.numpy
 # torch.autograd.graph.increment_version without its Python wrapper (which only wraps a lone tensor in a tuple).
 _increment_versions = getattr(torch._C, "_increment_version", torch.autograd.graph.increment_version)
 _WORK_DTYPES = (torch.float32, torch.float64)
-#: The state tensors of a param that the step updates, besides "step".
+#: The state tensors of a param that the step updates, besides "step", where its moments are not 8-bit.
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: A moment in 8-bit state is three tensors, named as in fastadam.Adam's state: <moment>_codes (uint8, the
+#: param's shape and strides), <moment>_absmax (float32, one per 256-element block of the param's memory)
+#: and <moment>_map (float32, 256 values; one per kind, shared by the optimizer's params).
+_QUANTIZED_KEYS = tuple(key + part for key in _MOMENT_KEYS for part in _QUANTIZED_PARTS)
+_QUANTIZED_DTYPES = dict(zip(_QUANTIZED_PARTS, (torch.uint8, torch.float32, torch.float32)))
+#: What a step writes into (a map is only read).
+_WRITTEN_TENSORS = _STATE_TENSORS + tuple(key for key in _QUANTIZED_KEYS if not key.endswith("_map"))
 
 # -- state containers that report replaced tensors ---------------------------------------------------------
 #
@@ -160,6 +169,69 @@ def _view(t: torch.Tensor, flat: bool, name: str) -> np.ndarray:
     return t.numpy()
 
 
+def _moment_view(s: dict, key: str, e: "_Entry") -> Any:
+    """A moment as the kernel takes it: a view of its tensor, or for 8-bit state a QuantizedState of views."""
+    if key + "_codes" in s:
+        return QuantizedState(_view(s[key + "_codes"], e.flat, e.name), _view(s[key + "_absmax"], False, e.name),
+                              _view(s[key + "_map"], False, e.name))
+    return _view(s[key], e.flat, e.name)
+
+
+# -- 8-bit state ---------------------------------------------------------------------------------------------
+
+def _has_quantized(s: dict, key: str) -> bool:
+    """Whether ``s`` holds (a part of) moment ``key`` in 8-bit state."""
+    return key + "_codes" in s or key + "_absmax" in s or key + "_map" in s
+
+
+def _is_plain(t: Any, dtype: torch.dtype, stride: tuple) -> bool:
+    """A CPU tensor of ``dtype`` and ``stride`` outside autograd: one the step can view as it is."""
+    return isinstance(t, torch.Tensor) and t.dtype is dtype and t.device.type == "cpu" and \
+        t.layout is torch.strided and t.stride() == stride and not t.requires_grad
+
+
+def _check_quantized(s: dict, key: str, p: torch.Tensor, where: str) -> None:
+    """Check moment ``key`` of ``s`` in 8-bit state against param ``p``: ValueError naming the entry.
+
+    Three tensors as the step takes them (fastadam.Adam's check of their arrays: uint8 codes of the
+    param's shape, ceil(numel / 256) float32 absmax values, 256 float32 map values, finite, ascending and
+    holding 0); the codes laid out densely (their blocks run over their memory); a float32 working param.
+    """
+    if key in s:
+        raise ValueError(f"{where}: holds both {key!r} and {key + '_codes'!r}; a moment is one float tensor "
+                         f"or 8-bit state")
+    arrays = []
+    for part, dtype in _QUANTIZED_DTYPES.items():
+        name = key + part
+        if name not in s:
+            raise ValueError(f"{where}: no {name!r} (a moment in 8-bit state is {key}_codes, {key}_absmax and "
+                             f"{key}_map)")
+        t = s[name]
+        if not isinstance(t, torch.Tensor) or t.layout is not torch.strided or t.dtype is not dtype:
+            got = f"a {t.dtype} tensor" + ("" if t.layout is torch.strided else f" of layout {t.layout}") \
+                if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{where}[{name!r}]: expected a {dtype} tensor, got {got}")
+        arrays.append(t.detach().cpu().resolve_neg().numpy())
+    _check_quantized_parts(arrays, tuple(p.shape), where, key)
+    codes = s[key + "_codes"]
+    if _layout(codes) is None:
+        raise ValueError(f"{where}[{key + '_codes'!r}]: strides {codes.stride()} are not dense (C-contiguous or "
+                         "channels_last), and the blocks of 8-bit state run over the codes' memory")
+    if p.dtype is not torch.float32 and p.dtype not in _LOW_PRECISION:
+        raise ValueError(f"{where}[{key + '_codes'!r}]: 8-bit state needs a float32 param (or float16/bfloat16 "
+                         f"with master weights), this one is {p.dtype}")
+
+
+def _dequantized(s: dict, key: str, where: str) -> torch.Tensor:
+    """The values of checked 8-bit moment ``key`` of ``s`` (map[code] * absmax), in float32 laid out as its codes."""
+    codes = s[key + "_codes"].detach().cpu()
+    flat = bool(_layout(codes))
+    values = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    _convert_moment(QuantizedState(_view(codes, flat, where), _view(s[key + "_absmax"].cpu(), False, where),
+                                   _view(s[key + "_map"].cpu(), False, where)), _view(values, flat, where))
+    return values
+
+
 def _step_value(value: Any, where: str) -> float:
     """A saved step count (a tensor, as torch.optim.Adam saves it, or a number) as a float >= 0."""
     try:
@@ -241,9 +313,6 @@ class _FastAdamOptimizer(Optimizer):
         if isinstance(min_compressed_size, bool) or not isinstance(min_compressed_size, int) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
         self.state_dtype = _state_dtypes(state_dtype)
-        if "int8" in self.state_dtype:
-            raise ValueError("state_dtype='int8' is not supported by fastadam.torch yet (fastadam.Adam on NumPy "
-                             "arrays has it); use 'float32' or 'bfloat16'")
         if "bfloat16" in self.state_dtype:
             try:
                 import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the state
@@ -255,6 +324,7 @@ class _FastAdamOptimizer(Optimizer):
         self.num_threads = num_threads
         self._prepared_step: Optional[_Prepared] = None
         self._loading: Optional[dict] = None
+        self._quantization_maps: dict[bool, torch.Tensor] = {}  # signed? -> the map new 8-bit moments take
         super().__init__(params, defaults)
         self.state = _State(None, self.state)
 
@@ -321,6 +391,7 @@ class _FastAdamOptimizer(Optimizer):
         self.__dict__.setdefault("state_dtype", ("float32", "float32"))
         self.__dict__.setdefault("min_compressed_size", 4096)
         self.__dict__.setdefault("_loading", None)
+        self.__dict__.setdefault("_quantization_maps", {})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -335,8 +406,14 @@ class _FastAdamOptimizer(Optimizer):
         ``{"state": {i: {"step": tensor, "exp_avg": tensor, "exp_avg_sq":
         tensor[, "max_exp_avg_sq"][, "master_param"]}}, "param_groups": [...]}``;
         as in torch the tensors are the optimizer's own (no copies).  A
+        moment in 8-bit state (``state_dtype="int8"``) is three tensors in
+        place of one, named as in :class:`fastadam.Adam`'s state:
+        ``exp_avg_codes`` (uint8, the param's shape), ``exp_avg_absmax``
+        (float32, one per block of 256 elements) and ``exp_avg_map`` (float32,
+        256 values), and so on for ``exp_avg_sq`` and ``max_exp_avg_sq``.  A
         checkpoint of ``torch.optim.Adam`` loads into :class:`Adam` and the
-        other way round.
+        other way round (with float32 or bfloat16 moments; torch cannot read
+        8-bit ones).
         """
         sd = super().state_dict()
         state = sd.get("state") if isinstance(sd, dict) else None
@@ -353,11 +430,18 @@ class _FastAdamOptimizer(Optimizer):
 
         Everything is checked first (after the load pre-hooks): the groups'
         options, and for each param a step count and state tensors of its
-        shape; a bad state dict raises ValueError naming the entry and changes
-        nothing.  The state tensors are copied in, so the optimizer never
-        shares them with ``state_dict``.  The float32 state of a float16 or
-        bfloat16 param stays float32 (torch's loader would cast it to the
-        param's dtype).
+        shape (8-bit moments: uint8 codes of its shape, ``ceil(numel / 256)``
+        float32 absmax values, a map of 256 finite ascending float32 values
+        holding 0); a bad state dict raises ValueError naming the entry and
+        changes nothing.  The state tensors are copied in, so the optimizer
+        never shares them with ``state_dict``, and each moment is converted to
+        this optimizer's storage of it (``state_dtype``, ``min_compressed_size``):
+        float32 into bfloat16 rounds to nearest-even, float32 or bfloat16 into
+        8-bit state is quantized as a step stores it, 8-bit state into a
+        float32 or bfloat16 moment is dequantized (``map[code] * absmax``); a
+        moment of the same storage loads bitwise.  The float32 state of a
+        float16 or bfloat16 param stays float32 (torch's loader would cast it
+        to the param's dtype).
         """
         # Checking after every user pre-hook has had its say: a hook of our own, run last.
         handle = self.register_load_state_dict_pre_hook(type(self)._check_and_hold)
@@ -367,8 +451,12 @@ class _FastAdamOptimizer(Optimizer):
             handle.remove()
             self._loading = None
 
-    def _check_and_hold(self, state_dict: dict[str, Any]) -> None:
-        """Load pre-hook: check ``state_dict`` against this optimizer; keep its state tensors for __setstate__."""
+    def _check_and_hold(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Load pre-hook: check ``state_dict`` against this optimizer; keep its state tensors for __setstate__.
+
+        torch's loader is handed the state without those tensors (it would cast each to the param's dtype:
+        8-bit codes to float32, four times their memory, and every tensor of a float16 param to float16).
+        """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -378,6 +466,7 @@ class _FastAdamOptimizer(Optimizer):
         if not isinstance(saved_state, dict):
             raise ValueError(f"state_dict['state']: expected a dict, got {type(saved_state).__name__}")
         held: dict[int, dict] = {}
+        without_tensors: dict[Any, dict] = {}
         for k, (saved, mine) in enumerate(zip(saved_groups, self.param_groups)):
             if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
                 raise ValueError(f"state_dict['param_groups'][{k}]: expected a dict with a list of 'params'")
@@ -404,9 +493,10 @@ class _FastAdamOptimizer(Optimizer):
                 if "step" not in s:
                     raise ValueError(f"{where}: no 'step'")
                 _step_value(s["step"], f"{where}['step']")
-                required = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-                for key in required:
-                    if key not in s:
+                for key in _MOMENT_KEYS:
+                    if _has_quantized(s, key):
+                        _check_quantized(s, key, p, where)
+                    elif key not in s and (key != "max_exp_avg_sq" or amsgrad):
                         raise ValueError(f"{where}: no {key!r}" + (" (the group has amsgrad=True)"
                                                                    if key == "max_exp_avg_sq" else ""))
                 for key in _STATE_TENSORS:
@@ -419,31 +509,49 @@ class _FastAdamOptimizer(Optimizer):
                             raise ValueError(f"{where}[{key!r}]: expected a floating-point tensor of shape "
                                              f"{tuple(p.shape)}, got {got}")
                 held[id(p)] = s
+                without_tensors[pid] = {key: value for key, value in s.items()
+                                        if key not in _STATE_TENSORS and key not in _QUANTIZED_KEYS}
         self._loading = held
+        return {**state_dict, "state": {**saved_state, **without_tensors}}
 
     def _take_loaded_state(self, held: dict[int, dict]) -> None:
-        """After torch's loader: state tensors copied in, and float32 kept as float32 for master-weighted params."""
-        for group in self.param_groups:
-            for p in group["params"]:
+        """After torch's loader: the held state tensors copied in, each moment stored as this optimizer stores it."""
+        copied_maps: dict[int, torch.Tensor] = {}  # a map shared by params in the state dict stays shared
+        for k, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
                 s = self.state.get(p)
-                if not s:
+                original = held.get(id(p))
+                if not s or original is None:
                     continue
-                original = held.get(id(p), {})
                 master = p.dtype in _LOW_PRECISION
                 for key in _STATE_TENSORS:
-                    if key not in s:
-                        continue
-                    # The loaded tensor may be the caller's own (torch's loader does not copy a tensor of the
-                    # right dtype): a copy, so that stepping never changes the state dict it came from.
-                    source = original.get(key, s[key]) if master else s[key]
-                    dtype = torch.float32 if master else p.dtype
-                    copy = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    with torch.no_grad():
-                        copy.copy_(source)
-                    s[key] = copy
+                    if key in original:
+                        copy = torch.empty_like(p, dtype=torch.float32 if master else p.dtype,
+                                                memory_format=torch.preserve_format)
+                        with torch.no_grad():
+                            copy.copy_(original[key])
+                        s[key] = copy
+                for key in _QUANTIZED_KEYS:
+                    if key in original:
+                        s[key] = self._copied_part(original[key], key, copied_maps)
                 if "step" in s:
                     s["step"] = torch.tensor(_step_value(s["step"], "step"), dtype=_step_dtype())
+                self._adopt_moments(s, p, self._storage(p, master), f"state[{_param_name(k, j)}]")
         self._loading = None
+
+    def _copied_part(self, t: torch.Tensor, key: str, copied_maps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A CPU copy of a checked tensor of 8-bit state: codes keep their strides (their blocks run over their
+        memory), absmax is contiguous, a map equal to this optimizer's of its kind becomes that one."""
+        source, t = id(t), t.detach()
+        if key.endswith("_codes"):
+            return torch.empty_like(t, device="cpu", memory_format=torch.preserve_format).copy_(t)
+        if not key.endswith("_map"):
+            return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        if source not in copied_maps:
+            own = self._map_for(key[:-len("_map")])
+            copied_maps[source] = own if torch.equal(t.cpu().view(torch.int32), own.view(torch.int32)) \
+                else torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        return copied_maps[source]
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -640,9 +748,9 @@ class _FastAdamOptimizer(Optimizer):
             work = s["master_param"] if e.master else e.param
             masters.append(_view(work, e.flat, e.name))
             models.append(_view(e.param, e.flat, e.name) if e.master else None)
-            exp_avgs.append(_view(s["exp_avg"], e.flat, e.name))
-            exp_avg_sqs.append(_view(s["exp_avg_sq"], e.flat, e.name))
-            maxes.append(_view(s["max_exp_avg_sq"], e.flat, e.name) if pr.amsgrad[e.k] else None)
+            exp_avgs.append(_moment_view(s, "exp_avg", e))
+            exp_avg_sqs.append(_moment_view(s, "exp_avg_sq", e))
+            maxes.append(_moment_view(s, "max_exp_avg_sq", e) if pr.amsgrad[e.k] else None)
         try:
             # No stochastic rounding here: its key, a param's position in the plan, would change with the
             # params that have gradients.
@@ -661,7 +769,7 @@ class _FastAdamOptimizer(Optimizer):
         written: list[torch.Tensor] = [buffer]
         for e in pr.entries:
             written.append(e.param)
-            written.extend(e.state[key] for key in _STATE_TENSORS if key in e.state)
+            written.extend(e.state[key] for key in _WRITTEN_TENSORS if key in e.state)
         pr.written = tuple(written)
         pr.buffer_version = buffer._version
         self._finish(pr)
@@ -672,23 +780,48 @@ class _FastAdamOptimizer(Optimizer):
         pr.generation = _generation[0]
         self._prepared_step = pr
 
+    def _storage(self, p: torch.Tensor, master: bool) -> dict[str, Any]:
+        """How each state tensor of ``p`` is stored: a dtype, or "int8" for a moment in 8-bit state.
+
+        The moments of a float32 working param (master-weighted ones included) of at least
+        min_compressed_size elements are stored as state_dtype says, amsgrad's maximum as exp_avg_sq; the
+        others, and the master copy, in the working dtype.
+        """
+        work = torch.float32 if master else p.dtype
+        compressed = work is torch.float32 and p.numel() >= self.min_compressed_size
+        kinds = {"float32": work, "bfloat16": torch.bfloat16, "int8": "int8"}
+        storage: dict[str, Any] = {key: kinds[self.state_dtype[k]] if compressed else work
+                                   for key, k in (("exp_avg", 0), ("exp_avg_sq", 1), ("max_exp_avg_sq", 1))}
+        storage["master_param"] = work
+        return storage
+
+    def _map_for(self, key: str) -> torch.Tensor:
+        """The map that new 8-bit state of moment ``key`` takes: fastadam.dynamic_map, signed for exp_avg and
+        unsigned for the others, one tensor of each kind for all params (as fastadam.Adam's)."""
+        signed = key == "exp_avg"
+        if signed not in self._quantization_maps:
+            self._quantization_maps[signed] = torch.from_numpy(dynamic_map(signed=signed))
+        return self._quantization_maps[signed]
+
     def _adopt_state(self, s: dict, p: torch.Tensor, master: bool, amsgrad: bool, name: str) -> None:
         """Create the state of a param's first step, or check (and where needed lay out anew) what is there."""
-        work = torch.float32 if master else p.dtype
-        # The moments of a float32 working param of at least min_compressed_size elements are stored as
-        # state_dtype says; amsgrad's maximum as exp_avg_sq.
-        compressed = work is torch.float32 and p.numel() >= self.min_compressed_size
-        storage = {key: torch.bfloat16 if compressed and self.state_dtype[k] == "bfloat16" else work
-                   for key, k in (("exp_avg", 0), ("exp_avg_sq", 1), ("max_exp_avg_sq", 1))}
-        storage["master_param"] = work
+        storage = self._storage(p, master)
         if len(s) == 0:
             s["step"] = torch.tensor(0.0, dtype=_step_dtype())
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
-                s[key] = torch.zeros_like(p, dtype=storage[key], memory_format=torch.preserve_format)
+            for key in _MOMENT_KEYS if amsgrad else _MOMENT_KEYS[:2]:
+                if storage[key] == "int8":  # codes of 0 and absmax 0: a zero moment
+                    qmap = self._map_for(key)
+                    zero_code = int(np.flatnonzero(qmap.numpy() == 0)[0])
+                    s[key + "_codes"] = torch.full_like(p, zero_code, dtype=torch.uint8,
+                                                        memory_format=torch.preserve_format)
+                    s[key + "_absmax"] = torch.zeros(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32)
+                    s[key + "_map"] = qmap
+                else:
+                    s[key] = torch.zeros_like(p, dtype=storage[key], memory_format=torch.preserve_format)
         if "step" not in s:
             raise ValueError(f"the state of {name} has no 'step'")
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if key not in s:
+        for key in _MOMENT_KEYS:
+            if key not in s and not _has_quantized(s, key):
                 if key == "max_exp_avg_sq" and not amsgrad:
                     continue
                 raise ValueError(f"the state of {name} has no {key!r}" +
@@ -696,21 +829,60 @@ class _FastAdamOptimizer(Optimizer):
                                   else ""))
         if master and "master_param" not in s:
             s["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        self._adopt_moments(s, p, storage, f"state[{name}]")
+
+    def _adopt_moments(self, s: dict, p: torch.Tensor, storage: dict[str, Any], where: str) -> None:
+        """Store each state tensor of ``s`` as ``storage`` says, laid out as ``p``; what already is stays.
+
+        A state tensor put there by hand, loaded, or stored otherwise becomes the optimizer's own: a float
+        tensor is copied into the storage dtype and the param's layout (float32 into bfloat16 rounds to
+        nearest-even), or quantized into 8-bit state with this optimizer's map; 8-bit state is dequantized
+        into a float moment, or, laid out unlike the param, dequantized and quantized again in the param's
+        layout.  8-bit state that is already the param's is left to the core's checks.
+        """
+        for key in _MOMENT_KEYS:
+            if not _has_quantized(s, key):
+                continue
+            kept = storage[key] == "int8" and _is_plain(s.get(key + "_codes"), torch.uint8, p.stride())
+            if kept and key not in s and all(_is_plain(s.get(key + part), torch.float32, (1,))
+                                             for part in ("_absmax", "_map")):
+                continue  # as the step takes it (the core checks shapes and the map)
+            _check_quantized(s, key, p, where)
+            if kept:
+                for part in ("_absmax", "_map"):
+                    t = s[key + part]
+                    if not _is_plain(t, torch.float32, (1,)):  # its values, in a contiguous tensor the step views
+                        s[key + part] = torch.empty(t.shape, dtype=torch.float32).copy_(t.detach())
+                continue
+            values = _dequantized(s, key, where)
+            for part in _QUANTIZED_PARTS:
+                del s[key + part]
+            s[key] = values
         for key in _STATE_TENSORS:
             if key not in s:
                 continue
+            want = storage[key]
+            dtype = torch.float32 if want == "int8" else want
             t = s[key]
             if not isinstance(t, torch.Tensor) or t.shape != p.shape:
                 got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"state of {name}: {key!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
-            if t.dtype is not storage[key] or t.device.type != "cpu" or t.layout is not torch.strided or \
+                raise ValueError(f"{where}: {key!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
+            if t.dtype is not dtype or t.device.type != "cpu" or t.layout is not torch.strided or \
                     t.stride() != p.stride() or t.requires_grad:
-                # A state tensor put there by hand or loaded in another dtype or layout: the optimizer's state
-                # becomes a tensor laid out as the param, holding its values (and is the one updated; a
-                # float32 moment converted to bfloat16 state rounds to nearest-even).
-                fresh = torch.empty_like(p, dtype=storage[key], memory_format=torch.preserve_format)
-                fresh.copy_(t.detach())
-                s[key] = fresh
+                # Another dtype or layout: a tensor laid out as the param, holding its values, takes its place.
+                fresh = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                with torch.no_grad():
+                    fresh.copy_(t.detach())
+                s[key] = t = fresh
+            if want == "int8":
+                qmap = self._map_for(key)
+                codes = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+                absmax = torch.empty(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32)
+                flat = bool(_layout(p))
+                _convert_moment(_view(t, flat, where), QuantizedState(_view(codes, flat, where), absmax.numpy(),
+                                                                      qmap.numpy()))
+                del s[key]
+                s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = codes, absmax, qmap
 
     def _grad_array(self, e: _Entry, g: torch.Tensor) -> Any:
         """The gradient as the kernel reads it: an ndarray, or (indices, values) for a row-sparse one.
@@ -767,15 +939,18 @@ class _FastAdamOptimizer(Optimizer):
                  "model_params": "{}"}
 
         def name(match: re.Match) -> str:
-            role, i = match.group(1), int(match.group(2))
+            role, i, part = match.group(1), int(match.group(2)), match.group(3)
             if i >= len(entries):
                 return match.group(0)
             e = entries[i]
             if role == "params":
-                return f"state[{e.name}]['master_param']" if e.master else e.name
-            return roles[role].format(e.name)
+                return (f"state[{e.name}]['master_param']" if e.master else e.name) + (part or "")
+            if part and role in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # a tensor of 8-bit state
+                return roles[role].format(e.name)[:-2] + "_" + part[1:] + "']"
+            return roles[role].format(e.name) + (part or "")
 
-        return re.sub(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|model_params)\[(\d+)\]", name, message)
+        return re.sub(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|model_params)\[(\d+)\]"
+                      r"(\.codes|\.absmax|\.map)?", name, message)
 
 
 # The registries of torch.optim's global step hooks (register_optimizer_step_pre_hook); where a torch
@@ -834,10 +1009,17 @@ class Adam(_FastAdamOptimizer):
     (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
     (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
     through float32 master copies (``state["master_param"]``) and float32
-    moments; ``state_dtype="bfloat16"`` (or a pair for ``exp_avg``,
-    ``exp_avg_sq``) keeps the moments of float32 params of at least
-    ``min_compressed_size`` elements as bfloat16 tensors (see
-    :class:`fastadam.Adam`); ``eps_before_bias_correction=True`` (also a group key) adds eps
+    moments; ``state_dtype="bfloat16"`` or ``"int8"`` (or a pair for
+    ``exp_avg``, ``exp_avg_sq``; amsgrad's maximum follows ``exp_avg_sq``)
+    keeps the moments of float32 params (master copies included) of at least
+    ``min_compressed_size`` elements as bfloat16 tensors, or in 8-bit
+    block-wise state: ``state[p]`` then holds ``exp_avg_codes`` (uint8, the
+    param's shape and strides), ``exp_avg_absmax`` (float32, one per block of
+    256 elements of the param's memory) and ``exp_avg_map`` (float32, 256
+    values, shared by the params) in place of ``exp_avg``, and so on; element
+    ``j`` stands for ``map[codes[j]] * absmax[j // 256]`` (see
+    :class:`fastadam.Adam`; :meth:`load_state_dict` converts between the
+    storages); ``eps_before_bias_correction=True`` (also a group key) adds eps
     before the bias correction, as Keras and scikit-learn do (see
     :func:`fastadam.adam_step`); ``num_threads`` caps the threads of a step.
 
@@ -917,6 +1099,9 @@ class SparseAdam(_FastAdamOptimizer):
 
     Options, defaults, checks and ``state_dict`` format (``"step"`` an int)
     are torch's; a dense gradient raises RuntimeError, as there.
+    ``state_dtype`` and ``min_compressed_size`` are :class:`Adam`'s; with
+    8-bit state a row must hold a multiple of 256 elements (a block never
+    straddles rows), else the step raises ValueError and changes nothing.
     """
 
     _sparse_only = True
