@@ -418,6 +418,57 @@ def test_8_bit_state_with_a_bad_map_is_refused_on_loading_and_nothing_changes(rn
     assert new.steps == [1]
 
 
+def custom_signed_map() -> np.ndarray:
+    """A valid map other than the dynamic one: 256 ascending values over three decades, 0 included."""
+    magnitudes = np.geomspace(1e-3, 1.0, 128)
+    return np.concatenate([-magnitudes[:0:-1], [0.0], magnitudes]).astype(np.float32)
+
+
+def test_saved_maps_that_differ_between_params_are_refused_not_mixed_up(rng):
+    # The optimizer keeps one exp_avg map for all params: loading two different ones would decode one
+    # param's codes with the other's map.  Refused, nothing changed.
+    params = [rng.standard_normal(5000).astype(np.float32) for _ in range(2)]
+    old = fastadam.Adam([p.copy() for p in params], state_dtype="int8")
+    old.step([np.ones(5000, np.float32)] * 2)
+    sd = old.state_dict()
+    sd["state"][1]["exp_avg_map"] = custom_signed_map()
+    new = fastadam.Adam([p.copy() for p in params], state_dtype="int8")
+    new.step([np.full(5000, 0.5, np.float32)] * 2)
+    before = [{key: a.copy() for key, a in s.items()} for s in new.state]
+    with pytest.raises(ValueError, match=r"state\[1\]\['exp_avg_map'\] differs from state\[0\]\['exp_avg_map'\]"):
+        new.load_state_dict(sd)
+    for s, b in zip(new.state, before):
+        for key, a in s.items():
+            assert_bitwise_equal(a, b[key])
+
+
+def test_a_moment_quantized_on_loading_takes_the_map_that_is_loaded_with_it(rng):
+    # params[0] was saved with float32 moments, params[1] with 8-bit ones under another map: after loading,
+    # params[0]'s moment is quantized with that map, the one both params then decode with.
+    params = [rng.standard_normal(5000).astype(np.float32) for _ in range(2)]
+    source = fastadam.Adam([p.copy() for p in params], state_dtype="int8")
+    source.step([rng.standard_normal(5000).astype(np.float32) for _ in range(2)])
+    sd = source.state_dict()
+    qmap = custom_signed_map()
+    values = fastadam.dequantize_blockwise(fastadam.QuantizedState(
+        *(sd["state"][0]["exp_avg" + part] for part in ("_codes", "_absmax", "_map"))))
+    for part in ("_codes", "_absmax", "_map"):
+        del sd["state"][0]["exp_avg" + part]
+    sd["state"][0]["exp_avg"] = values
+    reencoded = fastadam.QuantizedState(np.empty(5000, np.uint8), np.empty(20, np.float32), qmap)
+    fastadam.quantize_blockwise(fastadam.dequantize_blockwise(fastadam.QuantizedState(
+        *(sd["state"][1]["exp_avg" + part] for part in ("_codes", "_absmax", "_map")))), reencoded)
+    sd["state"][1].update(exp_avg_codes=reencoded.codes, exp_avg_absmax=reencoded.absmax, exp_avg_map=qmap)
+    new = fastadam.Adam([p.copy() for p in params], state_dtype="int8")
+    new.load_state_dict(sd)
+    expected = fastadam.QuantizedState(np.empty(5000, np.uint8), np.empty(20, np.float32), qmap)
+    fastadam.reference.quantize_blockwise(values, expected)
+    assert_bitwise_equal(new.state[0]["exp_avg_map"], qmap)
+    assert_bitwise_equal(new.state[0]["exp_avg_codes"], expected.codes)
+    assert_bitwise_equal(new.state[0]["exp_avg_absmax"], expected.absmax)
+    assert_bitwise_equal(new.state[1]["exp_avg_codes"], reencoded.codes)
+
+
 def test_row_sparse_steps_need_rows_of_whole_blocks_and_change_nothing_otherwise(rng):
     table = rng.standard_normal((50, 512)).astype(np.float32)
     opt = fastadam.SparseAdam([table], state_dtype="int8")

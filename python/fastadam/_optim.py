@@ -109,6 +109,22 @@ def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: in
         _check_quantized_parts([saved[key + part] for part in _QUANTIZED_PARTS], shape, f"state[{i}]", key)
 
 
+def _check_shared_maps(saved_states: Sequence[dict[str, Any]], states: Sequence[dict[str, np.ndarray]]) -> None:
+    """The optimizer keeps one map of each kind for all params (one array): the maps saved for the params that
+    share one must be the same values, or loading would decode some params' codes with another param's map."""
+    first: dict[int, tuple[str, np.ndarray]] = {}
+    for i, (saved, mine) in enumerate(zip(saved_states, states)):
+        for key in mine:
+            if not key.endswith("_map") or key not in saved:
+                continue
+            where = f"state[{i}][{key!r}]"
+            values = np.asarray(saved[key], np.float32)
+            shared = first.setdefault(id(mine[key]), (where, values))
+            if not np.array_equal(shared[1].view(np.uint32), values.view(np.uint32)):
+                raise ValueError(f"{where} differs from {shared[0]}: this optimizer keeps one map of each kind for "
+                                 "all params; re-quantize the moments with one map before loading")
+
+
 def _check_quantized_parts(parts: Sequence[np.ndarray], shape: tuple[int, ...], where: str, key: str) -> None:
     """The arrays ``(codes, absmax, map)`` of moment ``key`` in 8-bit state, for a param of ``shape``.
 
@@ -631,6 +647,7 @@ class Adam:
                 raise ValueError(f"state[{i}]: expected a dict, got {type(saved).__name__}")
             _check_saved_state(saved, mine, i)
             steps.append(_checked_step(saved["step"], f"state[{i}]['step']"))
+        _check_shared_maps([by_id[pid] for pid in ids], self._state)
         for i, mine in enumerate(self._state):
             targets = list(mine.items()) + ([("param", self._params[i])] if "master_param" in mine else [])
             for key, a in targets:
@@ -641,10 +658,16 @@ class Adam:
         # All checked: now change things (nothing below can fail).
         for hyper, mine in zip(new_hyper, self._param_groups):
             mine.update(hyper)
+        # The maps first: a moment converted into 8-bit state below is quantized with the map it keeps.
         for i, mine in enumerate(self._state):
             saved = by_id[ids[i]]
             for key in mine:
-                if key in saved:
+                if key.endswith("_map") and key in saved:
+                    _copy_converted(saved[key], mine[key])
+        for i, mine in enumerate(self._state):
+            saved = by_id[ids[i]]
+            for key in mine:
+                if key in saved and not key.endswith("_map"):
                     _copy_converted(saved[key], mine[key])
             for key in _moment_names(mine):
                 if (key in saved) != (key in mine):  # 8-bit state from or into a float32/bfloat16 moment
