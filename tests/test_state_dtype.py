@@ -337,3 +337,31 @@ def test_the_reference_carries_the_element_index_past_2_to_the_32():
     whole = fastadam.reference.stochastic_round_bfloat16(x, key, first)
     parts = [fastadam.reference.stochastic_round_bfloat16(x[i:i + 1], key, first + i) for i in range(4)]
     np.testing.assert_array_equal(whole.view(np.uint16), np.concatenate(parts).view(np.uint16))
+
+
+@pytest.mark.slow
+def test_every_float32_rounds_into_a_bfloat16_moment_as_the_scalar_definition_says():
+    # With beta1 = 0 and exp_avg = -0.0 the new exp_avg is (1 - 0) * g + 0 * -0.0 = g exactly (signed zeros
+    # included; a NaN comes out quiet), so the bfloat16 moment the step stores is g rounded: all 2^32 float32
+    # bit patterns go through the step's own store (AVX2: shuffles, no shifts; a NaN found by a branch), in
+    # chunks, against the definition: round to nearest-even, NaN kept as a quiet NaN of the same sign.
+    chunk = 1 << 24
+    param, v = np.zeros(chunk, np.float32), np.zeros(chunk, BF16)
+    m = np.empty(chunk, BF16)
+    offsets = np.arange(chunk, dtype=np.uint32)
+    bits, high, expected = (np.empty(chunk, np.uint32) for _ in range(3))
+    for start in range(0, 1 << 32, chunk):
+        np.add(offsets, np.uint32(start), out=bits)
+        m.view(np.uint16)[...] = 0x8000
+        fastadam.adam_step(param, bits.view(np.float32), m, v, step=1, lr=0.0, betas=(0.0, 0.999), eps=1e-8)
+        np.right_shift(bits, 16, out=high)
+        np.bitwise_and(high, 1, out=expected)
+        expected += bits
+        expected += 0x7FFF
+        expected >>= 16  # to nearest, ties to even
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        high |= 0x40
+        np.copyto(expected, high, where=nan)  # a NaN: its top 16 bits, made quiet
+        mismatch = np.flatnonzero(m.view(np.uint16) != expected)
+        assert mismatch.size == 0, (f"{mismatch.size} differ; first: float bits {bits[mismatch[0]]:#010x} -> "
+                                    f"{m.view(np.uint16)[mismatch[0]]:#06x}, expected {expected[mismatch[0]]:#06x}")
