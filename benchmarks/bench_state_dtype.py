@@ -146,7 +146,7 @@ def probe_int8_formula(a: np.ndarray, b: np.ndarray, m: fastadam.QuantizedState,
     half = np.float32(0.5)
     c, d = m.codes.astype(np.float32), v.codes.astype(np.float32)
     c_new = c * half + b
-    d_new = d * half + (b * b if exact else b)
+    d_new = d * half + b * b
     a_new = a - c_new / (np.sqrt(d_new) + np.float32(1e-8)) if exact else a * half + b
     second_byte = [((x.view(np.uint32) >> 8) & 0xFF).astype(np.uint8) for x in (c_new, d_new)]
     return [a_new, second_byte[0], m.absmax * half + half, second_byte[1], v.absmax * half + half]
@@ -202,7 +202,7 @@ def check_pair(buffers: Buffers, label: str, threads: int) -> None:
             with np.errstate(invalid="ignore"):  # the plain probe's calls may have left d negative: NaN both ways
                 a_new = a - c_new / (np.sqrt(d_new) + np.float32(1e-8))
         else:
-            a_new, c_new, d_new = a * half + b, c32 * half + b, d32 * half + b
+            a_new, c_new, d_new = a * half + b, c32 * half + b, d32 * half + b * b
         _core.probe_step(a, b, c, d, threads, exact=exact)
         if not _same_bits([a, c, d], [a_new, c_new.astype(pair[0]), d_new.astype(pair[1])]):
             raise AssertionError(f"the {'exact ' if exact else ''}probe with {label} moments is not its formula")

@@ -162,7 +162,7 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("num_threads") = py::none(),
         py::arg("e") = py::none(), py::arg("exact") = false,
-        "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b in one pass (the step's memory traffic).\n"
+        "The bandwidth probe: a = a/2 + b, c = c/2 + b, d = d/2 + b*b in one pass (the step's memory traffic).\n"
         "With float32 a, c, d and a bfloat16 b (and optionally a bfloat16 e, which receives a), the traffic of\n"
         "the mixed-precision step.  Beside a float32 a, c and/or d may be bfloat16 (the bfloat16 moments'\n"
         "traffic): read exactly, computed in float32, stored rounded to nearest-even.  With exact=True, the same\n"

@@ -1,7 +1,8 @@
 """The benchmarks' speed limits compute exactly what ``_core.probe_step`` says.
 
 The probe moves the Adam step's bytes (read a, b, c, d; write a, c, d) with
-trivial arithmetic: a = a/2 + b, c = c/2 + b, d = d/2 + b.  The exact probe
+trivial arithmetic: a = a/2 + b, c = c/2 + b, d = d/2 + b*b (d, a second moment, stays
+non-negative, so that a step sharing the buffers never runs on NaNs).  The exact probe
 moves the same bytes with the step's one division and square root an element:
 c' = c/2 + b, d' = d/2 + b*b, a = a - c' / (sqrt(d') + 1e-8).  Beside a float32
 a, b may be bfloat16 (the mixed-precision step's gradient, with e receiving a
@@ -42,7 +43,7 @@ def expected_probe(a, b, c, d, exact):
         d_new = d * half + b * b
         a_new = a - c_new / (np.sqrt(d_new) + np.float32(1e-8))
     else:
-        a_new, c_new, d_new = a * half + b, c * half + b, d * half + b
+        a_new, c_new, d_new = a * half + b, c * half + b, d * half + b * b
     return a_new, c_new, d_new
 
 
@@ -110,7 +111,7 @@ def test_the_float64_probe_follows_its_formula():
     a, b, c, d = (rng.standard_normal(1003) for _ in range(4))
     ea, eb, ec, ed = a.copy(), b.copy(), c.copy(), d.copy()
     _core.probe_step(a, b, c, d, 2)
-    for actual, expected in ((a, ea * 0.5 + eb), (c, ec * 0.5 + eb), (d, ed * 0.5 + eb)):
+    for actual, expected in ((a, ea * 0.5 + eb), (c, ec * 0.5 + eb), (d, ed * 0.5 + eb * eb)):
         assert_bitwise_equal(actual, expected)
 
 

@@ -660,7 +660,10 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
 
 // The speed limits.  The probe has the Adam step's memory traffic (read a, b,
 // c, d; write a, c, d) with one multiply-add per array instead of the update
-// formula.  The exact probe has the same traffic and, like the step, exactly
+// formula: a = a * h + b, c = c * h + b, d = d * h + b * b (d stays a second
+// moment, never negative, so that the benchmarks' steps on the same buffers
+// never take the square root of a negative number and run on NaNs, whose
+// bfloat16 rounding takes another path).  The exact probe has the same traffic and, like the step, exactly
 // one correctly rounded division and one square root per element -- the work
 // the bitwise contract allows no approximation of -- with as little else as
 // keeps them: c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k).
@@ -769,7 +772,7 @@ FASTADAM_INLINE void probe_block(const ProbeTensor& t, std::int64_t i, const Blo
     } else {
         av = block.load(a) * h + bv;
         cv = c_old * h + bv;
-        dv = d_old * h + bv;
+        dv = d_old * h + bv * bv;  // never negative: a step that shares the buffers takes its square root
     }
     store_probe_stream<T, C>(t.c, i, block, cv);
     store_probe_stream<T, D>(t.d, i, block, dv);

@@ -355,11 +355,12 @@ def expected_step(start: Buffers, variant: Variant) -> Buffers:
 
 
 def expected_probe(start: Buffers) -> Buffers:
-    """The buffers after one probe from `start`: a = a/2 + b for a in params, exp_avgs, exp_avg_sqs."""
+    """The buffers after one probe from `start`: a = a/2 + b for a in params and exp_avgs, a = a/2 + b*b for a in
+    exp_avg_sqs (a second moment stays non-negative)."""
     expected = start.copy()
-    for written in (expected.params, expected.exp_avgs, expected.exp_avg_sqs):
+    for written, squared in ((expected.params, False), (expected.exp_avgs, False), (expected.exp_avg_sqs, True)):
         for a, b in zip(written, expected.grads):
-            a[...] = a * a.dtype.type(0.5) + b
+            a[...] = a * a.dtype.type(0.5) + (b * b if squared else b)
     return expected
 
 
