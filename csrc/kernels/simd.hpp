@@ -308,6 +308,35 @@ FASTADAM_INLINE __m256 load_f16(const std::uint16_t* p) {
 FASTADAM_INLINE void store_f16(std::uint16_t* p, __m256 x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+#elif defined(__SSE2__)
+// The baseline level's bfloat16 in registers too (the scalar definition's
+// branch on NaN kept the compiler from vectorizing it, and a one-pass
+// mixed-precision step was slower than separate passes).
+FASTADAM_INLINE Simd<float>::V load_bf16(const std::uint16_t* p) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return reinterpret_cast<Simd<float>::V>(_mm_unpacklo_epi16(_mm_setzero_si128(), h));  // each into a high half
+}
+FASTADAM_INLINE void store_bf16(std::uint16_t* p, Simd<float>::V x) {
+    const __m128i u = reinterpret_cast<__m128i>(x);
+    const __m128i last_kept = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+    __m128i r = _mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7FFF)), last_kept);
+    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(reinterpret_cast<__m128>(x), reinterpret_cast<__m128>(x)));
+    if (__builtin_expect(_mm_movemask_epi8(nan) != 0, 0)) {
+        const __m128i quiet_nan = _mm_or_si128(u, _mm_set1_epi32(0x400000));
+        r = _mm_or_si128(_mm_andnot_si128(nan, r), _mm_and_si128(nan, quiet_nan));
+    }
+    // The high halves as signed 16-bit values, which the saturating pack keeps as they are.
+    const __m128i high = _mm_srai_epi32(r, 16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(high, high));
+}
+FASTADAM_INLINE Simd<float>::V load_f16(const std::uint16_t* p) {
+    Simd<float>::V r;
+    for (int i = 0; i < Simd<float>::width; ++i) r[i] = f16_to_float(p[i]);
+    return r;
+}
+FASTADAM_INLINE void store_f16(std::uint16_t* p, Simd<float>::V x) {
+    for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_f16(x[i]);
+}
 #else
 FASTADAM_INLINE Simd<float>::V load_bf16(const std::uint16_t* p) {
     Simd<float>::V r;
