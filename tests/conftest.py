@@ -101,3 +101,15 @@ def assert_problems_equal(actual: Problem, expected: Problem) -> None:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261125)
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-rank torch.distributed gloo group for the test (ZeroRedundancyOptimizer), skipped without gloo."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

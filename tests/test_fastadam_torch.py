@@ -735,17 +735,6 @@ def test_the_float32_master_state_survives_loading_a_state_dict(tmp_path):
 
 # -- ZeroRedundancyOptimizer ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def gloo_group(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def zero_redundancy_optimizer():
     with warnings.catch_warnings():  # torch.distributed.optim's import warns about torch.jit.script
         warnings.simplefilter("ignore", DeprecationWarning)

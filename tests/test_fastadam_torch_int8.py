@@ -359,17 +359,6 @@ def test_grad_scaler_unscales_8_bit_steps_and_skips_the_one_with_an_inf():
         assert torch.equal(opt.state[model["b"].weight][key], t), key
 
 
-@pytest.fixture
-def gloo_group(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_zero_redundancy_optimizer_steps_and_reloads_8_bit_state_bitwise(gloo_group):
     # In one process ZeRO's shard is every param; its state dict round trip writes the loaded state into
     # optim.state[param] directly (no load_state_dict of ours): the step must take it as it is.

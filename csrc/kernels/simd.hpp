@@ -308,7 +308,8 @@ FASTADAM_INLINE __m256 load_f16(const std::uint16_t* p) {
 FASTADAM_INLINE void store_f16(std::uint16_t* p, __m256 x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-#elif defined(__SSE2__)
+#else
+#if defined(__SSE2__)
 // The baseline level's bfloat16 in registers too (the scalar definition's
 // branch on NaN kept the compiler from vectorizing it, and a one-pass
 // mixed-precision step was slower than separate passes).
@@ -329,14 +330,6 @@ FASTADAM_INLINE void store_bf16(std::uint16_t* p, Simd<float>::V x) {
     const __m128i high = _mm_srai_epi32(r, 16);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(high, high));
 }
-FASTADAM_INLINE Simd<float>::V load_f16(const std::uint16_t* p) {
-    Simd<float>::V r;
-    for (int i = 0; i < Simd<float>::width; ++i) r[i] = f16_to_float(p[i]);
-    return r;
-}
-FASTADAM_INLINE void store_f16(std::uint16_t* p, Simd<float>::V x) {
-    for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_f16(x[i]);
-}
 #else
 FASTADAM_INLINE Simd<float>::V load_bf16(const std::uint16_t* p) {
     Simd<float>::V r;
@@ -346,6 +339,7 @@ FASTADAM_INLINE Simd<float>::V load_bf16(const std::uint16_t* p) {
 FASTADAM_INLINE void store_bf16(std::uint16_t* p, Simd<float>::V x) {
     for (int i = 0; i < Simd<float>::width; ++i) p[i] = float_to_bf16(x[i]);
 }
+#endif
 FASTADAM_INLINE Simd<float>::V load_f16(const std::uint16_t* p) {
     Simd<float>::V r;
     for (int i = 0; i < Simd<float>::width; ++i) r[i] = f16_to_float(p[i]);
