@@ -233,6 +233,18 @@ FASTADAM_INLINE std::int64_t elements_to_alignment(const T* p, std::int64_t i, s
     return head < end - i ? head : end - i;
 }
 
+// f(j) for each j in [i, end), at most Most of them.  A loop bounded by
+// Most, with an exit, is unrolled by the compiler; a plain `j < end` loop
+// would be vectorized (with runtime alias checks) into kilobytes of code per
+// kernel for the few elements a register leaves over.
+template <int Most, class F>
+FASTADAM_INLINE void for_each_of_few(std::int64_t i, std::int64_t end, F&& f) {
+    for (int k = 0; k < Most; ++k, ++i) {
+        if (i >= end) break;
+        f(i);
+    }
+}
+
 // The stretch [i, end), shorter than a register, as kShortStretches says.
 template <class T, class Block>
 FASTADAM_INLINE void for_each_short_block(std::int64_t i, std::int64_t end, Block& block) {
@@ -245,7 +257,8 @@ FASTADAM_INLINE void for_each_short_block(std::int64_t i, std::int64_t end, Bloc
                 i += HalfBlock<T>::width;
             }
         }
-        for (; i < end; ++i) block(i, ScalarBlock<T>{});
+        constexpr int most = (kShortStretches.half ? HalfBlock<T>::width : Simd<T>::width) - 1;
+        for_each_of_few<most>(i, end, [&](std::int64_t j) FASTADAM_LAMBDA_INLINE { block(j, ScalarBlock<T>{}); });
     }
 }
 
@@ -317,7 +330,7 @@ FASTADAM_INLINE void widen_span(const std::uint16_t* from, float* to, std::int64
     constexpr int width = Simd<float>::width;
     std::int64_t i = 0;
     for (; i + width <= n; i += width) store_full<float>(to + i, FullBlock<float>{}.template load16<S>(from + i));
-    for (; i < n; ++i) to[i] = widen16<S>(from[i]);
+    for_each_of_few<width - 1>(i, n, [&](std::int64_t j) FASTADAM_LAMBDA_INLINE { to[j] = widen16<S>(from[j]); });
 }
 
 // n values rounded to nearest-even into 16 bits (the vector and the scalar
@@ -327,7 +340,7 @@ FASTADAM_INLINE void narrow_span(const float* from, std::uint16_t* to, std::int6
     constexpr int width = Simd<float>::width;
     std::int64_t i = 0;
     for (; i + width <= n; i += width) FullBlock<float>{}.template store16<S>(to + i, load_full<float>(from + i));
-    for (; i < n; ++i) to[i] = narrow16<S>(from[i]);
+    for_each_of_few<width - 1>(i, n, [&](std::int64_t j) FASTADAM_LAMBDA_INLINE { to[j] = narrow16<S>(from[j]); });
 }
 
 // Stochastic rounding's random bits: lowbias32 (a 32-bit integer hash by
@@ -376,13 +389,13 @@ FASTADAM_INLINE void narrow_bf16_stochastic(const float* from, std::uint16_t* to
         const U b = bf16_bits_stochastic(u, low, high, k);
         for (int l = 0; l < width; ++l) to[i + l] = static_cast<std::uint16_t>(b[l]);
     }
-    for (; i < n; ++i) {
-        const std::uint64_t e = index + static_cast<std::uint64_t>(i);
+    for_each_of_few<width - 1>(i, n, [&](std::int64_t j) FASTADAM_LAMBDA_INLINE {
+        const std::uint64_t e = index + static_cast<std::uint64_t>(j);
         std::uint32_t u;
-        std::memcpy(&u, from + i, sizeof u);
-        to[i] = static_cast<std::uint16_t>(bf16_bits_stochastic<std::uint32_t>(
+        std::memcpy(&u, from + j, sizeof u);
+        to[j] = static_cast<std::uint16_t>(bf16_bits_stochastic<std::uint32_t>(
             u, static_cast<std::uint32_t>(e), static_cast<std::uint32_t>(e >> 32), k));
-    }
+    });
 }
 
 // A stream's n elements at `data` as float: the memory itself when stored as
