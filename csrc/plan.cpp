@@ -72,7 +72,20 @@ void AdamPlan::hold_moment(const CheckedMoment& m, std::size_t tensor, const cha
 }
 
 void AdamPlan::refresh_codebooks() {
+    // An optimizer's tensors share a map or two: each map is compared once a
+    // step, and the tensors after its first holder take that holder's book.
+    checked_maps_.clear();
     for (HeldCodebook& h : codebooks_) {
+        const auto first = std::find_if(checked_maps_.begin(), checked_maps_.end(),
+                                        [&h](const HeldCodebook* c) { return c->map == h.map; });
+        if (first != checked_maps_.end()) {
+            if (h.book != (*first)->book) {
+                h.book = (*first)->book;
+                (tensors_[h.tensor].*h.stream).codebook = h.book.get();
+            }
+            continue;
+        }
+        checked_maps_.push_back(&h);
         if (std::memcmp(PyArray_DATA(h.map), h.book->value, sizeof h.book->value) == 0) continue;
         h.book = checked_codebook(h.map, std::string("the ") + h.role + " map of params[" +
                                              std::to_string(h.tensor) + "] (changed since the last step)");

@@ -97,6 +97,7 @@ class AdamPlan {
         const char* role;
     };
     std::vector<HeldCodebook> codebooks_;
+    std::vector<const HeldCodebook*> checked_maps_;  // refresh_codebooks' scratch: the first holder of each map
     std::vector<HeldArray> step_counts_;  // none or one: the array of set_step_counts
     std::atomic<bool> busy_{false};     // a step is running (from another thread, or re-entered)
     struct Span {

@@ -284,6 +284,29 @@ def test_a_map_changed_in_place_between_steps_is_checked_again_and_used(rng):
     np.testing.assert_array_equal(opt.state[0]["exp_avg_codes"], before[1])
 
 
+def test_a_map_shared_by_params_and_changed_in_place_is_used_for_all_of_them(rng):
+    # The optimizer's params share one map of each kind: the step checks a changed map once and every param
+    # that holds it steps with the new values.
+    params = [rng.standard_normal(n).astype(np.float32) for n in (4096, 5000, 4500)]
+    opt = fastadam.Adam(params, state_dtype="int8")
+    grads = [rng.standard_normal(p.size).astype(np.float32) for p in params]
+    opt.step(grads)
+    signed_map = opt.state[0]["exp_avg_map"]
+    assert all(s["exp_avg_map"] is signed_map for s in opt.state)
+    signed_map *= np.float32(0.999)  # every value but 0 moves: every param's decoding shows which map it used
+    expected = []
+    for i, p in enumerate(params):
+        s = opt.state[i]
+        m, v = (QuantizedState(s[key + "_codes"].copy(), s[key + "_absmax"].copy(), s[key + "_map"].copy())
+                for key in ("exp_avg", "exp_avg_sq"))
+        expected.append((p.copy(), m, v))
+    opt.step(grads)
+    for i, ((p_expected, m, v), p, g) in enumerate(zip(expected, params, grads)):
+        fastadam.reference.adam_step(p_expected, g, m, v, step=2)
+        assert_bitwise_equal(p, p_expected, f"params[{i}]")
+        np.testing.assert_array_equal(opt.state[i]["exp_avg_codes"], m.codes)
+
+
 # -- the step ------------------------------------------------------------------------------------------------
 
 def problem(size, rng, amsgrad=False):
