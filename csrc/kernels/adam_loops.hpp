@@ -676,10 +676,11 @@ bool nonfinite_range_typed(const AdamTensor& t, std::int64_t begin, std::int64_t
 // formula: a = a * h + b, c = c * h + b, d = d * h + b * b (d stays a second
 // moment, never negative, so that the benchmarks' steps on the same buffers
 // never take the square root of a negative number and run on NaNs, whose
-// bfloat16 rounding takes another path).  The exact probe has the same traffic and, like the step, exactly
-// one correctly rounded division and one square root per element -- the work
-// the bitwise contract allows no approximation of -- with as little else as
-// keeps them: c = c * h + b, d = d * h + b * b, a = a - c / (sqrt(d) + k).
+// bfloat16 rounding takes another path).  The exact probe has the same
+// traffic and, like the step, exactly one correctly rounded division and one
+// square root per element -- the work the bitwise contract allows no
+// approximation of -- with as little else as keeps them: c = c * h + b,
+// d = d * h + b * b, a = a - c / (sqrt(d) + k).
 // Each of b, c and d may be stored as bfloat16 beside a float32 a (B, C, D):
 // b is the mixed-precision step's gradient, which also writes e (a's new
 // value in bfloat16); c and d are the bfloat16 moments.  A bfloat16 c or d is
@@ -700,59 +701,46 @@ FASTADAM_INLINE int lanes_of(const Block&) {
 }
 FASTADAM_INLINE int lanes_of(const PartialBlock<float>& block) { return block.count; }
 
-// Byte and 32-bit integer registers of W lanes (spelled out: GCC drops a
-// vector_size that depends on a template parameter).
-template <int W>
-struct ByteLanes;
-template <>
-struct ByteLanes<4> {
-    typedef std::uint8_t Bytes __attribute__((vector_size(4)));
-    typedef std::uint32_t Ints __attribute__((vector_size(16)));
-};
-template <>
-struct ByteLanes<8> {
-    typedef std::uint8_t Bytes __attribute__((vector_size(8)));
-    typedef std::uint32_t Ints __attribute__((vector_size(32)));
-};
-template <>
-struct ByteLanes<16> {
-    typedef std::uint8_t Bytes __attribute__((vector_size(16)));
-    typedef std::uint32_t Ints __attribute__((vector_size(64)));
-};
-
+// A whole register goes through CodeLanes (a partial one, staged in a
+// zero-padded one); half a register or one element, lane by lane.
 template <class Block>
 FASTADAM_INLINE typename Block::V load_code_floats(const std::uint8_t* p, const Block& block) {
     using V = typename Block::V;
-    if constexpr (sizeof(V) == sizeof(float)) {
+    constexpr int width = sizeof(V) / sizeof(float);
+    if constexpr (width == CodeLanes::width) {
+        std::uint8_t staged[CodeLanes::width] = {};
+        const std::uint8_t* codes = p;
+        if (lanes_of(block) < width) {
+            std::memcpy(staged, p, static_cast<std::size_t>(lanes_of(block)));
+            codes = staged;
+        }
+        return __builtin_convertvector(CodeLanes::load_codes(codes), V);
+    } else if constexpr (width == 1) {
         return static_cast<float>(*p);
     } else {
-        constexpr int width = sizeof(V) / sizeof(float);
-        using L = ByteLanes<width>;
-        if constexpr (width == CodeLanes::width) {
-            if (lanes_of(block) == width) return __builtin_convertvector(CodeLanes::load_codes(p), V);
-        }
-        typename L::Bytes bytes = {};
-        std::memcpy(&bytes, p, static_cast<std::size_t>(lanes_of(block)));
-        return __builtin_convertvector(__builtin_convertvector(bytes, typename L::Ints), V);
+        V x;
+        for (int lane = 0; lane < width; ++lane) x[lane] = static_cast<float>(p[lane]);
+        return x;
     }
 }
 
 template <class Block>
 FASTADAM_INLINE void store_code_bytes(std::uint8_t* p, typename Block::V x, const Block& block) {
     using V = typename Block::V;
-    if constexpr (sizeof(V) == sizeof(float)) {
+    constexpr int width = sizeof(V) / sizeof(float);
+    if constexpr (width == CodeLanes::width) {
+        const CodeLanes::I byte = (reinterpret_cast<CodeLanes::I>(x) >> 8) & 0xFF;
+        if (lanes_of(block) == width) {
+            CodeLanes::store_codes(p, byte);
+        } else {
+            std::uint8_t staged[CodeLanes::width];
+            CodeLanes::store_codes(staged, byte);
+            std::memcpy(p, staged, static_cast<std::size_t>(lanes_of(block)));
+        }
+    } else if constexpr (width == 1) {
         *p = static_cast<std::uint8_t>(float_to_bits(x) >> 8);
     } else {
-        constexpr int width = sizeof(V) / sizeof(float);
-        using Ints = typename ByteLanes<width>::Ints;
-        const Ints byte = (reinterpret_cast<Ints>(x) >> 8) & 0xFFu;
-        if constexpr (width == CodeLanes::width) {
-            if (lanes_of(block) == width) {
-                CodeLanes::store_codes(p, reinterpret_cast<CodeLanes::I>(byte));
-                return;
-            }
-        }
-        for (int lane = 0; lane < lanes_of(block); ++lane) p[lane] = static_cast<std::uint8_t>(byte[lane]);
+        for (int lane = 0; lane < width; ++lane) p[lane] = static_cast<std::uint8_t>(float_to_bits(x[lane]) >> 8);
     }
 }
 
