@@ -457,40 +457,53 @@ PyArrayObject* check_plain_array(PyObject* obj, const std::string& name, int typ
 
 std::shared_ptr<const Codebook> checked_codebook(PyArrayObject* map_array, const std::string& name) {
     const auto* map = static_cast<const float*>(PyArray_DATA(map_array));
+    const int count = static_cast<int>(PyArray_SIZE(map_array));
     bool zero = false;
-    for (int k = 0; k < 256; ++k) {
+    for (int k = 0; k < count; ++k) {
         if (!std::isfinite(map[k]) || (k > 0 && !(map[k - 1] < map[k])))
-            throw ArgValueError{name + ": must hold 256 finite values in strictly ascending order (at " +
-                                std::to_string(k) + ")"};
+            throw ArgValueError{name + ": must hold " + std::to_string(count) +
+                                " finite values in strictly ascending order (at " + std::to_string(k) + ")"};
         zero = zero || map[k] == 0.0f;
     }
-    if (!zero) throw ArgValueError{name + ": must hold 0.0 (the code of a zero moment)"};
-    return codebook_for(map);
+    if (count == 256 && !zero) throw ArgValueError{name + ": must hold 0.0 (the code of a zero moment)"};
+    return codebook_for(map, count);
 }
 
 namespace {
 
+// 8-bit state (a map of 256 values) or 4-bit state (16 values): the map's
+// length says which; it is checked last, so that its errors name it.
 CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
                            Access access) {
     const std::string where = name.str();
-    if (param.dtype != DType::float32)
-        throw ArgTypeError{where + ": 8-bit state needs a float32 param, and " + param_name.str() + " is " +
-                           dtype_name(param.dtype)};
-    CheckedMoment m{};
     PyObject* const* items = &PyTuple_GET_ITEM(obj, 0);
+    const bool four = PyArray_Check(items[2]) && PyArray_SIZE(reinterpret_cast<PyArrayObject*>(items[2])) == 16;
+    if (param.dtype != DType::float32)
+        throw ArgTypeError{where + (four ? ": 4-bit" : ": 8-bit") + " state needs a float32 param, and " +
+                           param_name.str() + " is " + dtype_name(param.dtype)};
+    CheckedMoment m{};
     m.array = check_plain_array(items[0], where + ".codes", NPY_UBYTE, "uint8", access);
-    check_same_shape(m.array, ArgName{(where + ".codes").c_str(), -1}, param.array, param_name);
+    if (!four) {
+        check_same_shape(m.array, ArgName{(where + ".codes").c_str(), -1}, param.array, param_name);
+    } else if (PyArray_NDIM(m.array) != 1 || PyArray_DIM(m.array, 0) != (param.size + 1) / 2) {
+        throw ArgValueError{where + ".codes: expected shape (" + std::to_string((param.size + 1) / 2) +
+                            ",) (4-bit codes, two per byte, of the " + std::to_string(param.size) + " elements of " +
+                            param_name.str() + "), got shape " + describe_shape(m.array)};
+    }
     m.absmax = check_plain_array(items[1], where + ".absmax", NPY_FLOAT32, "float32", access);
-    const std::int64_t blocks = (param.size + kQuantBlock - 1) / kQuantBlock;
+    const std::int64_t block = four ? kQuantBlock4 : kQuantBlock;
+    const std::int64_t blocks = (param.size + block - 1) / block;
     if (PyArray_NDIM(m.absmax) != 1 || PyArray_DIM(m.absmax, 0) != blocks)
         throw ArgValueError{where + ".absmax: expected " + std::to_string(blocks) + " values (one per block of " +
-                            std::to_string(kQuantBlock) + " elements of " + param_name.str() + "), got shape " +
+                            std::to_string(block) + " elements of " + param_name.str() + "), got shape " +
                             describe_shape(m.absmax)};
     m.map = check_plain_array(items[2], where + ".map", NPY_FLOAT32, "float32", Access::read);
-    if (PyArray_NDIM(m.map) != 1 || PyArray_DIM(m.map, 0) != 256)
-        throw ArgValueError{where + ".map: expected 256 values, got shape " + describe_shape(m.map)};
+    if (PyArray_NDIM(m.map) != 1 || (PyArray_DIM(m.map, 0) != 256 && PyArray_DIM(m.map, 0) != 16))
+        throw ArgValueError{where + ".map: expected 256 values (8-bit codes) or 16 (4-bit), got shape " +
+                            describe_shape(m.map)};
     m.codebook = checked_codebook(m.map, where + ".map");
-    m.stream = {PyArray_DATA(m.array), Storage::block8, static_cast<float*>(PyArray_DATA(m.absmax)), m.codebook.get()};
+    m.stream = {PyArray_DATA(m.array), four ? Storage::block4 : Storage::block8,
+                static_cast<float*>(PyArray_DATA(m.absmax)), m.codebook.get()};
     return m;
 }
 

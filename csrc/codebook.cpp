@@ -93,14 +93,18 @@ bool try_buckets(Codebook& book, int mantissa_bits) {
     return true;
 }
 
-std::shared_ptr<const Codebook> build(const float* map) {
+std::shared_ptr<const Codebook> build(const float* map, int count) {
     auto book = std::make_shared<Codebook>();
-    std::memcpy(book->value, map, sizeof book->value);
-    for (int k = 0; k < 256; ++k)
-        if (map[k] == 0.0f) book->zero_code = static_cast<std::uint8_t>(k);
-    for (int k = 0; k < 255; ++k) book->midpoint[k] = round_down_to_float((double(map[k]) + double(map[k + 1])) * 0.5);
-    book->midpoint[255] = HUGE_VALF;
+    book->count = count;
+    std::fill(book->value, book->value + 256, 0.0f);
+    std::memcpy(book->value, map, sizeof(float) * static_cast<std::size_t>(count));
+    std::fill(book->midpoint, book->midpoint + 256, HUGE_VALF);
+    for (int k = 0; k + 1 < count; ++k)
+        book->midpoint[k] = round_down_to_float((double(map[k]) + double(map[k + 1])) * 0.5);
+    book->zero_code = static_cast<std::uint8_t>(searched_code(*book, 0.0f));
     std::memset(book->bucket, 0, sizeof book->bucket);
+    book->buckets = 0;
+    if (count != 256) return book;  // 16 values: compared in registers
     // The coarsest buckets that work: the smallest table (the part a step
     // touches stays in L1).
     bool table = false;
@@ -119,18 +123,18 @@ int searched_code(const Codebook& book, float y) {
     return static_cast<int>(std::lower_bound(book.midpoint, book.midpoint + 255, y) - book.midpoint);
 }
 
-std::shared_ptr<const Codebook> codebook_for(const float* map) {
+std::shared_ptr<const Codebook> codebook_for(const float* map, int count) {
     static std::mutex mutex;
     static std::list<std::shared_ptr<const Codebook>> recent;  // most recently used first
     {
         const std::lock_guard<std::mutex> lock(mutex);
         for (auto it = recent.begin(); it != recent.end(); ++it) {
-            if (std::memcmp((*it)->value, map, sizeof (*it)->value) != 0) continue;
+            if ((*it)->count != count || std::memcmp((*it)->value, map, sizeof(float) * count) != 0) continue;
             recent.splice(recent.begin(), recent, it);
             return recent.front();
         }
     }
-    std::shared_ptr<const Codebook> book = build(map);  // outside the lock: a few milliseconds at most
+    std::shared_ptr<const Codebook> book = build(map, count);  // outside the lock: a few milliseconds at most
     const std::lock_guard<std::mutex> lock(mutex);
     recent.push_front(book);
     if (recent.size() > kCachedBooks) recent.pop_back();

@@ -87,6 +87,8 @@ void probe_step(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e,
         // c and d as the step's moments: a's dtype, bfloat16 beside a float32 a, or both 8-bit state.
         const CheckedMoment c = check_moment(lists[2][i], lists[2].name(i), x, lists[0].name(i));
         const CheckedMoment d = check_moment(lists[3][i], lists[3].name(i), x, lists[0].name(i));
+        if (c.stream.storage == Storage::block4 || d.stream.storage == Storage::block4)
+            throw ArgTypeError{"probe: 4-bit state has no probe (8-bit state goes in both c and d)"};
         const bool block8 = c.stream.storage == Storage::block8;
         if (block8 != (d.stream.storage == Storage::block8) || (block8 && (b_storage != Storage::same || has_e)))
             throw ArgTypeError{"probe: 8-bit state goes in both c and d, beside a float32 b and no e"};

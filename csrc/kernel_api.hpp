@@ -34,12 +34,18 @@ constexpr unsigned kVariantMask = kVariantCount - 1u;
 // update and narrowed back after (see adam_loops.hpp's staged loop).
 // block8: 8-bit codes, block-wise dynamic quantization (Dettmers et al., ICLR
 // 2022): each block of kQuantBlock consecutive elements has a float32
-// absmax, and element j is map[code[j]] * absmax of its block.
-enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2, block8 = 3 };
+// absmax, and element j is map[code[j]] * absmax of its block.  block4:
+// 4-bit codes (Li et al., NeurIPS 2023), two per byte (element 2k in the low
+// nibble of byte k), a float32 absmax per block of kQuantBlock4 elements, a
+// 16-value map.
+enum class Storage : std::uint8_t { same = 0, float16 = 1, bfloat16 = 2, block8 = 3, block4 = 4 };
 
-// Elements per quantization block; a block is never split between threads
-// (launch.cpp's pieces start on multiples of it).
+// Elements per quantization block of block8 and of block4 state; a block is
+// never split between threads (launch.cpp's pieces start on multiples of
+// kQuantBlock, which kQuantBlock4 divides).
 constexpr std::int64_t kQuantBlock = 256;
+constexpr std::int64_t kQuantBlock4 = 128;
+inline bool is_quantized(Storage s) { return s == Storage::block8 || s == Storage::block4; }
 
 // The code book of block8 state: the 256 values of the codes (the map, in
 // ascending order) and a table that finds the nearest code of a value
@@ -66,18 +72,25 @@ constexpr std::int64_t kQuantBlock = 256;
 // monotonic in y).  A map whose midpoints lie too close for kMaxCodeBuckets
 // buckets is searched instead (buckets == 0).
 constexpr std::int32_t kMaxCodeBuckets = 8192;  // per sign
+//
+// A 16-value map (block4) has no table: its codes count the 15 midpoints
+// below y, compared in registers (value[16..] and midpoint[15..] unused,
+// midpoint[15..] = +inf so that the search still works).
 struct Codebook {
     float value[256];
-    float midpoint[256];  // [255] = +inf
+    float midpoint[256];  // [count - 1 ..] = +inf
+    std::int32_t count = 256;  // 256 (block8) or 16 (block4) values
     std::uint32_t floor_bits = 0;
     std::int32_t shift = 0;
     std::int32_t buckets = 0;
-    std::uint8_t zero_code = 0;  // the code of 0.0 (every map holds it: the host checks)
+    // The code of the value nearest 0.0 (of 0.0 itself where the map holds it,
+    // as every 8-bit map must): a NaN or inf element's, and a zero block's.
+    std::uint8_t zero_code = 0;
     std::uint32_t bucket[2 * kMaxCodeBuckets];
 };
 
-// Where one stream of a tensor lives, and how it is stored.  For block8,
-// `data` holds the codes, `absmax` one float per block (written by the
+// Where one stream of a tensor lives, and how it is stored.  For block8 and
+// block4, `data` holds the codes, `absmax` one float per block (written by the
 // step), `codebook` the map's.
 struct Stream {
     void* data = nullptr;

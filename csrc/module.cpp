@@ -210,18 +210,20 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "codebook_layout",
         [](py::array_t<float, py::array::c_style | py::array::forcecast> map) {
-            if (map.ndim() != 1 || map.shape(0) != 256)
-                throw ArgValueError{"map: expected 256 values, got " + std::to_string(map.size())};
+            if (map.ndim() != 1 || (map.shape(0) != 256 && map.shape(0) != 16))
+                throw ArgValueError{"map: expected 256 values (8-bit codes) or 16 (4-bit), got " +
+                                    std::to_string(map.size())};
             const auto book = checked_codebook(reinterpret_cast<PyArrayObject*>(map.ptr()), "map");
             py::dict d;
             d["buckets"] = book->buckets;  // per sign; 0: the kernels search the map
             d["mantissa_bits"] = book->buckets > 0 ? 23 - book->shift : 0;
             d["table_bytes"] = 2 * book->buckets * static_cast<int>(sizeof book->bucket[0]);
+            d["zero_code"] = static_cast<int>(book->zero_code);  // the code nearest 0: NaN/inf and zero blocks
             return d;
         },
         py::arg("map"),
         "How the kernels find the nearest code of an 8-bit map's values: a table of buckets (its size), or a "
-        "search (buckets 0).");
+        "search (buckets 0); a 16-value (4-bit) map is compared in registers (buckets 0).");
     m.def(
         "pool_stats",
         [] {

@@ -8,7 +8,9 @@ namespace {
 bool given(PyObject* obj) { return obj != nullptr && obj != Py_None; }
 
 std::string storage_name(const CheckedMoment& m) {
-    return m.stream.storage == Storage::block8 ? "8-bit" : describe_dtype(m.array);
+    if (m.stream.storage == Storage::block8) return "8-bit";
+    if (m.stream.storage == Storage::block4) return "4-bit";
+    return describe_dtype(m.array);
 }
 
 void add_moment(OverlapCheck& overlap, const CheckedMoment& m, const ArgName& name) {

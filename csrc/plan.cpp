@@ -86,7 +86,7 @@ void AdamPlan::refresh_codebooks() {
             continue;
         }
         checked_maps_.push_back(&h);
-        if (std::memcmp(PyArray_DATA(h.map), h.book->value, sizeof h.book->value) == 0) continue;
+        if (std::memcmp(PyArray_DATA(h.map), h.book->value, sizeof(float) * h.book->count) == 0) continue;
         h.book = checked_codebook(h.map, std::string("the ") + h.role + " map of params[" +
                                              std::to_string(h.tensor) + "] (changed since the last step)");
         (tensors_[h.tensor].*h.stream).codebook = h.book.get();
@@ -270,12 +270,16 @@ bool AdamPlan::step_unguarded(PyObject* grads, PyObject* groups, const LossScali
             std::int64_t rows = 0, row_size = 0;
             table_geometry(p, p_name, rows, row_size);
             // A row must be whole quantization blocks, so that updating some rows leaves the others' blocks be.
-            if ((tensors_[i].exp_avg.storage == Storage::block8 || tensors_[i].exp_avg_sq.storage == Storage::block8) &&
-                row_size % kQuantBlock != 0)
+            const bool block8 = tensors_[i].exp_avg.storage == Storage::block8 ||
+                                tensors_[i].exp_avg_sq.storage == Storage::block8;
+            const bool block4 = tensors_[i].exp_avg.storage == Storage::block4 ||
+                                tensors_[i].exp_avg_sq.storage == Storage::block4;
+            const std::int64_t block = block8 ? kQuantBlock : kQuantBlock4;
+            if ((block8 || block4) && row_size % block != 0)
                 throw ArgValueError{where + ": a row-sparse gradient needs rows of a multiple of " +
-                                    std::to_string(kQuantBlock) + " elements with 8-bit state (a quantization "
-                                    "block must not straddle rows); " + p_name.str() + "'s rows hold " +
-                                    std::to_string(row_size)};
+                                    std::to_string(block) + " elements with " + (block8 ? "8" : "4") +
+                                    "-bit state (a quantization block must not straddle rows); " + p_name.str() +
+                                    "'s rows hold " + std::to_string(row_size)};
             (*sparse_rows)[i] = coalescer->add(reinterpret_cast<PyArrayObject*>(indices), i_name, rows, val.data,
                                            row_size, val.dtype);
             tensors_[i].grad.storage = Storage::same;

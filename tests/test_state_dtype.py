@@ -209,9 +209,9 @@ def test_a_live_optimizers_state_converts_between_float32_and_bfloat16(rng):
     assert back.steps == [1]
 
 
-@pytest.mark.parametrize("state_dtype", ["int4", "float16", ("bfloat16",), None])
+@pytest.mark.parametrize("state_dtype", ["int2", "float16", ("bfloat16",), None])
 def test_an_unsupported_state_dtype_is_refused(state_dtype):
-    with pytest.raises(ValueError, match=r"state_dtype must be one of \('float32', 'bfloat16', 'int8'\)"):
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \('float32', 'bfloat16', 'int8', 'int4'\)"):
         fastadam.Adam([np.zeros(5, np.float32)], state_dtype=state_dtype)
 
 

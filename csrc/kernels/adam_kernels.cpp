@@ -54,6 +54,13 @@ void probe_range(const ProbeTensor& t, std::int64_t begin, std::int64_t end) {
 
 void quantize_range(const Codebook& book, const float* values, std::uint8_t* codes, float* absmax,
                     std::int64_t begin, std::int64_t end) {
+    if (book.count == 16) {
+        for (std::int64_t i = begin; i < end; i += kQuantBlock4) {
+            const std::int64_t n = end - i < kQuantBlock4 ? end - i : kQuantBlock4;
+            absmax[i / kQuantBlock4] = quantize_block4(book, values + i, codes + i / 2, n);
+        }
+        return;
+    }
     for (std::int64_t i = begin; i < end; i += kQuantBlock) {
         const std::int64_t n = end - i < kQuantBlock ? end - i : kQuantBlock;
         absmax[i / kQuantBlock] = quantize_block(book, values + i, codes + i, n);
@@ -62,6 +69,13 @@ void quantize_range(const Codebook& book, const float* values, std::uint8_t* cod
 
 void dequantize_range(const Codebook& book, const std::uint8_t* codes, const float* absmax, float* values,
                       std::int64_t begin, std::int64_t end) {
+    if (book.count == 16) {
+        for (std::int64_t i = begin; i < end; i += kQuantBlock4) {
+            const std::int64_t n = end - i < kQuantBlock4 ? end - i : kQuantBlock4;
+            dequantize_block4(book, codes + i / 2, absmax[i / kQuantBlock4], values + i, n);
+        }
+        return;
+    }
     for (std::int64_t i = begin; i < end; i += kQuantBlock) {
         const std::int64_t n = end - i < kQuantBlock ? end - i : kQuantBlock;
         dequantize_block(book, codes + i, absmax[i / kQuantBlock], values + i, n);

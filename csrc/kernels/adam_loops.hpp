@@ -307,6 +307,7 @@ FASTADAM_INLINE std::int64_t stream_bytes(Storage storage, std::int64_t n) {
     switch (storage) {
         case Storage::same: return n * std::int64_t{sizeof(T)};
         case Storage::block8: return n;
+        case Storage::block4: return n / 2;  // n is even: blocks and rows start on even elements
         default: return n * 2;
     }
 }
@@ -452,6 +453,13 @@ FASTADAM_INLINE float* moment_in(const Stream& stream, void* at, std::int64_t in
                          tile, n);
         return tile;
     }
+    if (stream.storage == Storage::block4) {  // a tile is one or two 4-bit blocks
+        for (std::int64_t s = 0; s < n; s += kQuantBlock4)
+            dequantize_block4(*stream.codebook, static_cast<const std::uint8_t*>(at) + s / 2,
+                              stream.absmax[(index + s) / kQuantBlock4], tile + s,
+                              n - s < kQuantBlock4 ? n - s : kQuantBlock4);
+        return tile;
+    }
     return const_cast<float*>(widened(at, stream.storage, tile, n));
 }
 
@@ -461,6 +469,11 @@ FASTADAM_INLINE void moment_out(const Stream& stream, const float* tile, void* a
     if (stream.storage == Storage::block8)
         stream.absmax[index / kQuantBlock] =
             quantize_block(*stream.codebook, tile, static_cast<std::uint8_t*>(at), n);
+    else if (stream.storage == Storage::block4)
+        for (std::int64_t s = 0; s < n; s += kQuantBlock4)
+            stream.absmax[(index + s) / kQuantBlock4] =
+                quantize_block4(*stream.codebook, tile + s, static_cast<std::uint8_t*>(at) + s / 2,
+                                n - s < kQuantBlock4 ? n - s : kQuantBlock4);
     else
         narrow_moment(tile, at, stream.storage, n, static_cast<std::uint64_t>(index), rounding);
 }
@@ -510,7 +523,7 @@ void staged_stretch(const AdamTensor& t, const StretchStreams& s, std::int64_t o
     first_moment.key_low ^= 0x9e3779b9u;
     constexpr bool amsgrad = (Variant & kAmsgrad) != 0;
     alignas(64) float grad_tile[kTile], exp_avg_tile[kTile], exp_avg_sq_tile[kTile], max_tile[kTile];
-    const bool blocks = t.exp_avg.storage == Storage::block8 || t.exp_avg_sq.storage == Storage::block8;
+    const bool blocks = is_quantized(t.exp_avg.storage) || is_quantized(t.exp_avg_sq.storage);
     const std::int64_t head = blocks ? 0 : elements_to_alignment(static_cast<const float*>(s.param), begin, end);
     for (std::int64_t i = begin; i < end;) {
         const std::int64_t tile = blocks ? kQuantBlock - (origin + i) % kQuantBlock : i == begin && head > 0 ? head : kTile;

@@ -163,14 +163,11 @@ FASTADAM_INLINE void dequantize_block(const Codebook& book, const std::uint8_t* 
     }
 }
 
-// n elements of a block (n <= kQuantBlock) to codes; returns the block's new
-// absmax, the largest finite |x|.  A NaN or inf element is stored as the code
-// of 0 (its param shows the NaN or inf; the rest of the block keeps its
-// scale).  A block of zeros has absmax 0 and every code 0's.
-FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, std::uint8_t* codes, std::int64_t n) {
+// The largest finite |x| of n elements of a block: for non-negative floats,
+// integer order is float order; NaN and inf count as 0 (and so do the zeros
+// past n).
+FASTADAM_INLINE float block_absmax(const float* from, std::int64_t n) {
     using L = CodeLanes;
-    // The largest finite |x|: for non-negative floats, integer order is
-    // float order; NaN and inf count as 0 (and so do the zeros past n).
     L::I largest = L::ints(0);
     const auto count_in = [&largest](L::F x) FASTADAM_LAMBDA_INLINE {
         const L::I magnitude = reinterpret_cast<L::I>(x) & 0x7FFFFFFF;
@@ -189,6 +186,16 @@ FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, st
     for (int l = 0; l < L::width; ++l) top = largest[l] > top ? largest[l] : top;
     float absmax;
     std::memcpy(&absmax, &top, sizeof absmax);
+    return absmax;
+}
+
+// n elements of a block (n <= kQuantBlock) to codes; returns the block's new
+// absmax, the largest finite |x|.  A NaN or inf element is stored as the code
+// of 0 (its param shows the NaN or inf; the rest of the block keeps its
+// scale).  A block of zeros has absmax 0 and every code 0's.
+FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, std::uint8_t* codes, std::int64_t n) {
+    using L = CodeLanes;
+    const float absmax = block_absmax(from, n);
     if (absmax == 0.0f) {
         for (std::int64_t j = 0; j < n; ++j) codes[j] = book.zero_code;
         return absmax;
@@ -213,6 +220,127 @@ FASTADAM_INLINE float quantize_block(const Codebook& book, const float* from, st
         std::uint8_t some[L::width];
         L::store_codes(some, nearest_codes(table, block_floats(from, j, n), scale));
         std::memcpy(codes + j, some, static_cast<std::size_t>(n - j));
+    }
+    return absmax;
+}
+
+// -- 4-bit state: 16-value maps, two codes per byte ---------------------------
+
+// `width` codes from width / 2 bytes: lane 2k the low nibble of byte k, lane
+// 2k + 1 its high nibble.
+FASTADAM_INLINE CodeLanes::I load_nibbles(const std::uint8_t* p) {
+    using L = CodeLanes;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    std::int32_t four;
+    std::memcpy(&four, p, sizeof four);
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+    const __m256i pairs = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    return reinterpret_cast<L::I>(_mm256_srlv_epi32(pairs, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4))) & 15;
+#else
+    L::I r;
+    for (int l = 0; l < L::width; ++l) r[l] = (p[l >> 1] >> ((l & 1) * 4)) & 15;
+    return r;
+#endif
+}
+
+// Codes (0..15 per lane) into width / 2 bytes, as load_nibbles reads them.
+FASTADAM_INLINE void store_nibbles(std::uint8_t* p, CodeLanes::I codes) {
+    using L = CodeLanes;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256i shifted = _mm256_sllv_epi32(reinterpret_cast<__m256i>(codes), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    const __m256i joined = _mm256_or_si256(shifted, _mm256_srli_epi64(shifted, 32));  // lane 2k: its byte
+    const __m256i even = _mm256_permutevar8x32_epi32(joined, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(even), _mm256_castsi256_si128(even));
+    const int four = _mm_cvtsi128_si32(_mm_packus_epi16(words, words));
+    std::memcpy(p, &four, sizeof four);
+#else
+    for (int k = 0; k < L::width / 2; ++k) p[k] = static_cast<std::uint8_t>(codes[2 * k] | codes[2 * k + 1] << 4);
+#endif
+}
+
+// The 16 values of a 4-bit map, by code.
+struct NibbleTable {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256 low, high;  // values 0..7 and 8..15
+    explicit NibbleTable(const Codebook& book)
+        : low(_mm256_loadu_ps(book.value)), high(_mm256_loadu_ps(book.value + 8)) {}
+    FASTADAM_INLINE CodeLanes::F operator()(CodeLanes::I code) const {
+        const __m256i c = reinterpret_cast<__m256i>(code);
+        const __m256 from_high = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // sign bit: code >= 8
+        return reinterpret_cast<CodeLanes::F>(_mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c),
+                                                               _mm256_permutevar8x32_ps(high, c), from_high));
+    }
+#else
+    const float* value;
+    explicit NibbleTable(const Codebook& book) : value(book.value) {}
+    FASTADAM_INLINE CodeLanes::F operator()(CodeLanes::I code) const { return CodeLanes::gather(value, code); }
+#endif
+};
+
+// n elements (n <= kQuantBlock4) of a 4-bit block whose codes start at
+// `codes` (the block's first byte): map[code] * absmax.
+FASTADAM_INLINE void dequantize_block4(const Codebook& book, const std::uint8_t* codes, float absmax, float* to,
+                                       std::int64_t n) {
+    using L = CodeLanes;
+    const NibbleTable table(book);
+    const L::F scale = L::floats(absmax);
+    std::int64_t j = 0;
+    for (; j + L::width <= n; j += L::width) {
+        const L::F x = table(load_nibbles(codes + j / 2)) * scale;
+        std::memcpy(to + j, &x, sizeof x);
+    }
+    if (j < n) {
+        std::uint8_t some[L::width / 2] = {};
+        std::memcpy(some, codes + j / 2, static_cast<std::size_t>((n - j + 1) / 2));
+        const L::F x = table(load_nibbles(some)) * scale;
+        std::memcpy(to + j, &x, sizeof(float) * static_cast<std::size_t>(n - j));
+    }
+}
+
+// The codes of the values x of a block whose absmax is `absmax` (> 0): the
+// number of the map's midpoints below x / absmax (book.midpoint: the exact
+// midpoints rounded down, which float comparisons make exact), 15 compares
+// in registers; a NaN or inf element gets the code nearest 0.
+struct NibbleCoder {
+    CodeLanes::F midpoint[15];
+    CodeLanes::I zero_code;
+    explicit NibbleCoder(const Codebook& book) : zero_code(CodeLanes::ints(book.zero_code)) {
+        for (int t = 0; t < 15; ++t) midpoint[t] = CodeLanes::floats(book.midpoint[t]);
+    }
+    FASTADAM_INLINE CodeLanes::I operator()(CodeLanes::F x, CodeLanes::F absmax) const {
+        using L = CodeLanes;
+        const L::F y = x / absmax;
+        L::I code = L::ints(0);
+        for (int t = 0; t < 15; ++t) code -= y > midpoint[t];  // a true comparison is -1
+        const L::I finite = (reinterpret_cast<L::I>(x) & 0x7FFFFFFF) < 0x7F800000;
+        return finite ? code : zero_code;
+    }
+};
+
+// n elements (n <= kQuantBlock4) into a 4-bit block's codes (from its first
+// byte); returns the block's new absmax, as quantize_block.  Past an odd n,
+// the last byte's high nibble is 0.
+FASTADAM_INLINE float quantize_block4(const Codebook& book, const float* from, std::uint8_t* codes, std::int64_t n) {
+    using L = CodeLanes;
+    const float absmax = block_absmax(from, n);
+    if (absmax == 0.0f) {
+        std::memset(codes, book.zero_code | book.zero_code << 4, static_cast<std::size_t>(n / 2));
+        if (n % 2 != 0) codes[n / 2] = book.zero_code;
+        return absmax;
+    }
+    const NibbleCoder coder(book);
+    const L::F scale = L::floats(absmax);
+    std::int64_t j = 0;
+    for (; j + L::width <= n; j += L::width) {
+        L::F x;
+        std::memcpy(&x, from + j, sizeof x);
+        store_nibbles(codes + j / 2, coder(x, scale));
+    }
+    if (j < n) {
+        std::uint8_t some[L::width / 2];
+        store_nibbles(some, coder(block_floats(from, j, n), scale));
+        if ((n - j) % 2 != 0) some[(n - j) / 2] &= 0x0F;
+        std::memcpy(codes + j / 2, some, static_cast<std::size_t>((n - j + 1) / 2));
     }
     return absmax;
 }

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from . import _core, reference
 from ._functional import RowSparseGrad, adam_step, dequantize_blockwise, quantize_blockwise, sparse_adam_step
 from ._optim import Adam, AdamW, SparseAdam
-from .reference import QuantizedState, dynamic_map
+from .reference import QuantizedState, dynamic_map, linear_map
 
 try:
     __version__ = _version("fastadam")
@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "get_num_threads",
+    "linear_map",
     "quantize_blockwise",
     "reference",
     "set_num_threads",

@@ -158,30 +158,35 @@ def sparse_adam_step(param: np.ndarray, indices: np.ndarray, values: np.ndarray,
 
 
 def quantize_blockwise(values: np.ndarray, state: Any, *, num_threads: Optional[int] = None) -> None:
-    """Store float32 ``values`` into the 8-bit block-wise ``state`` in place, as the step stores a moment.
+    """Store float32 ``values`` into the 8-bit or 4-bit block-wise ``state`` in place, as the step stores a
+    moment.
 
-    ``state`` is a :class:`fastadam.QuantizedState` ``(codes, absmax, map)`` with codes of ``values``' shape.
-    Each block of 256 consecutive elements (of the flat array) gets ``absmax`` = its largest finite ``|x|``,
-    and each element the code of the map value nearest to ``x / absmax`` (the float32 quotient), a tie
-    going to the lower code; a NaN or inf element gets the code of 0.0.  Bitwise equal to
-    :func:`fastadam.reference.quantize_blockwise`, and multi-threaded: this is how float32 moments become
-    8-bit state.
+    ``state`` is a :class:`fastadam.QuantizedState` ``(codes, absmax, map)``: with a map of 256 values,
+    codes of ``values``' shape and blocks of 256; with a map of 16, ``ceil(size / 2)`` codes (two per byte)
+    and blocks of 128.  Each block of consecutive elements (of the flat array) gets ``absmax`` = its largest
+    finite ``|x|``, and each element the code of the map value nearest to ``x / absmax`` (the float32
+    quotient), a tie going to the lower code; a NaN or inf element gets the code of the value nearest 0.0.
+    Bitwise equal to :func:`fastadam.reference.quantize_blockwise`, and multi-threaded: this is how float32
+    moments become quantized state.
     """
     _core.quantize_blockwise(values, state, num_threads)
 
 
 def dequantize_blockwise(state: Any, out: Optional[np.ndarray] = None, *,
                          num_threads: Optional[int] = None) -> np.ndarray:
-    """The float32 values of the 8-bit block-wise ``state``: ``map[code] * absmax`` of its block.
+    """The float32 values of the 8-bit or 4-bit block-wise ``state``: ``map[code] * absmax`` of its block.
 
-    Written into ``out`` (float32, the codes' shape) when given, else into a new array, which is returned.
-    Bitwise equal to :func:`fastadam.reference.dequantize_blockwise`.
+    Written into ``out`` (float32, the values' shape) when given, else into a new array, which is returned
+    -- of the codes' shape for 8-bit state; 4-bit state, whose codes are packed, needs ``out``.  Bitwise
+    equal to :func:`fastadam.reference.dequantize_blockwise`.
     """
     if out is None:
-        codes = getattr(state, "codes", None)
+        codes, qmap = getattr(state, "codes", None), getattr(state, "map", None)
         if not isinstance(codes, np.ndarray):
             raise TypeError(f"state: expected a fastadam.QuantizedState (codes, absmax, map), got "
                             f"{type(state).__name__}")
+        if isinstance(qmap, np.ndarray) and qmap.size == 16:
+            raise ValueError("out: 4-bit state needs out (float32, the values' shape): its codes are packed")
         out = np.empty(codes.shape, np.float32)
     _core.dequantize_blockwise(state, out, num_threads)
     return out

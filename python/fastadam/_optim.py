@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from ._functional import RowSparseGrad
-from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
+from .reference import QuantizedState, code_bits, dynamic_map, linear_map, null_code, quantization_block
 
 #: The hyperparameters of a param group, as the core reads them (named in one place: csrc/hyper.hpp).
 _HYPERPARAMETERS: tuple[str, ...] = _core.HYPERPARAMETERS
@@ -29,9 +29,10 @@ def _is_16bit_float(a: np.ndarray) -> bool:
     return a.dtype == np.float16 or (a.dtype.itemsize == 2 and a.dtype.name == "bfloat16")
 
 
-#: What state_dtype may say for a moment: uncompressed (the param's dtype) or bfloat16.
-_STATE_DTYPES = ("float32", "bfloat16", "int8")
-#: The arrays of a moment in 8-bit state, under the moment's name + these suffixes (see QuantizedState).
+#: What state_dtype may say for a moment: uncompressed (the param's dtype), bfloat16, 8-bit or 4-bit.
+_STATE_DTYPES = ("float32", "bfloat16", "int8", "int4")
+#: The arrays of a moment in 8-bit or 4-bit state, under the moment's name + these suffixes (see
+#: QuantizedState).
 _QUANTIZED_PARTS = ("_codes", "_absmax", "_map")
 #: The state arrays that state_dtype compresses (amsgrad's maximum is stored as exp_avg_sq is).
 _MOMENTS = {"exp_avg": 0, "exp_avg_sq": 1, "max_exp_avg_sq": 1}
@@ -49,17 +50,17 @@ def _bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _state_dtypes(state_dtype: Any) -> tuple[str, str]:
-    """state_dtype as (exp_avg's, exp_avg_sq's): a name for both, or a pair of names."""
+def _state_dtypes(state_dtype: Any, allowed: tuple[str, ...] = _STATE_DTYPES) -> tuple[str, str]:
+    """state_dtype as (exp_avg's, exp_avg_sq's): a name for both, or a pair of names (of ``allowed``)."""
     pair = (state_dtype, state_dtype) if isinstance(state_dtype, str) else state_dtype
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(d not in _STATE_DTYPES for d in pair):
-        raise ValueError(f"state_dtype must be one of {_STATE_DTYPES}, or a pair of them for (exp_avg, exp_avg_sq), "
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(d not in allowed for d in pair):
+        raise ValueError(f"state_dtype must be one of {allowed}, or a pair of them for (exp_avg, exp_avg_sq), "
                          f"got {state_dtype!r}")
     return pair[0], pair[1]
 
 
 def _moment(s: Mapping[str, np.ndarray], key: str) -> Any:
-    """A param's moment as the core takes it: its array, or for 8-bit state its QuantizedState."""
+    """A param's moment as the core takes it: its array, or for 8-bit or 4-bit state its QuantizedState."""
     if key in s or key + "_codes" not in s:
         return s.get(key)
     return QuantizedState(*(s[key + part] for part in _QUANTIZED_PARTS))
@@ -70,11 +71,21 @@ def _moment_names(s: Mapping[str, Any]) -> list[str]:
     return [key for key in _MOMENTS if key in s or key + "_codes" in s]
 
 
-def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: int) -> None:
+def _storage_kind(s: Mapping[str, Any], key: str) -> Any:
+    """How a state stores moment ``key``: "array" (float32 or bfloat16), or 8 or 4 (the bits of its codes,
+    which its map's length says)."""
+    if key in s:
+        return "array"
+    qmap = s[key + "_map"]
+    return code_bits(qmap) if isinstance(qmap, np.ndarray) and qmap.shape in ((16,), (256,)) else 8
+
+
+def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: int, shape: tuple[int, ...]) -> None:
     """Check a saved param state against this optimizer's, before anything is loaded (load_state_dict).
 
-    Each moment may be stored otherwise than this optimizer stores it -- float32, bfloat16 or 8-bit
+    Each moment may be stored otherwise than this optimizer stores it -- float32, bfloat16, 8-bit or 4-bit
     (``<key>_codes``, ``_absmax``, ``_map``) -- and is converted on loading; everything else must match.
+    ``shape`` is the param's.
     """
     moment_keys = {m + part for m in _MOMENTS for part in ("", *_QUANTIZED_PARTS)}
     want = {"step"} | (set(mine) - moment_keys)
@@ -82,12 +93,13 @@ def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: in
         want |= {key} if key in saved else {key + part for part in _QUANTIZED_PARTS}
     if set(saved) != want:
         raise ValueError(f"state[{i}]: expected keys {sorted({'step', *mine})} (any moment may be float32, "
-                         f"bfloat16 or 8-bit state), got {_sorted_keys(saved)}")
+                         f"bfloat16, 8-bit or 4-bit state), got {_sorted_keys(saved)}")
     for key in want - {"step"}:
         if not isinstance(saved[key], np.ndarray):
             raise ValueError(f"state[{i}][{key!r}]: expected a numpy.ndarray, got {type(saved[key]).__name__}")
+    quantized_parts = {m + part for m in _MOMENTS for part in _QUANTIZED_PARTS}
     for key, a in mine.items():
-        if key not in saved:
+        if key not in saved or key in quantized_parts:  # quantized parts: _check_quantized_parts below
             continue
         src = saved[key]
         # float32 and bfloat16 moments load into each other (converting a live optimizer).
@@ -97,15 +109,15 @@ def _check_saved_state(saved: dict[str, Any], mine: dict[str, np.ndarray], i: in
     for key in _moment_names(mine):
         if key in saved and key in mine:  # float32 or bfloat16 on both sides: checked above
             continue
-        shape = (mine[key] if key in mine else mine[key + "_codes"]).shape
-        if key in saved:  # a float32/bfloat16 moment to quantize into this optimizer's 8-bit state
+        shape = tuple(shape)
+        if key in saved:  # a float32/bfloat16 moment to quantize into this optimizer's 8-bit or 4-bit state
             src = saved[key]
             if src.shape != shape or src.dtype.name not in ("float32", "bfloat16"):
                 raise ValueError(f"state[{i}][{key!r}]: expected float32 or bfloat16{shape} to convert into "
-                                 f"8-bit state, got {src.dtype}{src.shape}")
+                                 f"{_storage_kind(mine, key)}-bit state, got {src.dtype}{src.shape}")
             continue
         if key in mine and mine[key].dtype.name not in ("float32", "bfloat16"):
-            raise ValueError(f"state[{i}]: 8-bit {key!r} cannot load into a {mine[key].dtype} moment")
+            raise ValueError(f"state[{i}]: quantized {key!r} cannot load into a {mine[key].dtype} moment")
         _check_quantized_parts([saved[key + part] for part in _QUANTIZED_PARTS], shape, f"state[{i}]", key)
 
 
@@ -126,15 +138,21 @@ def _check_shared_maps(saved_states: Sequence[dict[str, Any]], states: Sequence[
 
 
 def _check_quantized_parts(parts: Sequence[np.ndarray], shape: tuple[int, ...], where: str, key: str) -> None:
-    """The arrays ``(codes, absmax, map)`` of moment ``key`` in 8-bit state, for a param of ``shape``.
+    """The arrays ``(codes, absmax, map)`` of moment ``key`` in 8-bit or 4-bit state (a map of 256 or 16
+    values), for a param of ``shape``.
 
-    They must be what a step takes: uint8 codes of the param's shape, one
-    float32 absmax per block of ``QUANT_BLOCK`` elements (``ceil(size /
-    256)``), and a map of 256 finite, strictly ascending float32 values that
-    holds 0.  A ValueError names the entry, ``where[key + part]``.
+    They must be what a step takes: uint8 codes of the param's shape (8-bit) or ``ceil(size / 2)`` of them
+    (4-bit, two per byte), one float32 absmax per block of 256 (8-bit) or 128 (4-bit) elements, and a map of
+    finite, strictly ascending float32 values (an 8-bit one holding 0).  A ValueError names the entry,
+    ``where[key + part]``.
     """
-    blocks = -(-math.prod(shape) // QUANT_BLOCK)
-    wants = ((np.uint8, tuple(shape)), (np.float32, (blocks,)), (np.float32, (256,)))
+    size, qmap = math.prod(shape), parts[2]
+    if qmap.dtype != np.float32 or qmap.shape not in ((256,), (16,)):
+        raise ValueError(f"{where}[{key + '_map'!r}]: expected float32(256,) (8-bit codes) or float32(16,) "
+                         f"(4-bit), got {qmap.dtype}{qmap.shape}")
+    four = qmap.size == 16
+    codes_shape = (-(-size // 2),) if four else tuple(shape)
+    wants = ((np.uint8, codes_shape), (np.float32, (-(-size // quantization_block(qmap)),)), (np.float32, qmap.shape))
     for part, a, (dtype, part_shape) in zip(_QUANTIZED_PARTS, parts, wants):
         if a.dtype != dtype or a.shape != part_shape:
             raise ValueError(f"{where}[{key + part!r}]: expected {np.dtype(dtype)}{part_shape}, "
@@ -153,14 +171,18 @@ def _copy_converted(src: np.ndarray, a: np.ndarray) -> None:
             a[...] = src.astype(a.dtype)
 
 
-def _convert_moment(src: Any, into: Any) -> None:
-    """A checked moment from one storage into another (8-bit on one side): quantized as the step stores it,
-    or its values widened (and rounded to nearest-even into bfloat16)."""
-    if isinstance(into, QuantizedState):
-        _core.quantize_blockwise(np.ascontiguousarray(src, dtype=np.float32), into)
-    else:
-        values = np.empty(src.codes.shape, np.float32)
+def _convert_moment(src: Any, into: Any, shape: tuple[int, ...]) -> None:
+    """A checked moment of a param of ``shape`` from one storage into another (quantized on one side at
+    least): its values (widened from bfloat16, or decoded) quantized as the step stores them, or rounded to
+    nearest-even into bfloat16."""
+    if isinstance(src, QuantizedState):
+        values = np.empty(shape, np.float32)
         _core.dequantize_blockwise(QuantizedState(*(np.ascontiguousarray(a) for a in src)), values)
+    else:
+        values = np.ascontiguousarray(src, dtype=np.float32)
+    if isinstance(into, QuantizedState):
+        _core.quantize_blockwise(values.reshape(shape), into)
+    else:
         _copy_converted(values, into)
 
 
@@ -318,14 +340,18 @@ class Adam:
         refused.
     state_dtype, min_compressed_size
         How the moments of float32 params (master-weighted ones included) are
-        stored: ``"float32"`` (default), ``"bfloat16"`` or ``"int8"``, for
-        both, or a pair ``(exp_avg's, exp_avg_sq's)``; amsgrad's
-        ``max_exp_avg_sq`` follows ``exp_avg_sq``.  ``"int8"`` is 8-bit
-        block-wise state (a :class:`fastadam.QuantizedState` per moment: the
-        state holds ``exp_avg_codes``, ``exp_avg_absmax`` and ``exp_avg_map``
-        in place of ``exp_avg``, and so on; the signed
+        stored: ``"float32"`` (default), ``"bfloat16"``, ``"int8"`` or
+        ``"int4"``, for both, or a pair ``(exp_avg's, exp_avg_sq's)``;
+        amsgrad's ``max_exp_avg_sq`` follows ``exp_avg_sq``.  ``"int8"`` is
+        8-bit block-wise state (a :class:`fastadam.QuantizedState` per moment:
+        the state holds ``exp_avg_codes``, ``exp_avg_absmax`` and
+        ``exp_avg_map`` in place of ``exp_avg``, and so on; the signed
         :func:`fastadam.dynamic_map` for ``exp_avg``, the unsigned one for the
-        others), about 1.02 bytes per element and moment.  bfloat16 moments halve the state (8 to 4 bytes per
+        others), about 1.02 bytes per element and moment.  ``"int4"`` is
+        4-bit block-wise state (Li et al., NeurIPS 2023): blocks of 128, two
+        codes per byte, ``dynamic_map(True, bits=4)`` for ``exp_avg`` and
+        :func:`fastadam.linear_map` (no zero) for the others, about 0.53
+        bytes per element and moment.  bfloat16 moments halve the state (8 to 4 bytes per
         parameter) and the step's memory traffic (28 to 20 bytes): each step
         widens them exactly to float32, computes in float32 and rounds them
         back to nearest-even.  Params of fewer than ``min_compressed_size``
@@ -409,11 +435,18 @@ class Adam:
         compressed = work_dtype == np.float32 and self._compresses(p, i)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
             storage = self.state_dtype[_MOMENTS[key]] if compressed else "float32"
-            if storage == "int8":  # codes of 0, absmax 0: a zero moment; one map of each kind per optimizer
+            if storage in ("int8", "int4"):  # zero's code, absmax 0: a zero moment; one map of each kind
                 maps = self.__dict__.setdefault("_quantization_maps", {})
-                qmap = maps.setdefault(key == "exp_avg", dynamic_map(signed=key == "exp_avg"))
-                s[key + "_codes"] = np.full(p.shape, np.flatnonzero(qmap == 0)[0], np.uint8)
-                s[key + "_absmax"] = np.zeros(-(-p.size // QUANT_BLOCK), np.float32)
+                first = key == "exp_avg"
+                if storage == "int8":
+                    qmap = maps.setdefault((first, 8), dynamic_map(signed=first))
+                    s[key + "_codes"] = np.full(p.shape, null_code(qmap), np.uint8)
+                else:  # Li et al.'s 4-bit maps: signed dynamic for m, linear without zero for v
+                    qmap = maps.setdefault((first, 4), dynamic_map(True, bits=4) if first else linear_map(4))
+                    s[key + "_codes"] = np.full(-(-p.size // 2), null_code(qmap) * 0x11, np.uint8)
+                    if p.size % 2:
+                        s[key + "_codes"][-1] = null_code(qmap)  # past the last element: 0
+                s[key + "_absmax"] = np.zeros(-(-p.size // quantization_block(qmap)), np.float32)
                 s[key + "_map"] = qmap
             else:
                 s[key] = np.zeros(p.shape, _bfloat16() if storage == "bfloat16" else work_dtype)
@@ -645,7 +678,7 @@ class Adam:
                 raise ValueError(f"state_dict has no state for params[{i}]")
             if not isinstance(saved, dict):
                 raise ValueError(f"state[{i}]: expected a dict, got {type(saved).__name__}")
-            _check_saved_state(saved, mine, i)
+            _check_saved_state(saved, mine, i, self._params[i].shape)
             steps.append(_checked_step(saved["step"], f"state[{i}]['step']"))
         _check_shared_maps([by_id[pid] for pid in ids], self._state)
         for i, mine in enumerate(self._state):
@@ -658,20 +691,21 @@ class Adam:
         # All checked: now change things (nothing below can fail).
         for hyper, mine in zip(new_hyper, self._param_groups):
             mine.update(hyper)
-        # The maps first: a moment converted into 8-bit state below is quantized with the map it keeps.
+        # The maps first: a moment converted into quantized state below is quantized with the map it keeps.
         for i, mine in enumerate(self._state):
             saved = by_id[ids[i]]
             for key in mine:
-                if key.endswith("_map") and key in saved:
+                if key.endswith("_map") and key in saved and saved[key].shape == mine[key].shape:
                     _copy_converted(saved[key], mine[key])
         for i, mine in enumerate(self._state):
             saved = by_id[ids[i]]
+            converted = [key for key in _moment_names(mine) if _storage_kind(saved, key) != _storage_kind(mine, key)]
+            skipped = {c + part for c in converted for part in ("", *_QUANTIZED_PARTS)}
             for key in mine:
-                if key in saved and not key.endswith("_map"):
+                if key in saved and not key.endswith("_map") and key not in skipped:
                     _copy_converted(saved[key], mine[key])
-            for key in _moment_names(mine):
-                if (key in saved) != (key in mine):  # 8-bit state from or into a float32/bfloat16 moment
-                    _convert_moment(_moment(saved, key), _moment(mine, key))
+            for key in converted:  # quantized state from or into another storage
+                _convert_moment(_moment(saved, key), _moment(mine, key), self._params[i].shape)
             if "master_param" in mine:  # the model copy follows its restored master
                 self._params[i][...] = mine["master_param"].astype(self._params[i].dtype)
         self._plan.steps = steps

@@ -139,7 +139,7 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         # Moments stored in bfloat16 (beside float32 params): widened exactly to float32, updated in float32,
         # rounded back to nearest-even -- per element, so the kernel's tiles give the same bits.
         state = [m, v] + ([v_max] if amsgrad else [])
-        work = [dequantize_blockwise(s) if isinstance(s, tuple) else s.astype(p.dtype) if s.dtype != p.dtype else s
+        work = [dequantize_blockwise(s, p.shape) if isinstance(s, tuple) else s.astype(p.dtype) if s.dtype != p.dtype else s
                 for s in state]
         _step_one(p, g, work[0], work[1], work[2] if amsgrad else None, c, maximize=maximize,
                   l2=weight_decay != 0 and not decoupled_weight_decay,
@@ -189,44 +189,105 @@ def _step_one(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, v_max:
 
 #: Elements per quantization block of 8-bit state.
 QUANT_BLOCK = 256
+#: Elements per quantization block of 4-bit state (Li et al., NeurIPS 2023: B128).
+QUANT_BLOCK_4BIT = 128
 
 
-def dynamic_map(signed: bool) -> np.ndarray:
-    """The 256 values of the dynamic 8-bit data type (Dettmers, "8-Bit Approximations for Parallelism in Deep
-    Learning", ICLR 2016; the block-wise optimizers of Dettmers et al., ICLR 2022), ascending, as float32.
+def dynamic_map(signed: bool, bits: int = 8) -> np.ndarray:
+    """The ``2**bits`` values of the dynamic data type (Dettmers, "8-Bit Approximations for Parallelism in
+    Deep Learning", ICLR 2016; the block-wise optimizers of Dettmers et al., ICLR 2022), ascending, as float32.
 
-    Seven decades of exponent, 10**-7 to 1: decade ``i`` (0..6) holds the midpoints of ``2**i + 1``
-    (signed) or ``2**(i+1) + 1`` (unsigned) equally spaced points from 0.1 to 1, scaled by
+    8 bits: seven decades of exponent, 10**-7 to 1: decade ``i`` (0..6) holds the midpoints of
+    ``2**i + 1`` (signed) or ``2**(i+1) + 1`` (unsigned) equally spaced points from 0.1 to 1, scaled by
     ``10**(i - 6)``; a signed map has their negatives too; both hold 0 and 1.  Computed in float64 and
     rounded once to float32 (bitsandbytes builds the same values with float32 ``linspace``, so an entry
     may differ from its by an ulp).
+
+    4 bits (signed only: the first moment of Li et al., NeurIPS 2023, "Memory Efficient Optimizers with
+    4-bit States"): the same rule with 3 of the 4 bits for the magnitude keeps the top three decades, 1, 2
+    and 4 midpoints in 10**-2, 10**-1 and 1, their negatives, 0 and 1 -- 16 values.
     """
+    if bits not in (4, 8) or (bits == 4 and not signed):
+        raise ValueError(f"dynamic_map: bits must be 8, or 4 with signed=True, got bits={bits}, signed={signed}")
     values = [0.0, 1.0]
     for i in range(7):
-        points = 2**i + 1 if signed else 2**(i + 1) + 1
-        edges = np.linspace(0.1, 1.0, points)
+        exponent = i + bits - 8 + (0 if signed else 1)  # the decade's 2**exponent midpoints (none below 0)
+        if exponent < 0:
+            continue
+        edges = np.linspace(0.1, 1.0, 2**exponent + 1)
         means = (edges[:-1] + edges[1:]) / 2.0 * 10.0**(i - 6)
         values += means.tolist() + ((-means).tolist() if signed else [])
     out = np.sort(np.array(values, dtype=np.float32))
-    assert out.size == 256 and np.all(np.diff(out) > 0)
+    assert out.size == 2**bits and np.all(np.diff(out) > 0)
     return out
 
 
+def linear_map(bits: int = 4) -> np.ndarray:
+    """The ``2**bits`` values ``(k + 1) / 2**bits``, k = 0 .. 2**bits - 1: the linear map without zero that Li
+    et al. (NeurIPS 2023) keep the second moment in at 4 bits.  Without a zero code a small ``v`` is never
+    stored as 0, which would turn ``m / sqrt(v)`` into a huge update: it reads back as at least
+    ``absmax / 2**bits``."""
+    if bits != 4:
+        raise ValueError(f"linear_map: bits must be 4, got {bits}")
+    return (np.arange(1, 2**bits + 1, dtype=np.float32) / np.float32(2**bits)).astype(np.float32)
+
+
 class QuantizedState(NamedTuple):
-    """A moment in 8-bit block-wise state: ``codes[j]`` (uint8, the param's shape) stands for
-    ``map[codes[j]] * absmax[j // 256]`` (``absmax`` one float32 per block of 256 consecutive elements of
-    the flat param; ``map`` 256 ascending float32 values holding 0: :func:`dynamic_map`)."""
+    """A moment in block-wise quantized state: element j stands for ``map[code_j] * absmax[j // block]``.
+
+    8-bit (a ``map`` of 256 values: :func:`dynamic_map`): ``codes`` is uint8 of the param's shape, one code
+    per element, and ``absmax`` one float32 per block of 256 consecutive elements of the flat param.
+
+    4-bit (a ``map`` of 16 values: ``dynamic_map(True, bits=4)`` or :func:`linear_map`): ``codes`` is a flat
+    uint8 array of ``ceil(size / 2)`` bytes, two codes per byte -- element ``2k`` in the low four bits of
+    byte ``k``, element ``2k + 1`` in the high four (0 past an odd size's last element) -- and ``absmax``
+    one float32 per block of 128 elements.
+
+    ``map`` is ascending float32: the codes' values.
+    """
 
     codes: np.ndarray
     absmax: np.ndarray
     map: np.ndarray
 
 
-def dequantize_blockwise(state: QuantizedState) -> np.ndarray:
-    """The float32 values of ``state``: ``map[code] * absmax`` of its block (one correctly rounded multiply)."""
-    codes = state.codes.reshape(-1)
-    scale = np.repeat(state.absmax, QUANT_BLOCK)[:codes.size]
-    return (state.map[codes] * scale).reshape(state.codes.shape)
+def code_bits(qmap: np.ndarray) -> int:
+    """4 or 8: the bits of a code into ``qmap`` (16 or 256 values)."""
+    return 4 if qmap.size == 16 else 8
+
+
+def quantization_block(qmap: np.ndarray) -> int:
+    """The elements per absmax of state with codes into ``qmap``: 128 for 4-bit, 256 for 8-bit."""
+    return QUANT_BLOCK_4BIT if code_bits(qmap) == 4 else QUANT_BLOCK
+
+
+def _unpacked_codes(state: QuantizedState, size: int) -> np.ndarray:
+    flat = state.codes.reshape(-1)
+    if code_bits(state.map) == 8:
+        return flat
+    pairs = np.stack([flat & 0xF, flat >> 4], axis=1).reshape(-1)
+    return pairs[:size]
+
+
+def dequantize_blockwise(state: QuantizedState, shape: Optional[tuple[int, ...]] = None) -> np.ndarray:
+    """The float32 values of ``state``: ``map[code] * absmax`` of its block (one correctly rounded multiply),
+    shaped as ``shape`` -- by default the codes' shape, which is the values' for 8-bit state (4-bit state
+    needs ``shape``: its codes are packed)."""
+    if shape is None:
+        if code_bits(state.map) == 4:
+            raise ValueError("dequantize_blockwise: 4-bit state needs the values' shape")
+        shape = state.codes.shape
+    size = int(np.prod(shape, dtype=np.int64))
+    codes = _unpacked_codes(state, size)
+    scale = np.repeat(state.absmax, quantization_block(state.map))[:size]
+    return (state.map[codes] * scale).reshape(shape)
+
+
+def null_code(qmap: np.ndarray) -> int:
+    """The code of the map value nearest 0 (a tie going to the lower code): 0's own code where the map holds
+    0 -- the code of a NaN or inf element and of a block of zeros."""
+    midpoints = (qmap[:-1].astype(np.float64) + qmap[1:].astype(np.float64)) / 2
+    return int(np.searchsorted(midpoints, 0.0, side="left"))
 
 
 @np.errstate(invalid="ignore", divide="ignore")
@@ -236,22 +297,28 @@ def quantize_blockwise(x: np.ndarray, state: QuantizedState) -> None:
     A block's absmax is the largest finite ``|x|`` in it; each element's code is that of the map value
     nearest to ``x / absmax`` (the float32 quotient) in exact arithmetic, a tie going to the lower code --
     the number of midpoints between consecutive map values (exact in float64) below it.  A NaN or inf
-    element is stored as the code of 0 and leaves its block's scale alone; a block of zeros has absmax 0
-    and every code 0's.
+    element is stored as the :func:`null_code` (0's code: it reads back as 0 where the map holds 0; with
+    :func:`linear_map`, as ``absmax / 16``) and leaves its block's scale alone; a block of zeros has absmax 0
+    and every code the null code.  4-bit codes are packed two to a byte (see :class:`QuantizedState`).
     """
+    block = quantization_block(state.map)
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    blocks = -(-flat.size // QUANT_BLOCK)
-    padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
+    blocks = -(-flat.size // block)
+    padded = np.zeros(blocks * block, np.float32)
     padded[:flat.size] = flat
-    padded = padded.reshape(blocks, QUANT_BLOCK)
+    padded = padded.reshape(blocks, block)
     finite = np.isfinite(padded)
     absmax = np.where(finite, np.abs(padded), np.float32(0)).max(axis=1).astype(np.float32)
     normalized = (padded / absmax[:, None]).astype(np.float32)
     midpoints = (state.map[:-1].astype(np.float64) + state.map[1:].astype(np.float64)) / 2
     codes = np.searchsorted(midpoints, normalized.astype(np.float64), side="left").astype(np.uint8)
-    zero_code = np.uint8(np.flatnonzero(state.map == 0)[0])
-    codes[~finite | (absmax[:, None] == 0)] = zero_code
-    state.codes.reshape(-1)[...] = codes.reshape(-1)[:flat.size]
+    codes[~finite | (absmax[:, None] == 0)] = null_code(state.map)
+    codes = codes.reshape(-1)[:flat.size]
+    if code_bits(state.map) == 4:
+        pairs = np.zeros(2 * (-(-flat.size // 2)), np.uint8)
+        pairs[:flat.size] = codes
+        codes = pairs[0::2] | (pairs[1::2] << 4)
+    state.codes.reshape(-1)[...] = codes
     state.absmax[...] = absmax
 
 

@@ -31,6 +31,9 @@ from torch.optim import optimizer as _torch_optimizer
 
 from . import _core
 from ._optim import _QUANTIZED_PARTS, _check_quantized_parts, _convert_moment, _state_dtypes
+
+#: fastadam.torch keeps moments in float32, bfloat16 or 8-bit state (4-bit state: the NumPy optimizers only).
+_TORCH_STATE_DTYPES = ("float32", "bfloat16", "int8")
 from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
@@ -213,6 +216,9 @@ def _check_quantized(s: dict, key: str, p: torch.Tensor, where: str) -> None:
             raise ValueError(f"{where}[{name!r}]: expected a {dtype} tensor, got {got}")
         arrays.append(t.detach().cpu().resolve_neg().numpy())
     _check_quantized_parts(arrays, tuple(p.shape), where, key)
+    if arrays[2].size != 256:
+        raise ValueError(f"{where}[{key + '_map'!r}]: 4-bit state (a 16-value map) is not supported by "
+                         "fastadam.torch; convert it to float32 with fastadam.Adam first")
     codes = s[key + "_codes"]
     if _layout(codes) is None:
         raise ValueError(f"{where}[{key + '_codes'!r}]: strides {codes.stride()} are not dense (C-contiguous or "
@@ -227,8 +233,9 @@ def _dequantized(s: dict, key: str, where: str) -> torch.Tensor:
     codes = s[key + "_codes"].detach().cpu()
     flat = bool(_layout(codes))
     values = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    out = _view(values, flat, where)
     _convert_moment(QuantizedState(_view(codes, flat, where), _view(s[key + "_absmax"].cpu(), False, where),
-                                   _view(s[key + "_map"].cpu(), False, where)), _view(values, flat, where))
+                                   _view(s[key + "_map"].cpu(), False, where)), out, out.shape)
     return values
 
 
@@ -312,7 +319,7 @@ class _FastAdamOptimizer(Optimizer):
             raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
         if isinstance(min_compressed_size, bool) or not isinstance(min_compressed_size, int) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
-        self.state_dtype = _state_dtypes(state_dtype)
+        self.state_dtype = _state_dtypes(state_dtype, _TORCH_STATE_DTYPES)
         if "bfloat16" in self.state_dtype:
             try:
                 import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the state
@@ -880,7 +887,7 @@ class _FastAdamOptimizer(Optimizer):
                 absmax = torch.empty(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32)
                 flat = bool(_layout(p))
                 _convert_moment(_view(t, flat, where), QuantizedState(_view(codes, flat, where), absmax.numpy(),
-                                                                      qmap.numpy()))
+                                                                      qmap.numpy()), _view(t, flat, where).shape)
                 del s[key]
                 s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = codes, absmax, qmap
 
