@@ -472,16 +472,20 @@ std::shared_ptr<const Codebook> checked_codebook(PyArrayObject* map_array, const
 namespace {
 
 // 8-bit state (a map of 256 values) or 4-bit state (16 values): the map's
-// length says which; it is checked last, so that its errors name it.
+// length says which, so it is checked first (its values last).
 CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArray& param, const ArgName& param_name,
                            Access access) {
     const std::string where = name.str();
     PyObject* const* items = &PyTuple_GET_ITEM(obj, 0);
-    const bool four = PyArray_Check(items[2]) && PyArray_SIZE(reinterpret_cast<PyArrayObject*>(items[2])) == 16;
+    CheckedMoment m{};
+    m.map = check_plain_array(items[2], where + ".map", NPY_FLOAT32, "float32", Access::read);
+    if (PyArray_NDIM(m.map) != 1 || (PyArray_DIM(m.map, 0) != 256 && PyArray_DIM(m.map, 0) != 16))
+        throw ArgValueError{where + ".map: expected 256 values (8-bit codes) or 16 (4-bit), got shape " +
+                            describe_shape(m.map)};
+    const bool four = PyArray_DIM(m.map, 0) == 16;
     if (param.dtype != DType::float32)
         throw ArgTypeError{where + (four ? ": 4-bit" : ": 8-bit") + " state needs a float32 param, and " +
                            param_name.str() + " is " + dtype_name(param.dtype)};
-    CheckedMoment m{};
     m.array = check_plain_array(items[0], where + ".codes", NPY_UBYTE, "uint8", access);
     if (!four) {
         check_same_shape(m.array, ArgName{(where + ".codes").c_str(), -1}, param.array, param_name);
@@ -497,10 +501,6 @@ CheckedMoment check_block8(PyObject* obj, const ArgName& name, const CheckedArra
         throw ArgValueError{where + ".absmax: expected " + std::to_string(blocks) + " values (one per block of " +
                             std::to_string(block) + " elements of " + param_name.str() + "), got shape " +
                             describe_shape(m.absmax)};
-    m.map = check_plain_array(items[2], where + ".map", NPY_FLOAT32, "float32", Access::read);
-    if (PyArray_NDIM(m.map) != 1 || (PyArray_DIM(m.map, 0) != 256 && PyArray_DIM(m.map, 0) != 16))
-        throw ArgValueError{where + ".map: expected 256 values (8-bit codes) or 16 (4-bit), got shape " +
-                            describe_shape(m.map)};
     m.codebook = checked_codebook(m.map, where + ".map");
     m.stream = {PyArray_DATA(m.array), four ? Storage::block4 : Storage::block8,
                 static_cast<float*>(PyArray_DATA(m.absmax)), m.codebook.get()};

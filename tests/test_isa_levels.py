@@ -19,7 +19,7 @@ import fastadam
 TESTS = Path(__file__).parent
 KNOWN_LEVELS = ["baseline", "avx2", "avx512"]
 BITWISE_SUITES = ["test_numerics.py", "test_sparse.py", "test_mixed_precision.py", "test_state_dtype.py",
-                  "test_state_int8.py", "test_probe.py"]
+                  "test_state_int8.py", "test_state_int4.py", "test_probe.py"]
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
