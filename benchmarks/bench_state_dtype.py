@@ -67,6 +67,9 @@ FLOAT32, BFLOAT16 = "f32/f32", "bf16/bf16"
 #: fastadam with 8-bit moments: param and gradient, one byte per moment each way, and per block of 256 a
 #: float32 absmax per moment each way (14.06 bytes an element).
 INT8, INT8_LABEL, INT8_BYTES = "fastadam int8/int8", "int8/int8", 4 + 4 + 4 + 2 + 2 + 2 * 2 * 4 / 256
+#: fastadam with 4-bit moments (Li et al.'s maps, blocks of 128): half a byte per moment each way (14.13 bytes
+#: an element).  It has no probe of its own.
+INT4, INT4_BYTES = "fastadam int4/int4", 4 + 4 + 4 + 1 + 1 + 2 * 2 * 4 / 128
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 #: Elements checked before timing (a slice of the timed buffers, copied): above the
 #: multi-threading threshold, with a tail no register width divides.
@@ -122,8 +125,9 @@ class Buffers:
         exp_avg = (0.1 * rng.standard_normal(elements, dtype=np.float32)).astype(np.float32)
         exp_avg_sq = rng.uniform(0.0, 1e-2, elements).astype(np.float32)
         self.moments = {F32: (exp_avg, exp_avg_sq), bf16: (exp_avg.astype(bf16), exp_avg_sq.astype(bf16))}
-        # fastadam's 8-bit state of the same moments (the dynamic maps, blocks of 256).
+        # fastadam's 8-bit state of the same moments (the dynamic maps, blocks of 256), and its 4-bit state.
         self.quantized = tuple(_quantized(x, signed) for x, signed in ((exp_avg, True), (exp_avg_sq, False)))
+        self.quantized4 = tuple(_quantized4(x, signed) for x, signed in ((exp_avg, True), (exp_avg_sq, False)))
 
     def pair(self, pair: tuple[np.dtype, np.dtype]) -> tuple[np.ndarray, np.ndarray]:
         return self.moments[pair[0]][0], self.moments[pair[1]][1]
@@ -138,6 +142,29 @@ def _quantized(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
                                     fastadam.dynamic_map(signed))
     fastadam.quantize_blockwise(x, state)
     return state
+
+
+def _quantized4(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
+    qmap = fastadam.dynamic_map(True, bits=4) if signed else fastadam.linear_map(4)
+    state = fastadam.QuantizedState(np.empty(-(-x.size // 2), np.uint8), np.empty(-(-x.size // 128), np.float32),
+                                    qmap)
+    fastadam.quantize_blockwise(x, state)
+    return state
+
+
+def check_int4(buffers: Buffers, threads: int) -> None:
+    """adam_step with 4-bit moments bitwise equal to fastadam.reference, on a slice."""
+    n = min(CHECK_ELEMENTS, buffers.param.size)
+    runs = []
+    for step in (fastadam.adam_step, fastadam.reference.adam_step):
+        p, g = buffers.param[:n].copy(), buffers.grad[:n].copy()
+        m, v = (_quantized4(fastadam.dequantize_blockwise(q, np.empty(buffers.param.size, np.float32))[:n], signed)
+                for q, signed in zip(buffers.quantized4, (True, False)))
+        kwargs = {"num_threads": threads} if step is fastadam.adam_step else {}
+        step(p, g, m, v, step=1, lr=LR, betas=BETAS, eps=EPS, **kwargs)
+        runs.append([p, m.codes, m.absmax, v.codes, v.absmax])
+    if not _same_bits(*runs):
+        raise AssertionError("adam_step with 4-bit moments differs from fastadam.reference")
 
 
 def probe_int8_formula(a: np.ndarray, b: np.ndarray, m: fastadam.QuantizedState, v: fastadam.QuantizedState,
@@ -292,6 +319,10 @@ def run_cell(buffers: Buffers, threads: int, repeats: int, sample_seconds: float
     steps[f"exact probe {INT8_LABEL}"] = lambda: _core.probe_step(p, g, m8, v8, threads, exact=True)
     for name in (INT8, f"probe {INT8_LABEL}", f"exact probe {INT8_LABEL}"):
         traffic[name] = INT8_BYTES
+    check_int4(buffers, threads)
+    m4, v4 = buffers.quantized4
+    steps[INT4] = lambda: fastadam.adam_step(p, g, m4, v4, step=1, lr=LR, betas=BETAS, eps=EPS, num_threads=threads)
+    traffic[INT4] = INT4_BYTES
     first_call: dict[str, float] = {}
     for library in libraries:
         step, first_call[library] = bind_library(library, buffers, threads)
@@ -354,6 +385,11 @@ def format_cell(r: dict[str, Any]) -> str:
                  + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}"
                  + mark(c["percent_of_probe"], f"{c['percent_of_probe']['median']:>7.1f}%")
                  + mark(c["percent_of_exact_probe"], f"{c['percent_of_exact_probe']['median']:>7.1f}%")
+                 + mark(c["float32_step_time_over_this"], f"{c['float32_step_time_over_this']['median']:>12.2f}x"))
+    c = cs[INT4]
+    lines.append(f"  {'int4/int4 (4-bit state)':<26}{c['bytes_per_element']:>5.0f}"
+                 + mark(c["ms"], f"{c['ms']['median']:>12.4g}")
+                 + f" {c['ms']['min']:>8.4g}-{c['ms']['max']:<8.4g}{c['gb_per_s']:>7.1f}{'-':>9} {'-':>8} "
                  + mark(c["float32_step_time_over_this"], f"{c['float32_step_time_over_this']['median']:>12.2f}x"))
     for label in (*PAIRS, INT8_LABEL):
         for probe in ("probe", "exact probe"):
@@ -591,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         document["levels"] = {fastadam.config()["isa"]: run_timings(args)}
     if args.memory_params:
-        kinds = ["fastadam float32", "fastadam bfloat16", "fastadam int8"] + [lib for lib in args.libraries
+        kinds = ["fastadam float32", "fastadam bfloat16", "fastadam int8", "fastadam int4"] + [lib for lib in args.libraries
                                                              if _torch_adamw8bit(lib) is not None]
         memory = {kind: measure_memory(kind, args.memory_params) for kind in kinds}
         document["memory"] = {"params": args.memory_params, "optimizers": memory}
