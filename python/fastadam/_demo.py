@@ -12,7 +12,7 @@ the parameters ever differ.  It also times the optimizer step of each copy.
 
 With ``--state-dtype`` it instead compares ways of storing Adam's moments
 (issue 10's accuracy check): one copy of the network per storage (float32,
-bfloat16, int8 -- 8-bit block-wise state -- or a pair such as
+bfloat16, int8 or int4 -- 8-bit or 4-bit block-wise state -- or a pair such as
 ``bfloat16/float32`` for exp_avg/exp_avg_sq), all
 from the same weights and batches, each stepped by fastadam.Adam and checked
 bitwise against the reference with the same storage, then the final test
@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import Adam, config, get_num_threads, reference, show_config
-from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
+from .reference import QuantizedState, dynamic_map, linear_map, null_code, quantization_block
 
 DTYPE = np.float32
 N_CLASSES = 10
@@ -195,7 +195,7 @@ class ReferenceAdam:
     def __init__(self, params: list[np.ndarray], lr: float, betas: tuple[float, float], eps: float,
                  moment_dtypes: Optional[tuple[np.dtype, np.dtype]] = None) -> None:
         """``moment_dtypes``: how (exp_avg, exp_avg_sq) are stored, for every param -- a dtype, or ``"int8"``
-        for 8-bit block-wise state (the dynamic maps, as fastadam.Adam's); default: the param's dtype."""
+        / ``"int4"`` for 8-bit / 4-bit block-wise state (fastadam.Adam's maps); default: the param's dtype."""
         self.params = params
         self.lr, self.betas, self.eps = lr, betas, eps
         m_dtype, v_dtype = moment_dtypes or (None, None)
@@ -210,18 +210,26 @@ class ReferenceAdam:
 
 
 def zero_moment(p: np.ndarray, storage: Union[np.dtype, str, None], signed: bool) -> Any:
-    """A zero moment of param ``p``: an array of ``storage`` (default p's dtype), or for ``"int8"`` 8-bit state
-    (every code that of 0.0, absmax 0) over the signed or unsigned dynamic map."""
-    if storage != "int8":
+    """A zero moment of param ``p``: an array of ``storage`` (default p's dtype), or for ``"int8"`` / ``"int4"``
+    block-wise state of zeros (absmax 0) over fastadam.Adam's map for the moment."""
+    if storage not in ("int8", "int4"):
         return np.zeros_like(p, dtype=storage)
-    qmap = dynamic_map(signed)
-    return QuantizedState(np.full(p.shape, np.flatnonzero(qmap == 0)[0], np.uint8),
-                          np.zeros(-(-p.size // QUANT_BLOCK), np.float32), qmap)
+    if storage == "int8":
+        qmap = dynamic_map(signed)
+        codes = np.full(p.shape, null_code(qmap), np.uint8)
+    else:  # the reference quantizes zeros so: the null code twice a byte, 0 past an odd size
+        qmap = dynamic_map(True, bits=4) if signed else linear_map(4)
+        codes = np.full(-(-p.size // 2), null_code(qmap) * 0x11, np.uint8)
+        if p.size % 2:
+            codes[-1] = null_code(qmap)
+    return QuantizedState(codes, np.zeros(-(-p.size // quantization_block(qmap)), np.float32), qmap)
 
 
 def storage_of(state: dict[str, np.ndarray], key: str) -> Union[np.dtype, str]:
-    """How fastadam.Adam stores a param's moment ``key``: its dtype, or "int8"."""
-    return "int8" if key + "_codes" in state else state[key].dtype
+    """How fastadam.Adam stores a param's moment ``key``: its dtype, "int8" or "int4"."""
+    if key + "_codes" in state:
+        return "int4" if state[key + "_map"].size == 16 else "int8"
+    return state[key].dtype
 
 
 @dataclass
@@ -309,8 +317,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         help="the most threads fastadam's step may use (default: fastadam's own default)")
     parser.add_argument("--state-dtype", type=_storages, nargs="+", default=None, metavar="STORAGE[,STORAGE...]",
                         help="instead of the comparison with the reference, train one copy per storage of the "
-                             "moments side by side and compare their test accuracy: float32, bfloat16, int8 "
-                             "(8-bit block-wise state), or "
+                             "moments side by side and compare their test accuracy: float32, bfloat16, int8, int4 "
+                             "(8-bit or 4-bit block-wise state), or "
                              "M/V for exp_avg and exp_avg_sq stored differently (e.g. bfloat16/float32); "
                              "several separated by commas or spaces, e.g. --state-dtype float32,bfloat16. "
                              "bfloat16 needs ml_dtypes")
@@ -318,7 +326,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 #: The storages of a moment that fastadam.Adam's state_dtype accepts.
-MOMENT_STORAGES = ("float32", "bfloat16", "int8")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8", "int4")
 #: Issue 10's accuracy target: final test accuracy with compressed moments within this many points of float32.
 TARGET_POINTS = 0.5
 
@@ -424,7 +432,7 @@ def moment_dtype(name: str) -> Union[np.dtype, str]:
     "int8", 8-bit block-wise state."""
     if name == "float32":
         return np.dtype(DTYPE)
-    if name == "int8":
+    if name in ("int8", "int4"):
         return name
     try:
         import ml_dtypes  # optional dependency: imported only when used
