@@ -327,7 +327,8 @@ BAD_STATES = [
      r"exp_avgs\[0\]\.codes: expected shape \(2049,\) \(4-bit codes, two per byte"),
     (lambda s: s._replace(absmax=np.zeros(17, np.float32)), ValueError,
      r"exp_avgs\[0\]\.absmax: expected 33 values \(one per block of 128 elements"),
-    (lambda s: s._replace(map=SIGNED4[:15].copy()), ValueError, r"exp_avgs\[0\]\.map: expected 256 values \(8-bit codes\) or 16"),
+    (lambda s: s._replace(map=SIGNED4[:15].copy()), ValueError,
+     r"exp_avgs\[0\]\.map: expected 256 values \(8-bit codes\) or 16"),
     (lambda s: s._replace(map=SIGNED4[::-1].copy()), ValueError, r"exp_avgs\[0\]\.map: must hold 16 finite values in strictly"),
 ]
 

@@ -247,7 +247,8 @@ FASTADAM_INLINE CodeLanes::I load_nibbles(const std::uint8_t* p) {
 FASTADAM_INLINE void store_nibbles(std::uint8_t* p, CodeLanes::I codes) {
     using L = CodeLanes;
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    const __m256i shifted = _mm256_sllv_epi32(reinterpret_cast<__m256i>(codes), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    const __m256i shifted =
+        _mm256_sllv_epi32(reinterpret_cast<__m256i>(codes), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
     const __m256i joined = _mm256_or_si256(shifted, _mm256_srli_epi64(shifted, 32));  // lane 2k: its byte
     const __m256i even = _mm256_permutevar8x32_epi32(joined, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(even), _mm256_castsi256_si128(even));
@@ -279,8 +280,9 @@ struct NibbleTable {
 
 // n elements (n <= kQuantBlock4) of a 4-bit block whose codes start at
 // `codes` (the block's first byte): map[code] * absmax.
-FASTADAM_INLINE void dequantize_block4(const Codebook& book, const std::uint8_t* codes, float absmax, float* to,
-                                       std::int64_t n) {
+// (Not inlined: one copy per level, not one per variant of the staged loop.)
+__attribute__((noinline)) inline void dequantize_block4(const Codebook& book, const std::uint8_t* codes,
+                                                        float absmax, float* to, std::int64_t n) {
     using L = CodeLanes;
     const NibbleTable table(book);
     const L::F scale = L::floats(absmax);
@@ -320,7 +322,9 @@ struct NibbleCoder {
 // n elements (n <= kQuantBlock4) into a 4-bit block's codes (from its first
 // byte); returns the block's new absmax, as quantize_block.  Past an odd n,
 // the last byte's high nibble is 0.
-FASTADAM_INLINE float quantize_block4(const Codebook& book, const float* from, std::uint8_t* codes, std::int64_t n) {
+// (Not inlined, as dequantize_block4.)
+__attribute__((noinline)) inline float quantize_block4(const Codebook& book, const float* from, std::uint8_t* codes,
+                                                       std::int64_t n) {
     using L = CodeLanes;
     const float absmax = block_absmax(from, n);
     if (absmax == 0.0f) {

@@ -139,7 +139,8 @@ def adam_step(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, ex
         # Moments stored in bfloat16 (beside float32 params): widened exactly to float32, updated in float32,
         # rounded back to nearest-even -- per element, so the kernel's tiles give the same bits.
         state = [m, v] + ([v_max] if amsgrad else [])
-        work = [dequantize_blockwise(s, p.shape) if isinstance(s, tuple) else s.astype(p.dtype) if s.dtype != p.dtype else s
+        work = [dequantize_blockwise(s, p.shape) if isinstance(s, tuple)
+                else s.astype(p.dtype) if s.dtype != p.dtype else s
                 for s in state]
         _step_one(p, g, work[0], work[1], work[2] if amsgrad else None, c, maximize=maximize,
                   l2=weight_decay != 0 and not decoupled_weight_decay,
