@@ -104,7 +104,11 @@ std::shared_ptr<const Codebook> build(const float* map, int count) {
     book->zero_code = static_cast<std::uint8_t>(searched_code(*book, 0.0f));
     std::memset(book->bucket, 0, sizeof book->bucket);
     book->buckets = 0;
-    if (count != 256) return book;  // 16 values: compared in registers
+    if (count != 256) {  // 16 values: compared in registers, or for the linear map computed
+        book->linear16 = true;
+        for (int k = 0; k < 16; ++k) book->linear16 = book->linear16 && map[k] == static_cast<float>(k + 1) / 16.0f;
+        return book;
+    }
     // The coarsest buckets that work: the smallest table (the part a step
     // touches stays in L1).
     bool table = false;

@@ -80,6 +80,7 @@ struct Codebook {
     float value[256];
     float midpoint[256];  // [count - 1 ..] = +inf
     std::int32_t count = 256;  // 256 (block8) or 16 (block4) values
+    bool linear16 = false;     // the 16 values (k + 1) / 16: codes by arithmetic (kernels/quantize.hpp)
     std::uint32_t floor_bits = 0;
     std::int32_t shift = 0;
     std::int32_t buckets = 0;

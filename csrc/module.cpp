@@ -219,6 +219,7 @@ PYBIND11_MODULE(_core, m) {
             d["mantissa_bits"] = book->buckets > 0 ? 23 - book->shift : 0;
             d["table_bytes"] = 2 * book->buckets * static_cast<int>(sizeof book->bucket[0]);
             d["zero_code"] = static_cast<int>(book->zero_code);  // the code nearest 0: NaN/inf and zero blocks
+            d["linear"] = book->linear16;  // the 4-bit linear map: codes by arithmetic, not compares
             return d;
         },
         py::arg("map"),

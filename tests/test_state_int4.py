@@ -90,6 +90,18 @@ def test_quantize_and_dequantize_are_bitwise_the_reference(size, qmap, rng):
         assert_bitwise_equal(out, reference.dequantize_blockwise(expected, (size,)))
 
 
+def test_the_linear_map_is_coded_by_arithmetic_and_a_nudged_one_by_compares(rng):
+    assert fastadam._core.codebook_layout(LINEAR4)["linear"]
+    assert not fastadam._core.codebook_layout(SIGNED4)["linear"]
+    nudged = LINEAR4.copy()
+    nudged[5] = np.nextafter(nudged[5], np.float32(1))
+    assert not fastadam._core.codebook_layout(nudged)["linear"]
+    x = hostile_values(4097, rng)
+    ours = empty_state(x.size, nudged)
+    fastadam.quantize_blockwise(x, ours)
+    assert_states_equal(ours, quantized(x, nudged), "nudged map")
+
+
 def test_codes_pack_two_to_a_byte_and_an_odd_size_leaves_the_last_high_nibble_zero():
     x = np.array([0.0, 1.0, -1.0], np.float32)  # codes 7, 15, 0 of the signed map
     state = empty_state(3, SIGNED4)

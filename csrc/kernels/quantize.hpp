@@ -319,20 +319,37 @@ struct NibbleCoder {
     }
 };
 
-// n elements (n <= kQuantBlock4) into a 4-bit block's codes (from its first
-// byte); returns the block's new absmax, as quantize_block.  Past an odd n,
-// the last byte's high nibble is 0.
-// (Not inlined, as dequantize_block4.)
-__attribute__((noinline)) inline float quantize_block4(const Codebook& book, const float* from, std::uint8_t* codes,
-                                                       std::int64_t n) {
-    using L = CodeLanes;
-    const float absmax = block_absmax(from, n);
-    if (absmax == 0.0f) {
-        std::memset(codes, book.zero_code | book.zero_code << 4, static_cast<std::size_t>(n / 2));
-        if (n % 2 != 0) codes[n / 2] = book.zero_code;
-        return absmax;
+// The same codes for the linear map (k + 1) / 16 (Codebook::linear16), by
+// arithmetic: its midpoints are (2k + 3) / 32, so the count below y is
+// ceil(16 y - 1.5) clamped to [0, 15], and both operations are exact -- 16 y
+// is a power-of-two scaling, and 16 y - 1.5 is exact by Sterbenz's lemma for
+// 16 y in [0.75, 3] and because 1.5 is a multiple of the ulp of 16 y above 3
+// (below 0.75 the difference is under -0.75, which rounds to no more than
+// that, and the count is 0 either way).  Ceiling of t in [-1, 16] as
+// truncation plus one where that fell below t.
+struct LinearNibbleCoder {
+    CodeLanes::I zero_code;
+    explicit LinearNibbleCoder(const Codebook& book) : zero_code(CodeLanes::ints(book.zero_code)) {}
+    FASTADAM_INLINE CodeLanes::I operator()(CodeLanes::F x, CodeLanes::F absmax) const {
+        using L = CodeLanes;
+        const L::F y = x / absmax;
+        L::F t = y * 16.0f - 1.5f;
+        t = t > -1.0f ? t : L::floats(-1.0f);  // (NaN too: its lane is replaced below)
+        t = t < 16.0f ? t : L::floats(16.0f);
+        L::I code = __builtin_convertvector(t, L::I);  // toward zero
+        code -= __builtin_convertvector(code, L::F) < t;  // a true comparison is -1: one more
+        code = code > 0 ? code : L::ints(0);
+        code = code < 15 ? code : L::ints(15);
+        const L::I finite = (reinterpret_cast<L::I>(x) & 0x7FFFFFFF) < 0x7F800000;
+        return finite ? code : zero_code;
     }
-    const NibbleCoder coder(book);
+};
+
+// The codes of a block's n elements (after block_absmax, absmax > 0).
+template <class Coder>
+FASTADAM_INLINE void code_block4(const Coder& coder, const float* from, std::uint8_t* codes, std::int64_t n,
+                                 float absmax) {
+    using L = CodeLanes;
     const L::F scale = L::floats(absmax);
     std::int64_t j = 0;
     for (; j + L::width <= n; j += L::width) {
@@ -345,6 +362,23 @@ __attribute__((noinline)) inline float quantize_block4(const Codebook& book, con
         store_nibbles(some, coder(block_floats(from, j, n), scale));
         if ((n - j) % 2 != 0) some[(n - j) / 2] &= 0x0F;
         std::memcpy(codes + j / 2, some, static_cast<std::size_t>((n - j + 1) / 2));
+    }
+}
+
+// n elements (n <= kQuantBlock4) into a 4-bit block's codes (from its first
+// byte); returns the block's new absmax, as quantize_block.  Past an odd n,
+// the last byte's high nibble is 0.
+// (Not inlined, as dequantize_block4.)
+__attribute__((noinline)) inline float quantize_block4(const Codebook& book, const float* from, std::uint8_t* codes,
+                                                       std::int64_t n) {
+    const float absmax = block_absmax(from, n);
+    if (absmax == 0.0f) {
+        std::memset(codes, book.zero_code | book.zero_code << 4, static_cast<std::size_t>(n / 2));
+        if (n % 2 != 0) codes[n / 2] = book.zero_code;
+    } else if (book.linear16) {
+        code_block4(LinearNibbleCoder(book), from, codes, n, absmax);
+    } else {
+        code_block4(NibbleCoder(book), from, codes, n, absmax);
     }
     return absmax;
 }
