@@ -28,13 +28,11 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _core
 from ._optim import _QUANTIZED_PARTS, _check_quantized_parts, _convert_moment, _state_dtypes
-
-#: fastadam.torch keeps moments in float32, bfloat16 or 8-bit state (4-bit state: the NumPy optimizers only).
-_TORCH_STATE_DTYPES = ("float32", "bfloat16", "int8")
-from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
+from .reference import QuantizedState, dynamic_map, linear_map, null_code, quantization_block
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
@@ -47,12 +45,14 @@ _as_numpy = torch.Tensor.numpy
 # torch.autograd.graph.increment_version without its Python wrapper (which only wraps a lone tensor in a tuple).
 _increment_versions = getattr(torch._C, "_increment_version", torch.autograd.graph.increment_version)
 _WORK_DTYPES = (torch.float32, torch.float64)
-#: The state tensors of a param that the step updates, besides "step", where its moments are not 8-bit.
+#: The state tensors of a param that the step updates, besides "step", where its moments are not quantized.
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-#: A moment in 8-bit state is three tensors, named as in fastadam.Adam's state: <moment>_codes (uint8, the
-#: param's shape and strides), <moment>_absmax (float32, one per 256-element block of the param's memory)
-#: and <moment>_map (float32, 256 values; one per kind, shared by the optimizer's params).
+#: A moment in 8-bit or 4-bit state is three tensors, named as in fastadam.Adam's state: <moment>_codes
+#: (uint8: 8-bit, the param's shape and strides; 4-bit, 1-D, ceil(numel / 2) bytes of two codes each, in
+#: the param's memory order), <moment>_absmax (float32, one per block of 256 (8-bit) or 128 (4-bit)
+#: elements of the param's memory) and <moment>_map (float32, 256 or 16 values; one per kind, shared by the
+#: optimizer's params).  The map's length says which.
 _QUANTIZED_KEYS = tuple(key + part for key in _MOMENT_KEYS for part in _QUANTIZED_PARTS)
 _QUANTIZED_DTYPES = dict(zip(_QUANTIZED_PARTS, (torch.uint8, torch.float32, torch.float32)))
 #: What a step writes into (a map is only read).
@@ -173,18 +173,30 @@ def _view(t: torch.Tensor, flat: bool, name: str) -> np.ndarray:
 
 
 def _moment_view(s: dict, key: str, e: "_Entry") -> Any:
-    """A moment as the kernel takes it: a view of its tensor, or for 8-bit state a QuantizedState of views."""
+    """A moment as the kernel takes it: a view of its tensor, or for 8-bit or 4-bit state a QuantizedState of
+    views (4-bit codes are 1-D: viewed flat or not, the same bytes)."""
     if key + "_codes" in s:
         return QuantizedState(_view(s[key + "_codes"], e.flat, e.name), _view(s[key + "_absmax"], False, e.name),
                               _view(s[key + "_map"], False, e.name))
     return _view(s[key], e.flat, e.name)
 
 
-# -- 8-bit state ---------------------------------------------------------------------------------------------
+# -- 8-bit and 4-bit state -----------------------------------------------------------------------------------
+
+#: state_dtype's names of quantized storage -> the bits of a code.
+_CODE_BITS = {"int8": 8, "int4": 4}
+
 
 def _has_quantized(s: dict, key: str) -> bool:
-    """Whether ``s`` holds (a part of) moment ``key`` in 8-bit state."""
+    """Whether ``s`` holds (a part of) moment ``key`` in 8-bit or 4-bit state."""
     return key + "_codes" in s or key + "_absmax" in s or key + "_map" in s
+
+
+def _stored_bits(s: dict, key: str) -> int:
+    """The bits of a code of quantized moment ``key`` of ``s``, as its map's length says: 4 for 16 values, 8
+    otherwise (a map of another length is refused by _check_quantized)."""
+    qmap = s.get(key + "_map")
+    return 4 if isinstance(qmap, torch.Tensor) and qmap.numel() == 16 else 8
 
 
 def _is_plain(t: Any, dtype: torch.dtype, stride: tuple) -> bool:
@@ -193,22 +205,25 @@ def _is_plain(t: Any, dtype: torch.dtype, stride: tuple) -> bool:
         t.layout is torch.strided and t.stride() == stride and not t.requires_grad
 
 
-def _check_quantized(s: dict, key: str, p: torch.Tensor, where: str) -> None:
-    """Check moment ``key`` of ``s`` in 8-bit state against param ``p``: ValueError naming the entry.
+def _check_quantized(s: dict, key: str, p: torch.Tensor, where: str) -> int:
+    """Check moment ``key`` of ``s`` in 8-bit or 4-bit state against param ``p``: ValueError naming the entry.
+    Returns the bits of a code (8 or 4, as the map's length says).
 
-    Three tensors as the step takes them (fastadam.Adam's check of their arrays: uint8 codes of the
-    param's shape, ceil(numel / 256) float32 absmax values, 256 float32 map values, finite, ascending and
-    holding 0); the codes laid out densely (their blocks run over their memory); a float32 working param.
+    Three tensors as the step takes them (fastadam.Adam's check of their arrays: a map of 256 (8-bit) or 16
+    (4-bit) finite, strictly ascending float32 values, an 8-bit one holding 0; uint8 codes of the param's
+    shape (8-bit) or ``ceil(numel / 2)`` of them (4-bit); ``ceil(numel / 256)`` or ``ceil(numel / 128)``
+    float32 absmax values); the codes laid out densely (their blocks run over their memory: 8-bit codes
+    C-contiguous or channels_last, 4-bit ones one contiguous run); a float32 working param.
     """
     if key in s:
         raise ValueError(f"{where}: holds both {key!r} and {key + '_codes'!r}; a moment is one float tensor "
-                         f"or 8-bit state")
+                         f"or 8-bit or 4-bit state")
     arrays = []
     for part, dtype in _QUANTIZED_DTYPES.items():
         name = key + part
         if name not in s:
-            raise ValueError(f"{where}: no {name!r} (a moment in 8-bit state is {key}_codes, {key}_absmax and "
-                             f"{key}_map)")
+            raise ValueError(f"{where}: no {name!r} (a moment in 8-bit or 4-bit state is {key}_codes, "
+                             f"{key}_absmax and {key}_map)")
         t = s[name]
         if not isinstance(t, torch.Tensor) or t.layout is not torch.strided or t.dtype is not dtype:
             got = f"a {t.dtype} tensor" + ("" if t.layout is torch.strided else f" of layout {t.layout}") \
@@ -216,23 +231,29 @@ def _check_quantized(s: dict, key: str, p: torch.Tensor, where: str) -> None:
             raise ValueError(f"{where}[{name!r}]: expected a {dtype} tensor, got {got}")
         arrays.append(t.detach().cpu().resolve_neg().numpy())
     _check_quantized_parts(arrays, tuple(p.shape), where, key)
-    if arrays[2].size != 256:
-        raise ValueError(f"{where}[{key + '_map'!r}]: 4-bit state (a 16-value map) is not supported by "
-                         "fastadam.torch; convert it to float32 with fastadam.Adam first")
+    bits = 4 if arrays[2].size == 16 else 8
     codes = s[key + "_codes"]
     if _layout(codes) is None:
-        raise ValueError(f"{where}[{key + '_codes'!r}]: strides {codes.stride()} are not dense (C-contiguous or "
-                         "channels_last), and the blocks of 8-bit state run over the codes' memory")
+        raise ValueError(f"{where}[{key + '_codes'!r}]: strides {codes.stride()} are not dense " + (
+            "(C-contiguous or channels_last), and the blocks of 8-bit state run over the codes' memory" if bits == 8
+            else "(4-bit codes are one contiguous run of bytes, two codes each, in the param's memory order)"))
     if p.dtype is not torch.float32 and p.dtype not in _LOW_PRECISION:
-        raise ValueError(f"{where}[{key + '_codes'!r}]: 8-bit state needs a float32 param (or float16/bfloat16 "
-                         f"with master weights), this one is {p.dtype}")
+        raise ValueError(f"{where}[{key + '_codes'!r}]: {bits}-bit state needs a float32 param (or "
+                         f"float16/bfloat16 with master weights), this one is {p.dtype}")
+    return bits
 
 
-def _dequantized(s: dict, key: str, where: str) -> torch.Tensor:
-    """The values of checked 8-bit moment ``key`` of ``s`` (map[code] * absmax), in float32 laid out as its codes."""
+def _dequantized(s: dict, key: str, p: torch.Tensor, written_for: Optional[tuple], where: str) -> torch.Tensor:
+    """The values of checked quantized moment ``key`` of ``s`` (map[code] * absmax), in float32 laid out as
+    the codes are: 8-bit codes carry their strides; 4-bit codes are in the memory order of the param they
+    were written for, ``written_for`` ((shape, strides)), or ``p``'s where that is not known."""
     codes = s[key + "_codes"].detach().cpu()
-    flat = bool(_layout(codes))
-    values = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    if _stored_bits(s, key) == 8:
+        flat = bool(_layout(codes))
+        values = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    else:
+        shape, stride = written_for or (tuple(p.shape), p.stride())
+        flat, values = True, torch.empty_strided(shape, stride, dtype=torch.float32)
     out = _view(values, flat, where)
     _convert_moment(QuantizedState(_view(codes, flat, where), _view(s[key + "_absmax"].cpu(), False, where),
                                    _view(s[key + "_map"].cpu(), False, where)), out, out.shape)
@@ -319,7 +340,7 @@ class _FastAdamOptimizer(Optimizer):
             raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
         if isinstance(min_compressed_size, bool) or not isinstance(min_compressed_size, int) or min_compressed_size < 0:
             raise ValueError(f"min_compressed_size must be an integer >= 0, got {min_compressed_size!r}")
-        self.state_dtype = _state_dtypes(state_dtype, _TORCH_STATE_DTYPES)
+        self.state_dtype = _state_dtypes(state_dtype)
         if "bfloat16" in self.state_dtype:
             try:
                 import ml_dtypes  # noqa: F401 - NumPy's bfloat16, through which fastadam reads the state
@@ -331,7 +352,9 @@ class _FastAdamOptimizer(Optimizer):
         self.num_threads = num_threads
         self._prepared_step: Optional[_Prepared] = None
         self._loading: Optional[dict] = None
-        self._quantization_maps: dict[bool, torch.Tensor] = {}  # signed? -> the map new 8-bit moments take
+        # (signed?, bits) -> the map new 8-bit or 4-bit moments take
+        self._quantization_maps: dict[tuple[bool, int], torch.Tensor] = {}
+        self._code_layouts: Any = WeakIdKeyDictionary()  # see _written_for
         super().__init__(params, defaults)
         self.state = _State(None, self.state)
 
@@ -399,6 +422,7 @@ class _FastAdamOptimizer(Optimizer):
         self.__dict__.setdefault("min_compressed_size", 4096)
         self.__dict__.setdefault("_loading", None)
         self.__dict__.setdefault("_quantization_maps", {})
+        self.__dict__.setdefault("_code_layouts", WeakIdKeyDictionary())
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -413,14 +437,18 @@ class _FastAdamOptimizer(Optimizer):
         ``{"state": {i: {"step": tensor, "exp_avg": tensor, "exp_avg_sq":
         tensor[, "max_exp_avg_sq"][, "master_param"]}}, "param_groups": [...]}``;
         as in torch the tensors are the optimizer's own (no copies).  A
-        moment in 8-bit state (``state_dtype="int8"``) is three tensors in
-        place of one, named as in :class:`fastadam.Adam`'s state:
-        ``exp_avg_codes`` (uint8, the param's shape), ``exp_avg_absmax``
-        (float32, one per block of 256 elements) and ``exp_avg_map`` (float32,
-        256 values), and so on for ``exp_avg_sq`` and ``max_exp_avg_sq``.  A
-        checkpoint of ``torch.optim.Adam`` loads into :class:`Adam` and the
-        other way round (with float32 or bfloat16 moments; torch cannot read
-        8-bit ones).
+        moment in 8-bit or 4-bit state (``state_dtype="int8"``, ``"int4"``) is
+        three tensors in place of one, named as in :class:`fastadam.Adam`'s
+        state: ``exp_avg_codes`` (uint8: the param's shape for 8-bit state;
+        ``ceil(numel / 2)`` bytes in the param's memory order for 4-bit),
+        ``exp_avg_absmax`` (float32, one per block of 256 or 128 elements) and
+        ``exp_avg_map`` (float32, 256 or 16 values), and so on for
+        ``exp_avg_sq`` and ``max_exp_avg_sq``.  4-bit codes carry no layout:
+        they load in the memory order of the param they load into, so a
+        channels_last param's 4-bit state loads right into a channels_last
+        param.  A checkpoint of ``torch.optim.Adam`` loads into :class:`Adam`
+        and the other way round (with float32 or bfloat16 moments; torch
+        cannot read quantized ones).
         """
         sd = super().state_dict()
         state = sd.get("state") if isinstance(sd, dict) else None
@@ -439,16 +467,19 @@ class _FastAdamOptimizer(Optimizer):
         options, and for each param a step count and state tensors of its
         shape (8-bit moments: uint8 codes of its shape, ``ceil(numel / 256)``
         float32 absmax values, a map of 256 finite ascending float32 values
-        holding 0); a bad state dict raises ValueError naming the entry and
+        holding 0; 4-bit moments: ``ceil(numel / 2)`` contiguous uint8 codes,
+        ``ceil(numel / 128)`` absmax values, a map of 16 finite ascending
+        values); a bad state dict raises ValueError naming the entry and
         changes nothing.  The state tensors are copied in, so the optimizer
         never shares them with ``state_dict``, and each moment is converted to
         this optimizer's storage of it (``state_dtype``, ``min_compressed_size``):
         float32 into bfloat16 rounds to nearest-even, float32 or bfloat16 into
-        8-bit state is quantized as a step stores it, 8-bit state into a
-        float32 or bfloat16 moment is dequantized (``map[code] * absmax``); a
-        moment of the same storage loads bitwise.  The float32 state of a
-        float16 or bfloat16 param stays float32 (torch's loader would cast it
-        to the param's dtype).
+        8-bit or 4-bit state is quantized as a step stores it, quantized state
+        is dequantized (``map[code] * absmax``) into a float32 or bfloat16
+        moment, or into the values that are quantized again into the other
+        bit width; a moment of the same storage loads bitwise.  The float32
+        state of a float16 or bfloat16 param stays float32 (torch's loader
+        would cast it to the param's dtype).
         """
         # Checking after every user pre-hook has had its say: a hook of our own, run last.
         handle = self.register_load_state_dict_pre_hook(type(self)._check_and_hold)
@@ -547,15 +578,15 @@ class _FastAdamOptimizer(Optimizer):
         self._loading = None
 
     def _copied_part(self, t: torch.Tensor, key: str, copied_maps: dict[int, torch.Tensor]) -> torch.Tensor:
-        """A CPU copy of a checked tensor of 8-bit state: codes keep their strides (their blocks run over their
-        memory), absmax is contiguous, a map equal to this optimizer's of its kind becomes that one."""
+        """A CPU copy of a checked tensor of 8-bit or 4-bit state: codes keep their strides (their blocks run over
+        their memory), absmax is contiguous, a map equal to this optimizer's of its kind becomes that one."""
         source, t = id(t), t.detach()
         if key.endswith("_codes"):
             return torch.empty_like(t, device="cpu", memory_format=torch.preserve_format).copy_(t)
         if not key.endswith("_map"):
             return torch.empty(t.shape, dtype=t.dtype).copy_(t)
         if source not in copied_maps:
-            own = self._map_for(key[:-len("_map")])
+            own = self._map_for(key[:-len("_map")], 4 if t.numel() == 16 else 8)
             copied_maps[source] = own if torch.equal(t.cpu().view(torch.int32), own.view(torch.int32)) \
                 else torch.empty(t.shape, dtype=t.dtype).copy_(t)
         return copied_maps[source]
@@ -788,7 +819,8 @@ class _FastAdamOptimizer(Optimizer):
         self._prepared_step = pr
 
     def _storage(self, p: torch.Tensor, master: bool) -> dict[str, Any]:
-        """How each state tensor of ``p`` is stored: a dtype, or "int8" for a moment in 8-bit state.
+        """How each state tensor of ``p`` is stored: a dtype, or "int8" / "int4" for a moment in 8-bit / 4-bit
+        state.
 
         The moments of a float32 working param (master-weighted ones included) of at least
         min_compressed_size elements are stored as state_dtype says, amsgrad's maximum as exp_avg_sq; the
@@ -796,19 +828,48 @@ class _FastAdamOptimizer(Optimizer):
         """
         work = torch.float32 if master else p.dtype
         compressed = work is torch.float32 and p.numel() >= self.min_compressed_size
-        kinds = {"float32": work, "bfloat16": torch.bfloat16, "int8": "int8"}
+        kinds = {"float32": work, "bfloat16": torch.bfloat16, "int8": "int8", "int4": "int4"}
         storage: dict[str, Any] = {key: kinds[self.state_dtype[k]] if compressed else work
                                    for key, k in (("exp_avg", 0), ("exp_avg_sq", 1), ("max_exp_avg_sq", 1))}
         storage["master_param"] = work
         return storage
 
-    def _map_for(self, key: str) -> torch.Tensor:
-        """The map that new 8-bit state of moment ``key`` takes: fastadam.dynamic_map, signed for exp_avg and
-        unsigned for the others, one tensor of each kind for all params (as fastadam.Adam's)."""
-        signed = key == "exp_avg"
-        if signed not in self._quantization_maps:
-            self._quantization_maps[signed] = torch.from_numpy(dynamic_map(signed=signed))
-        return self._quantization_maps[signed]
+    def _map_for(self, key: str, bits: int) -> torch.Tensor:
+        """The map that new ``bits``-bit state of moment ``key`` takes, one tensor of each kind for all params
+        (as fastadam.Adam's): 8-bit, fastadam.dynamic_map, signed for exp_avg and unsigned for the others;
+        4-bit (Li et al.), ``dynamic_map(True, bits=4)`` for exp_avg and ``linear_map(4)`` (no zero) for the
+        others."""
+        kind = (key == "exp_avg", bits)
+        if kind not in self._quantization_maps:
+            signed = kind[0]
+            qmap = dynamic_map(signed=signed) if bits == 8 else dynamic_map(True, bits=4) if signed else linear_map(4)
+            self._quantization_maps[kind] = torch.from_numpy(qmap)
+        return self._quantization_maps[kind]
+
+    def _quantized_tensors(self, p: torch.Tensor, key: str, bits: int) -> tuple:
+        """New (codes, absmax, map) of moment ``key`` of ``p`` in ``bits``-bit state, codes and absmax
+        uninitialised: 8-bit codes laid out as ``p``, 4-bit ones a 1-D run of ``ceil(numel / 2)`` bytes in
+        ``p``'s memory order (noted in _code_layouts)."""
+        qmap = self._map_for(key, bits)
+        if bits == 8:
+            codes = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+        else:
+            codes = torch.empty(-(-p.numel() // 2), dtype=torch.uint8)
+            self._code_layouts[codes] = (tuple(p.shape), p.stride())
+        absmax = torch.empty(-(-p.numel() // quantization_block(qmap.numpy())), dtype=torch.float32)
+        return codes, absmax, qmap
+
+    def _written_for(self, codes: Any) -> Optional[tuple]:
+        """(shape, strides) of the param in whose memory order 4-bit ``codes`` were written, where this
+        optimizer wrote or adopted them; None for codes it has not seen (loaded, put in by hand), which are
+        taken to follow their param's present memory order.
+
+        1-D codes carry no layout of their own (8-bit codes carry their strides), so a param whose memory
+        format changes between steps (``model.to(memory_format=torch.channels_last)``) would otherwise have
+        its codes read in the wrong order; with this its moments are dequantized in the old order and
+        quantized again in the new one, as 8-bit state laid out unlike its param is.
+        """
+        return self._code_layouts.get(codes) if isinstance(codes, torch.Tensor) else None
 
     def _adopt_state(self, s: dict, p: torch.Tensor, master: bool, amsgrad: bool, name: str) -> None:
         """Create the state of a param's first step, or check (and where needed lay out anew) what is there."""
@@ -816,13 +877,17 @@ class _FastAdamOptimizer(Optimizer):
         if len(s) == 0:
             s["step"] = torch.tensor(0.0, dtype=_step_dtype())
             for key in _MOMENT_KEYS if amsgrad else _MOMENT_KEYS[:2]:
-                if storage[key] == "int8":  # codes of 0 and absmax 0: a zero moment
-                    qmap = self._map_for(key)
-                    zero_code = int(np.flatnonzero(qmap.numpy() == 0)[0])
-                    s[key + "_codes"] = torch.full_like(p, zero_code, dtype=torch.uint8,
-                                                        memory_format=torch.preserve_format)
-                    s[key + "_absmax"] = torch.zeros(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32)
-                    s[key + "_map"] = qmap
+                if storage[key] in _CODE_BITS:  # every code 0's (the null code) and absmax 0: a zero moment
+                    codes, absmax, qmap = self._quantized_tensors(p, key, _CODE_BITS[storage[key]])
+                    null = null_code(qmap.numpy())
+                    if qmap.numel() == 16:  # two codes a byte, 0 past an odd size's last
+                        codes.fill_(null * 0x11)
+                        if p.numel() % 2:
+                            codes[-1] = null
+                    else:
+                        codes.fill_(null)
+                    absmax.zero_()
+                    s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = codes, absmax, qmap
                 else:
                     s[key] = torch.zeros_like(p, dtype=storage[key], memory_format=torch.preserve_format)
         if "step" not in s:
@@ -843,25 +908,51 @@ class _FastAdamOptimizer(Optimizer):
 
         A state tensor put there by hand, loaded, or stored otherwise becomes the optimizer's own: a float
         tensor is copied into the storage dtype and the param's layout (float32 into bfloat16 rounds to
-        nearest-even), or quantized into 8-bit state with this optimizer's map; 8-bit state is dequantized
-        into a float moment, or, laid out unlike the param, dequantized and quantized again in the param's
-        layout.  8-bit state that is already the param's is left to the core's checks.
+        nearest-even), or quantized into 8-bit or 4-bit state with this optimizer's map; quantized state of
+        another storage (8-bit where 4-bit is wanted, or the other way, or into a float moment) is
+        dequantized and stored as wanted, and so is quantized state laid out unlike the param (8-bit codes of
+        other strides, 4-bit codes written for another memory format: see _written_for).  Quantized state
+        that is already the param's is left to the core's checks.  Everything is checked before anything
+        is replaced.
         """
+        shape, stride = tuple(p.shape), p.stride()
+        convert: list[tuple[str, Optional[tuple]]] = []  # the quantized moments to dequantize (and where)
         for key in _MOMENT_KEYS:
             if not _has_quantized(s, key):
                 continue
-            kept = storage[key] == "int8" and _is_plain(s.get(key + "_codes"), torch.uint8, p.stride())
+            codes, bits = s.get(key + "_codes"), _stored_bits(s, key)
+            written_for = self._written_for(codes) if bits == 4 else None
+            kept = storage[key] in _CODE_BITS and _CODE_BITS[storage[key]] == bits and \
+                _is_plain(codes, torch.uint8, stride if bits == 8 else (1,)) and written_for in (None, (shape, stride))
             if kept and key not in s and all(_is_plain(s.get(key + part), torch.float32, (1,))
                                              for part in ("_absmax", "_map")):
+                if bits == 4:
+                    self._code_layouts[codes] = (shape, stride)
                 continue  # as the step takes it (the core checks shapes and the map)
             _check_quantized(s, key, p, where)
-            if kept:
+            if written_for is not None and written_for[0] != shape:
+                raise ValueError(f"{where}[{key + '_codes'!r}]: 4-bit codes written for a param of shape "
+                                 f"{written_for[0]}, this one has shape {shape}")
+            if not kept:
+                convert.append((key, written_for))
+        for key in _STATE_TENSORS:
+            t = s.get(key)
+            if key in s and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{where}: {key!r} must be a tensor of shape {shape}, got {got}")
+
+        # All checked: now change things.
+        converted = {key for key, _ in convert}
+        for key in _MOMENT_KEYS:
+            if _has_quantized(s, key) and key not in converted:
+                if _stored_bits(s, key) == 4:
+                    self._code_layouts[s[key + "_codes"]] = (shape, stride)
                 for part in ("_absmax", "_map"):
                     t = s[key + part]
                     if not _is_plain(t, torch.float32, (1,)):  # its values, in a contiguous tensor the step views
                         s[key + part] = torch.empty(t.shape, dtype=torch.float32).copy_(t.detach())
-                continue
-            values = _dequantized(s, key, where)
+        for key, written_for in convert:
+            values = _dequantized(s, key, p, written_for, where)
             for part in _QUANTIZED_PARTS:
                 del s[key + part]
             s[key] = values
@@ -869,25 +960,24 @@ class _FastAdamOptimizer(Optimizer):
             if key not in s:
                 continue
             want = storage[key]
-            dtype = torch.float32 if want == "int8" else want
+            dtype = torch.float32 if want in _CODE_BITS else want
             t = s[key]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{where}: {key!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
             if t.dtype is not dtype or t.device.type != "cpu" or t.layout is not torch.strided or \
-                    t.stride() != p.stride() or t.requires_grad:
+                    t.stride() != stride or t.requires_grad:
                 # Another dtype or layout: a tensor laid out as the param, holding its values, takes its place.
                 fresh = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 with torch.no_grad():
                     fresh.copy_(t.detach())
                 s[key] = t = fresh
-            if want == "int8":
-                qmap = self._map_for(key)
-                codes = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
-                absmax = torch.empty(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32)
-                flat = bool(_layout(p))
-                _convert_moment(_view(t, flat, where), QuantizedState(_view(codes, flat, where), absmax.numpy(),
-                                                                      qmap.numpy()), _view(t, flat, where).shape)
+            if want in _CODE_BITS:
+                bits = _CODE_BITS[want]
+                codes, absmax, qmap = self._quantized_tensors(p, key, bits)
+                # 4-bit codes, being 1-D, are written from the values' flat memory, as 8-bit codes of a
+                # channels_last param are.
+                flat = bool(_layout(p)) or bits == 4
+                values = _view(t, flat, where)
+                _convert_moment(values, QuantizedState(_view(codes, flat, where), absmax.numpy(), qmap.numpy()),
+                                values.shape)
                 del s[key]
                 s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = codes, absmax, qmap
 
@@ -952,7 +1042,7 @@ class _FastAdamOptimizer(Optimizer):
             e = entries[i]
             if role == "params":
                 return (f"state[{e.name}]['master_param']" if e.master else e.name) + (part or "")
-            if part and role in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # a tensor of 8-bit state
+            if part and role in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # a tensor of 8-bit or 4-bit state
                 return roles[role].format(e.name)[:-2] + "_" + part[1:] + "']"
             return roles[role].format(e.name) + (part or "")
 
@@ -1016,15 +1106,20 @@ class Adam(_FastAdamOptimizer):
     (``nn.Embedding(sparse=True)``) updates only its rows, with this formula
     (the lazy update); ``master_weights=True`` steps float16/bfloat16 params
     through float32 master copies (``state["master_param"]``) and float32
-    moments; ``state_dtype="bfloat16"`` or ``"int8"`` (or a pair for
-    ``exp_avg``, ``exp_avg_sq``; amsgrad's maximum follows ``exp_avg_sq``)
+    moments; ``state_dtype="bfloat16"``, ``"int8"`` or ``"int4"`` (or a pair
+    for ``exp_avg``, ``exp_avg_sq``; amsgrad's maximum follows ``exp_avg_sq``)
     keeps the moments of float32 params (master copies included) of at least
-    ``min_compressed_size`` elements as bfloat16 tensors, or in 8-bit
-    block-wise state: ``state[p]`` then holds ``exp_avg_codes`` (uint8, the
-    param's shape and strides), ``exp_avg_absmax`` (float32, one per block of
-    256 elements of the param's memory) and ``exp_avg_map`` (float32, 256
-    values, shared by the params) in place of ``exp_avg``, and so on; element
-    ``j`` stands for ``map[codes[j]] * absmax[j // 256]`` (see
+    ``min_compressed_size`` elements as bfloat16 tensors, or in 8-bit or 4-bit
+    block-wise state: ``state[p]`` then holds ``exp_avg_codes``,
+    ``exp_avg_absmax`` and ``exp_avg_map`` in place of ``exp_avg``, and so on.
+    8-bit: codes uint8 of the param's shape and strides, one float32 absmax per
+    block of 256 elements of the param's memory, a map of 256 float32 values
+    (shared by the params); element ``j`` of the memory stands for
+    ``map[codes[j]] * absmax[j // 256]``.  4-bit (Li et al., NeurIPS 2023): codes
+    a 1-D uint8 tensor of ``ceil(numel / 2)`` bytes, element ``j`` of the
+    param's memory in the low four bits of byte ``j // 2`` if ``j`` is even,
+    the high four if odd; one absmax per block of 128 elements; a map of 16
+    values; element ``j`` stands for ``map[code_j] * absmax[j // 128]`` (see
     :class:`fastadam.Adam`; :meth:`load_state_dict` converts between the
     storages); ``eps_before_bias_correction=True`` (also a group key) adds eps
     before the bias correction, as Keras and scikit-learn do (see
@@ -1107,8 +1202,9 @@ class SparseAdam(_FastAdamOptimizer):
     Options, defaults, checks and ``state_dict`` format (``"step"`` an int)
     are torch's; a dense gradient raises RuntimeError, as there.
     ``state_dtype`` and ``min_compressed_size`` are :class:`Adam`'s; with
-    8-bit state a row must hold a multiple of 256 elements (a block never
-    straddles rows), else the step raises ValueError and changes nothing.
+    8-bit (4-bit) state a row must hold a multiple of 256 (128) elements (a
+    block never straddles rows), else the step raises ValueError and changes
+    nothing.
     """
 
     _sparse_only = True
