@@ -967,7 +967,7 @@ class ZeroAdam:
                 for key, a in state[s.param].items():
                     if key.endswith("_map"):
                         out[f"{name}/{key}"][...] = a
-                    else:  # a quantized piece starts on a block (and an even element) of the shard
+                    else:  # per element, or per code byte / absmax: a quantized piece starts on a block
                         first = s.offset // self._elements_per_entry(key)
                         out[f"{name}/{key}"][first:first + a.size] = a.reshape(-1)
         return out
@@ -1072,7 +1072,7 @@ class ZeroAdam:
                 if key.endswith("_map"):
                     entry[key] = saved
                     continue
-                unit = self._elements_per_entry(key)  # a quantized piece starts on a block of the shard
+                unit = self._elements_per_entry(key)  # a quantized piece starts on a 256-element block
                 saved = saved[a // unit:a // unit + live.size].reshape(live.shape)
                 if _is_bfloat16(live):
                     narrowed = saved.astype(live.dtype)
@@ -1186,7 +1186,7 @@ class ZeroAdam:
                         into = out[f"{seq.dtype.name}/{member}"]
                         if member.endswith("_map"):
                             into[...] = data
-                        else:  # quantized members: a, lo and old_lo are multiples of 256, whole entries
+                        else:  # per element, or per code byte / absmax: a, lo, old_lo are multiples of 256
                             unit = self._elements_per_entry(member)
                             count = -(-(b - a) // unit)
                             into[(a - lo) // unit:(a - lo) // unit + count] = \
