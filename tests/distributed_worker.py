@@ -97,6 +97,35 @@ def mixed_precision_int8_state_config() -> dict[str, Any]:
                                       min_compressed_size=100)}
 
 
+def int4_state_config() -> dict[str, Any]:
+    """4-bit moments (blocks of 128, two codes per byte; amsgrad's maximum too) for the float32 params of at
+    least 128 elements: 128, 129, 255, 256, 257 and 3001, beside a 127-element one with float32 moments
+    (its size is under min_compressed_size) and float64 params (float64 moments).  Each 4-bit param starts on
+    the next multiple of 256 (the float32 sequence holds 4793 elements): on 2-4 ranks the shards cut the
+    3001-element param after its elements 768, 1792 and 2048, and the sequence at the first elements of the
+    257- and 3001-element params; the odd sizes end on a byte holding one code."""
+    rng = np.random.default_rng(11)
+    shapes32 = [(127,), (128,), (3, 43), (255,), (16, 16), (257,), (3001,)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes32] + [rng.standard_normal((60,))]
+    groups = [dict(lr=1e-2, weight_decay=0.05), dict(lr=3e-3, amsgrad=True, maximize=True)]
+    return dict(init=init, groups=groups, split=[0, 4, len(init)], cls=(ZeroAdamW, fastadam.AdamW),
+                options=dict(state_dtype="int4", min_compressed_size=128))
+
+
+def int4_pair_configs() -> list[dict[str, Any]]:
+    """int4_state_config's params with 4-bit first and 8-bit second moments, and with float32 first and
+    4-bit second moments (the pair forms)."""
+    return [{**int4_state_config(), "options": dict(state_dtype=pair, min_compressed_size=128)}
+            for pair in (("int4", "int8"), ("float32", "int4"))]
+
+
+def mixed_precision_int4_state_config() -> dict[str, Any]:
+    """Master weights with 4-bit moments for the 16-bit params (300 and 153 elements: the float16 one ends
+    on a byte holding one code), float32 ones for the 90-element float32 param."""
+    config = mixed_precision_config()
+    return {**config, "options": dict(master_weights=True, state_dtype="int4", min_compressed_size=100)}
+
+
 def grouped(params: list, config: dict) -> list[dict]:
     split = config["split"]
     return [{"params": params[a:b], **g} for g, a, b in zip(config["groups"], split, split[1:])]
@@ -149,8 +178,10 @@ def opt_state_keys(opt: ZeroAdam, i: int) -> list[str]:
 
 def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
     """This rank's state pieces equal the slices of the single-process state they stand for: for 8-bit
-    moments the codes of those elements, the absmax of the whole blocks they cover (a piece starts on a
-    block of the param) and the map."""
+    moments the codes of those elements, the absmax of the whole 256-element blocks they cover (a piece
+    starts on a block of the param) and the map; for 4-bit moments the bytes holding those elements' codes
+    (two per byte: elements [a, b) are bytes [a/2, ceil(b/2))), the absmax of their 128-element blocks and
+    the map."""
     count = 0
     offsets = param_offsets(opt)
     assert [opt._where[i][1] for i in range(len(offsets))] == offsets, f"{what}: the layout is not as promised"
@@ -173,9 +204,14 @@ def check_local_state(opt: ZeroAdam, ref: fastadam.Adam, what: str) -> int:
                 full = ref.state[i][key].reshape(-1)
                 if key.endswith("_map"):
                     pass
-                elif key.endswith("_absmax"):
+                elif key.endswith(("_codes", "_absmax")):
                     assert a % 256 == 0 and (b % 256 == 0 or b == p.size), f"{what}: piece [{a}, {b}) of {i}"
-                    full = full[a // 256:-(-b // 256)]
+                    four_bit = ref.state[i][key.rsplit("_", 1)[0] + "_map"].size == 16
+                    if key.endswith("_codes"):
+                        per_entry = 2 if four_bit else 1
+                    else:
+                        per_entry = 128 if four_bit else 256
+                    full = full[a // per_entry:-(-b // per_entry)]
                 else:
                     full = full[a:b]
                 assert piece.dtype == full.dtype, f"{what}: state[{i}][{key!r}] is {piece.dtype}, not {full.dtype}"
@@ -197,9 +233,13 @@ def scenario_exact(engine: dict, rank: int, world: int, arg: str) -> dict:
         # The storages change no communication: two of the cases (many buckets, one bucket) each.
         cases += [(mixed_precision_config(), every), (bfloat16_state_config(), [("mean", 1), ("sum", 1 << 25)]),
                   (mixed_precision_bfloat16_state_config(), [("sum", 1), ("mean", 1 << 25)]),
-                  (mixed_precision_int8_state_config(), [("mean", 1), ("sum", 1 << 25)])]
-    # 8-bit moments need no ml_dtypes; 1 byte: buckets of one 256-element block per rank, 4 KiB: of 2-4 blocks.
-    cases += [(int8_state_config(), [("sum", 1), ("mean", 4096), ("mean", 1 << 25)])]
+                  (mixed_precision_int8_state_config(), [("mean", 1), ("sum", 1 << 25)]),
+                  (mixed_precision_int4_state_config(), [("sum", 1), ("mean", 1 << 25)])]
+    # 8-bit and 4-bit moments need no ml_dtypes; 1 byte: buckets of one 256-element block per rank, 4 KiB: of
+    # 2-4 blocks.
+    cases += [(int8_state_config(), [("sum", 1), ("mean", 4096), ("mean", 1 << 25)]),
+              (int4_state_config(), [("sum", 1), ("mean", 4096), ("mean", 1 << 25)])]
+    cases += [(config, [("mean", 1), ("sum", 1 << 25)]) for config in int4_pair_configs()]
     compared = 0
     for config, grid in cases:
         for reduction, bucket_bytes in grid:
@@ -292,18 +332,36 @@ def int8_checkpoint_config() -> dict[str, Any]:
                 options=dict(master_weights=True, state_dtype="int8", min_compressed_size=300))
 
 
+def int4_checkpoint_config() -> dict[str, Any]:
+    """4-bit moments (amsgrad's maximum too) for the float32 params of 2101 and 701 elements, float32 ones
+    for the others.  The float32 sequence: 2101 elements, 143, 60 of padding, 701 (3005 in all), in shards of
+    768 elements on 4 ranks, 1536 on 2, 1024 on 3: the 4-bit params are cut into pieces of whole 256-element
+    blocks at other places on each number of ranks (each piece's codes whole bytes, its absmax whole
+    128-element blocks of one old shard), and both end on a byte holding one code.  An optimizer with 8-bit
+    moments refuses the checkpoint."""
+    rng = np.random.default_rng(12)
+    init = [rng.standard_normal((2101,)).astype(np.float32), rng.standard_normal((20, 7)),
+            rng.standard_normal((11, 13)).astype(np.float32), rng.standard_normal((701,)).astype(np.float32)]
+    if ml_dtypes is not None:
+        init.append(rng.standard_normal((150,)).astype(ml_dtypes.bfloat16))
+    return dict(init=init, groups=[dict(lr=1e-2, amsgrad=True), dict(lr=2e-3, weight_decay=0.1)],
+                split=[0, 2, len(init)], cls=(ZeroAdam, fastadam.Adam), other_storage="int8",
+                options=dict(master_weights=True, state_dtype="int4", min_compressed_size=300))
+
+
 def scenario_checkpoint(engine: dict, rank: int, world: int, arg: str) -> dict:
     """Phase A on 4 ranks: steps 1-3, save.  B on 2: load, 4-5, save.  C on 3: load, 6-7.
 
     ``arg`` is ``PHASE:DIRECTORY``.  Each phase runs checkpoint_config in
-    DIRECTORY (its report at the top level) and int8_checkpoint_config in
-    DIRECTORY/int8 (under ``"int8"``), in the same ranks, which take longer
-    to start than to run both.
+    DIRECTORY (its report at the top level), int8_checkpoint_config in
+    DIRECTORY/int8 (under ``"int8"``) and int4_checkpoint_config in
+    DIRECTORY/int4 (under ``"int4"``), in the same ranks, which take longer
+    to start than to run all three.
     """
     phase, directory = arg.split(":", 1)
     result = checkpoint_phase(engine, rank, world, phase, checkpoint_config(), directory)
-    result["int8"] = checkpoint_phase(engine, rank, world, phase, int8_checkpoint_config(),
-                                      os.path.join(directory, "int8"))
+    for name, config in (("int8", int8_checkpoint_config()), ("int4", int4_checkpoint_config())):
+        result[name] = checkpoint_phase(engine, rank, world, phase, config, os.path.join(directory, name))
     return result
 
 
@@ -336,7 +394,8 @@ def checkpoint_phase(engine: dict, rank: int, world: int, phase: str, config: di
         assert all(not p.any() for p in params), "a failed load changed the params"
         if config["options"].get("state_dtype"):  # moments stored otherwise are refused
             other = ZeroAdam(grouped([np.zeros_like(p) for p in config["init"]], config), reduction="sum",
-                             bucket_bytes=4096, **engine, **{**config["options"], "state_dtype": "float32"})
+                             bucket_bytes=4096, **engine,
+                             **{**config["options"], "state_dtype": config.get("other_storage", "float32")})
             try:
                 other.load(os.path.join(directory, "B"))
             except ValueError as e:

@@ -131,17 +131,19 @@ def run(engine: str, tmp_path: Path, world: int, scenario: str, arg: str = "") -
 def test_every_rank_is_bitwise_a_single_process_step(engine, world, tmp_path):
     """Float32/float64 params in two groups (L2 decay; amsgrad + maximize), bfloat16/float16 params with
     master weights under AdamW + amsgrad, both also with bfloat16 moments and with 8-bit ones (the 16-bit
-    params with bfloat16 first and 8-bit second moments); mean and sum; buckets of 64 elements per rank
-    (256 with 8-bit moments), 4 KiB and 32 MiB; communication overlapped with the step and not: after each
-    of 3 steps every rank's params, and each rank's pieces of the state (values and storage dtype; for 8-bit
-    moments codes, absmax and map), are bitwise those of fastadam.Adam stepped in one process with the
-    reduced gradients, and the layout is as documented (8-bit params and their shards on 256-element
-    blocks, the float layouts unpadded)."""
+    params with bfloat16 first and 8-bit second moments), and with 4-bit ones (float32 params of 127-257 and
+    3001 elements under AdamW, 4-bit for both moments, 4-bit and 8-bit, float32 and 4-bit; the 16-bit params
+    with 4-bit moments); mean and sum; buckets of 64 elements per rank (256 with 8-bit or 4-bit moments),
+    4 KiB and 32 MiB; communication overlapped with the step and not: after each of 3 steps every rank's
+    params, and each rank's pieces of the state (values and storage dtype; for quantized moments codes,
+    absmax and map), are bitwise those of fastadam.Adam (AdamW) stepped in one process with the reduced
+    gradients, and the layout is as documented (quantized params and their shards on 256-element blocks,
+    the float layouts unpadded)."""
     reports = run(engine, tmp_path, world, "exact")
-    if distributed_worker.ml_dtypes is None:  # the float configs: (6 + 3 cases) x 2 overlaps x 3 steps x 9
-        assert all(r["configs"] == 2 and r["compared"] >= 9 * 2 * 3 * 9 for r in reports)
-    else:  # (6 + 6 + 2 + 2 + 2 + 3 cases) x 2 overlaps x 3 steps x at least 3 params, plus the state pieces
-        assert all(r["configs"] == 6 and r["compared"] >= 21 * 2 * 3 * 3 for r in reports)
+    if distributed_worker.ml_dtypes is None:  # (6 + 3 + 3 + 2 + 2 cases) x 2 overlaps x 3 steps x 8 params
+        assert all(r["configs"] == 5 and r["compared"] >= 16 * 2 * 3 * 8 for r in reports)
+    else:  # (6 + 6 + 2 + 2 + 2 + 2 + 3 + 3 + 2 + 2 cases) x 2 overlaps x 3 steps x at least 3 params, plus state
+        assert all(r["configs"] == 10 and r["compared"] >= 30 * 2 * 3 * 3 for r in reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
     # on blocks and so do the shards, so every block of a new shard comes from one old shard, and each
     # rank's state after loading is bitwise the single process's (compared in the ranks after every step,
     # amsgrad's 8-bit maximum included).
-    a, b, c = ([r["int8"] for r in phase] for phase in (a, b, c))
+    phases = a, b, c
+    a, b, c = ([r["int8"] for r in phase] for phase in phases)
     assert [r["steps"] for r in a + b + c] == [3] * 4 + [5] * 2 + [7] * 3
     assert all(r["compared"] > 0 for r in a + b + c)
     assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
@@ -187,6 +190,31 @@ def test_a_checkpoint_reshards_from_4_to_2_to_3_ranks_and_continues_bitwise(engi
         assert np.array_equal(shard["float32/exp_avg_sq_map"], fastadam.dynamic_map(signed=False))
         assert "float64/exp_avg_codes" not in shard  # float64 params keep float64 moments
     assert all("stored with state_dtype ['int8', 'int8']" in r["other_storage"] for r in c)
+    # And a model with 4-bit moments (in ckpt/int4): float32 params of 2101 and 701 elements, a
+    # 143-element one with float32 moments between them.  Each shard holds 4-bit codes two per byte
+    # (element 2k of the shard in the low nibble of byte k), absmax per 128-element block of the shard,
+    # and the 16-value maps; every new shard's bytes and blocks come from one old shard each.
+    a, b, c = ([r["int4"] for r in phase] for phase in phases)
+    assert [r["steps"] for r in a + b + c] == [3] * 4 + [5] * 2 + [7] * 3
+    assert all(r["compared"] > 0 for r in a + b + c)
+    assert all("could not read" in r["damaged"] or "shard-00001-of-00002.npz" in r["damaged"] for r in c)
+    directory = directory.parent / "int4"
+    manifest = json.loads((directory / "B" / "manifest.json").read_text())
+    assert manifest["state_dtype"] == ["int4", "int4"] and manifest["min_compressed_size"] == 300
+    assert manifest["sequences"]["float32"] == {"total": 3005, "shard": 1536, "alignment": 256}
+    with np.load(directory / "B" / "shard-00001-of-00002.npz") as shard:  # elements 1536-3004 of float32
+        codes = shard["float32/exp_avg_codes"]
+        assert codes.shape == (735,) and shard["float32/exp_avg_absmax"].shape == (12,)
+        assert shard["float32/max_exp_avg_sq_codes"].shape == (735,)
+        assert shard["float32/max_exp_avg_sq_absmax"].shape == (12,)
+        # Elements 1536-2100 of the 2101-element param are bytes 0-282 (the last one's high nibble past its
+        # end, 0); the 143-element float32-moment param and the padding hold no codes; the 701-element
+        # param starts at byte 384 and ends in byte 734's low nibble.
+        assert codes[282] >> 4 == 0 and not codes[283:384].any() and codes[734] >> 4 == 0
+        assert np.array_equal(shard["float32/exp_avg_map"], fastadam.dynamic_map(True, bits=4))
+        assert np.array_equal(shard["float32/exp_avg_sq_map"], fastadam.linear_map(4))
+        assert "float64/exp_avg_codes" not in shard
+    assert all("stored with state_dtype ['int4', 'int4']" in r["other_storage"] for r in c)
 
 
 # -- failures ----------------------------------------------------------------------------------------------

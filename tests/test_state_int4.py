@@ -357,9 +357,6 @@ def test_a_bad_4_bit_state_is_refused_and_nothing_changes(spoil, error, message,
 
 
 def test_front_ends_without_4_bit_state_say_so():
-    from fastadam import distributed
-    with pytest.raises(ValueError, match=r"state_dtype must be one of \('float32', 'bfloat16', 'int8'\)"):
-        distributed.ZeroAdam([np.zeros(8, np.float32)], state_dtype="int4")
     with pytest.raises(TypeError, match="4-bit state has no probe"):
         fastadam._core.probe_step([np.zeros(256, np.float32)], [np.zeros(256, np.float32)],
                                   [empty_state(256, SIGNED4)], [empty_state(256, LINEAR4)])

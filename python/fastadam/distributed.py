@@ -9,19 +9,24 @@ the last shard is shorter or empty)::
     S = A * ceil(ceil(T / N) / A)              T: elements of that dtype, N: ranks
     shard r = elements [min(r*S, T), min((r+1)*S, T))
 
-With 8-bit moments (``state_dtype="int8"``), which are quantized in blocks
-of 256 elements counted from each param's first element, a sequence holding
-such a param is laid out on blocks instead: every param with 8-bit moments
-starts at a multiple of 256 (up to 255 elements of padding before it, which
-no param owns) and ``A`` = 256, so each rank's piece of such a param starts
-on one of the whole param's blocks and ends on one (or at the param's end),
-and the rank's 8-bit state of that piece -- codes, one absmax per block, the
-maps -- is exactly the whole param's state of those blocks.  The padding
-costs at most ``255`` elements per 8-bit param, and the coarser rounding of
-``S`` at most ``255 - 63`` more elements per rank, in the reduced gradient
-kept per rank (``S`` elements), the bucket buffers and the checkpoint
-files; no state is kept for it.  Float32 and bfloat16 layouts are
-unchanged.
+With 8-bit or 4-bit moments (``state_dtype="int8"``, ``"int4"`` or a pair
+holding one), which are quantized in blocks counted from each param's first
+element -- 256 elements per absmax for 8-bit codes; 128 per absmax and two
+codes per byte for 4-bit ones -- a sequence holding such a param is laid
+out on blocks instead: every param with quantized moments starts at a
+multiple of 256 (up to 255 elements of padding before it, which no param
+owns) and ``A`` = 256, so each rank's piece of such a param starts on one of
+the whole param's 256-element blocks and ends on one (or at the param's
+end).  256 is a multiple of 128 and even, so the piece's quantized state --
+for elements ``[a, b)`` of the param its 8-bit codes ``[a, b)``, or its
+4-bit code bytes ``[a/2, ceil(b/2))``, its absmax ``[a/B, ceil(b/B))`` (``B``
+= 256 or 128), the maps -- is exactly the whole param's state of those
+blocks: no block and no byte of two codes is split between ranks.  The
+padding costs at most ``255`` elements per quantized param, and the coarser
+rounding of ``S`` at most ``255 - 63`` more elements per rank, in the
+reduced gradient kept per rank (``S`` elements), the bucket buffers and the
+checkpoint files; no state is kept for it.  Float32 and bfloat16 layouts
+are unchanged.
 
 Rank ``r`` keeps the Adam state (``exp_avg``, ``exp_avg_sq``, and
 ``max_exp_avg_sq`` / ``master_param`` when used) of its shard only, so the
@@ -91,7 +96,8 @@ from ._functional import RowSparseGrad
 from ._optim import (_HYPERPARAMETERS, _MOMENTS, Adam, _bfloat16, _check_group_hyperparameters, _checked_group,
                      _is_16bit_float, _is_bfloat16, _is_integer, _json_number, _listed, _read_npy_header,
                      _sorted_keys, _state_dtypes)
-from .reference import QUANT_BLOCK, QuantizedState, dynamic_map
+from .reference import (QUANT_BLOCK, QUANT_BLOCK_4BIT, QuantizedState, code_bits, dynamic_map, linear_map,
+                        quantization_block)
 
 __all__ = ["ZeroAdam", "ZeroAdamW"]
 
@@ -104,6 +110,17 @@ DEFAULT_MPI_TIMEOUT = 300.0
 _MANIFEST = "manifest.json"
 _FORMAT = "fastadam.distributed/1"
 _MANIFEST_LIMIT = 64 * 2**20
+#: The quantized storages of a moment: elements per code byte, elements per absmax (a block), the map's
+#: length.  The layout puts params with such moments, and the shard cuts of their sequence, on multiples of
+#: QUANT_BLOCK (256), which both kinds of block and both code widths divide.
+_CODE_LAYOUT = {"int8": (1, QUANT_BLOCK, 256), "int4": (2, QUANT_BLOCK_4BIT, 16)}
+
+
+def _default_map(moment: str, storage: str) -> np.ndarray:
+    """The map fastadam.Adam gives ``moment`` in ``storage`` (int8 or int4)."""
+    if storage == "int8":
+        return dynamic_map(signed=moment == "exp_avg")
+    return dynamic_map(True, bits=4) if moment == "exp_avg" else linear_map(4)
 
 
 # -- communicators -------------------------------------------------------------------------------------------
@@ -278,7 +295,7 @@ class _Sequence:
     offsets: list[int] = field(default_factory=list)
     total: int = 0
     shard: int = 0
-    alignment: int = SHARD_ALIGNMENT  # QUANT_BLOCK when a param of the sequence has 8-bit moments
+    alignment: int = SHARD_ALIGNMENT  # QUANT_BLOCK when a param of the sequence has 8-bit or 4-bit moments
     block: int = 0              # elements per rank per bucket
     buckets: list[tuple[int, list[list[_Segment]]]] = field(default_factory=list)  # (block length, per rank)
     sizes: list[int] = field(default_factory=list)
@@ -288,7 +305,7 @@ class _Sequence:
 
     def segments(self, lo: int, hi: int) -> list[_Segment]:
         """The params' pieces within elements ``[lo, hi)`` of the sequence, at buffer offsets from 0 (the
-        padding before a param with 8-bit moments belongs to no piece)."""
+        padding before a param with quantized moments belongs to no piece)."""
         out: list[_Segment] = []
         k = max(bisect.bisect_right(self.offsets, lo) - 1, 0)
         while lo < hi and k < len(self.params) and self.offsets[k] < hi:
@@ -305,16 +322,19 @@ def _shard_length(total: int, world: int, alignment: int = SHARD_ALIGNMENT) -> i
 
 def _moment_part(state: dict[str, np.ndarray], key: str, part: slice) -> Any:
     """Elements ``part`` of a piece's moment ``key`` as the core takes them: a view of the array, or for
-    8-bit state a QuantizedState of views -- its codes, and the absmax of the blocks they fill (``part``
-    starts on a block: a multiple of 256 elements from the piece's first element, itself a block's first)."""
+    8-bit or 4-bit state a QuantizedState of views -- the bytes holding their codes (``[a, b)`` for 8-bit
+    codes, ``[a/2, ceil(b/2))`` for 4-bit ones), and the absmax of the blocks they fill (``part`` starts on
+    a multiple of 256 elements from the piece's first element, itself a 256-element block's first, so on a
+    block and a byte of either kind)."""
     if key in state:
         return state[key].reshape(-1)[part]
     if key + "_codes" not in state:
         return None
-    assert part.start % QUANT_BLOCK == 0, "an 8-bit moment is cut off a block boundary"
-    return QuantizedState(state[key + "_codes"].reshape(-1)[part],
-                          state[key + "_absmax"][part.start // QUANT_BLOCK:-(-part.stop // QUANT_BLOCK)],
-                          state[key + "_map"])
+    qmap = state[key + "_map"]
+    per_byte, block = 8 // code_bits(qmap), quantization_block(qmap)
+    assert part.start % QUANT_BLOCK == 0, "a quantized moment is cut off a block boundary"
+    return QuantizedState(state[key + "_codes"].reshape(-1)[part.start // per_byte:-(-part.stop // per_byte)],
+                          state[key + "_absmax"][part.start // block:-(-part.stop // block)], qmap)
 
 
 # -- the optimizer -------------------------------------------------------------------------------------------
@@ -364,7 +384,7 @@ class ZeroAdam:
         The most bytes one collective moves in all ranks' blocks together
         (default 32 MiB); each communication buffer is this large.  A
         bucket holds at least 64 elements per rank (256 in a sequence with
-        8-bit moments, so that buckets, too, are cut on blocks).
+        8-bit or 4-bit moments, so that buckets, too, are cut on blocks).
     overlap
         Pipeline the buckets (default: True on torch.distributed, False under
         MPI, where Open MPI moves a nonblocking collective only inside MPI
@@ -382,16 +402,17 @@ class ZeroAdam:
     master_weights, num_threads
         As for :class:`fastadam.Adam`.
     state_dtype, min_compressed_size
-        As for :class:`fastadam.Adam`, ``"float32"``, ``"bfloat16"`` or
-        ``"int8"`` (or a pair of them; amsgrad's maximum follows
-        ``exp_avg_sq``): whether a param's moments are stored compressed is
-        decided by the size of the whole param, as in one process, so a
-        rank's piece of a large param is stored compressed however short it
-        is.  bfloat16 needs no alignment (each element is rounded on its
-        own); with ``"int8"`` the params with 8-bit moments and the shard
-        boundaries of their sequence fall on multiples of 256 elements (see
-        the module's docstring), so a rank's 8-bit state is the whole
-        params' state of its blocks.
+        As for :class:`fastadam.Adam`, ``"float32"``, ``"bfloat16"``,
+        ``"int8"`` or ``"int4"`` (or a pair of them; amsgrad's maximum
+        follows ``exp_avg_sq``): whether a param's moments are stored
+        compressed is decided by the size of the whole param, as in one
+        process, so a rank's piece of a large param is stored compressed
+        however short it is.  bfloat16 needs no alignment (each element is
+        rounded on its own); with ``"int8"`` or ``"int4"`` the params with
+        quantized moments and the shard boundaries of their sequence fall on
+        multiples of 256 elements (see the module's docstring), so a rank's
+        8-bit or 4-bit state is the whole params' state of its blocks (and,
+        4-bit, of its bytes of two codes).
     stochastic_rounding, rounding_seed
         As for :class:`fastadam.Adam`: bfloat16 moments rounded
         stochastically, the random bits of an element drawn from (seed, step,
@@ -420,8 +441,7 @@ class ZeroAdam:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
         if overlap is not None and not isinstance(overlap, (bool, np.bool_)):
             raise TypeError(f"overlap must be True, False or None, got {overlap!r}")
-        # 4-bit state is not sharded yet: its blocks of 128 and packed codes would need their own cuts.
-        self.state_dtype = _state_dtypes(state_dtype, ("float32", "bfloat16", "int8"))
+        self.state_dtype = _state_dtypes(state_dtype)
         if "bfloat16" in self.state_dtype:
             _bfloat16()  # TypeError naming ml_dtypes when it is missing
         if not _is_integer(min_compressed_size) or min_compressed_size < 0:
@@ -580,10 +600,11 @@ class ZeroAdam:
                                       seq.reduce_dtype) for seq in self._sequences]
 
     def _quantized(self, i: int) -> bool:
-        """Whether params[i] has a moment in 8-bit state: as fastadam.Adam decides, by the whole param's size,
-        for params of float32 working dtype (float32, or 16-bit with a float32 master)."""
+        """Whether params[i] has a moment in 8-bit or 4-bit state: as fastadam.Adam decides, by the whole
+        param's size, for params of float32 working dtype (float32, or 16-bit with a float32 master)."""
         p = self._params[i]
-        return ("int8" in self.state_dtype and (p.dtype == np.float32 or _is_16bit_float(p))
+        return (any(storage in _CODE_LAYOUT for storage in self.state_dtype)
+                and (p.dtype == np.float32 or _is_16bit_float(p))
                 and p.size >= self.min_compressed_size)
 
     def _build_inner(self) -> None:
@@ -685,14 +706,15 @@ class ZeroAdam:
     def local_state(self) -> dict[int, dict[str, np.ndarray]]:
         """This rank's state: ``{param index: {"exp_avg": slice state, ...}}`` for the params it holds a
         piece of (the arrays are the live ones, of the piece's length; an 8-bit moment is ``<key>_codes`` of
-        the piece's length, ``<key>_absmax`` of its blocks, which are the whole param's, and ``<key>_map``)."""
+        the piece's length, a 4-bit one ``<key>_codes`` of half its length rounded up (two codes per byte),
+        each with ``<key>_absmax`` of its blocks, which are the whole param's, and ``<key>_map``)."""
         if self._inner is None:
             return {}
         return {i: dict(s) for i, s in zip(self._inner_params, self._inner.state)}
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state this rank holds (its moments and master copies; the 8-bit maps, shared by
-        all pieces, once)."""
+        """Bytes of optimizer state this rank holds (its moments and master copies; the 8-bit and 4-bit maps,
+        shared by all pieces, once)."""
         arrays = {id(a): a for s in self.local_state.values() for a in s.values()}
         return sum(a.nbytes for a in arrays.values())
 
@@ -813,7 +835,7 @@ class ZeroAdam:
         for r, segments in enumerate(per_rank):
             filled = 0
             for s in segments:
-                send[r * length + filled:r * length + s.offset] = 0  # padding before an 8-bit param
+                send[r * length + filled:r * length + s.offset] = 0  # padding before a quantized param
                 np.copyto(send[r * length + s.offset:r * length + s.offset + s.length],
                           flat_grads[s.param][s.start:s.start + s.length], casting="unsafe")
                 filled = s.offset + s.length
@@ -888,30 +910,46 @@ class ZeroAdam:
 
         Per element of the shard: ``param`` (16-bit floats as their bits),
         and each state key in the working dtype.  In a sequence with 8-bit
-        moments, each such moment also has ``<key>_codes`` (uint8 per
-        element), ``<key>_absmax`` (float32 per 256 elements of the shard:
-        the shard starts on a block, and so does every 8-bit param in it, so
-        block ``k`` of the shard is a block of one param) and ``<key>_map``.
+        or 4-bit moments, each such moment also has ``<key>_codes`` (uint8:
+        one per element, or for 4-bit one per two elements, element ``2k``
+        of the shard in the low four bits of byte ``k``), ``<key>_absmax``
+        (float32 per 256 or 128 elements of the shard: the shard starts on a
+        256-element block, and so does every quantized param in it, so
+        block ``k`` of the shard is a block of one param, and byte ``k`` of
+        4-bit codes holds codes of one param) and ``<key>_map`` (256 or 16
+        values).
         """
         work = np.dtype(np.float32) if seq.reduce_dtype != seq.dtype else seq.dtype
         out = {"param": (seq.gather_dtype, (length,))}
         for key in self._state_keys():
             out[key] = (work, (length,))
-            if seq.alignment == QUANT_BLOCK and key in _MOMENTS and self.state_dtype[_MOMENTS[key]] == "int8":
-                out[key + "_codes"] = (np.dtype(np.uint8), (length,))
-                out[key + "_absmax"] = (np.dtype(np.float32), (-(-length // QUANT_BLOCK),))
-                out[key + "_map"] = (np.dtype(np.float32), (256,))
+            storage = self.state_dtype[_MOMENTS[key]] if key in _MOMENTS else None
+            if seq.alignment == QUANT_BLOCK and storage in _CODE_LAYOUT:
+                for part, dtype in (("_codes", np.uint8), ("_absmax", np.float32)):
+                    out[key + part] = (np.dtype(dtype), (-(-length // self._elements_per_entry(key + part)),))
+                out[key + "_map"] = (np.dtype(np.float32), (_CODE_LAYOUT[storage][2],))
         return out
+
+    def _elements_per_entry(self, member: str) -> int:
+        """How many elements of a piece or a shard one entry of state or checkpoint member ``member`` stands
+        for: 1, but for a quantized moment's ``<moment>_codes`` 2 with 4-bit codes (two per byte) and for its
+        ``<moment>_absmax`` 256 (8-bit) or 128 (4-bit).  Pieces and shards of such moments start on a multiple
+        of 256 elements, so their first element is a whole entry's first."""
+        for suffix, column in (("_codes", 0), ("_absmax", 1)):
+            if member.endswith(suffix):
+                return _CODE_LAYOUT[self.state_dtype[_MOMENTS[member[:-len(suffix)]]]][column]
+        return 1
 
     def _shard_arrays(self) -> dict[str, np.ndarray]:
         """This rank's shard of params and state, per sequence: flat arrays of the shard's length.
 
         State a param does not have (``max_exp_avg_sq`` of a group without
-        amsgrad, ``master_param`` of a float32 param, the float moments of an
-        8-bit param and the 8-bit ones of a float param) and the padding
-        before 8-bit params are written as zeros (a map as the default
-        :func:`fastadam.dynamic_map`), so that every shard has the same
-        members.
+        amsgrad, ``master_param`` of a float32 param, the float moments of a
+        quantized param and the quantized ones of a float param) and the
+        padding before quantized params are written as zeros (a map as the
+        one fastadam.Adam gives the moment: :func:`fastadam.dynamic_map`, or
+        for 4-bit ``exp_avg_sq`` :func:`fastadam.linear_map`), so that every
+        shard has the same members.
         """
         state = self.local_state
         out: dict[str, np.ndarray] = {}
@@ -921,17 +959,17 @@ class ZeroAdam:
             for member, (dtype, shape) in self._members(seq, hi - lo).items():
                 out[f"{name}/{member}"] = np.zeros(shape, dtype)
                 if member.endswith("_map"):  # also where no piece of this shard has the moment: a valid map
-                    out[f"{name}/{member}"][...] = dynamic_map(signed=member == "exp_avg_map")
+                    moment = member[:-len("_map")]
+                    out[f"{name}/{member}"][...] = _default_map(moment, self.state_dtype[_MOMENTS[moment]])
             for s in seq.segments(lo, hi):
-                where = slice(s.offset, s.offset + s.length)
-                out[f"{name}/param"][where] = self._flat_bits[s.param][s.start:s.start + s.length]
+                out[f"{name}/param"][s.offset:s.offset + s.length] = \
+                    self._flat_bits[s.param][s.start:s.start + s.length]
                 for key, a in state[s.param].items():
-                    if key.endswith("_absmax"):  # the piece starts on a block of the shard
-                        out[f"{name}/{key}"][s.offset // QUANT_BLOCK:s.offset // QUANT_BLOCK + a.size] = a
-                    elif key.endswith("_map"):
+                    if key.endswith("_map"):
                         out[f"{name}/{key}"][...] = a
-                    else:
-                        out[f"{name}/{key}"][where] = a.reshape(-1)
+                    else:  # per element, or per code byte / absmax: a quantized piece starts on a block
+                        first = s.offset // self._elements_per_entry(key)
+                        out[f"{name}/{key}"][first:first + a.size] = a.reshape(-1)
         return out
 
     def save(self, directory: Union[str, "os.PathLike[str]"]) -> None:
@@ -947,7 +985,9 @@ class ZeroAdam:
         moment widened to float32, which is exact, and narrowed back exactly
         by :meth:`load` (which refuses a checkpoint of another storage); an
         8-bit moment as its codes (per element of the shard), its absmax
-        (per 256-element block of the shard) and its map.
+        (per 256-element block of the shard) and its map; a 4-bit one as its
+        codes (two per byte of the shard), its absmax (per 128-element
+        block) and its map.
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
@@ -1032,10 +1072,8 @@ class ZeroAdam:
                 if key.endswith("_map"):
                     entry[key] = saved
                     continue
-                if key.endswith("_absmax"):  # the piece starts on a block of the shard
-                    entry[key] = saved[a // QUANT_BLOCK:a // QUANT_BLOCK + live.size]
-                    continue
-                saved = saved[a:a + live.size].reshape(live.shape)
+                unit = self._elements_per_entry(key)  # a quantized piece starts on a 256-element block
+                saved = saved[a // unit:a // unit + live.size].reshape(live.shape)
                 if _is_bfloat16(live):
                     narrowed = saved.astype(live.dtype)
                     if not np.array_equal(narrowed.astype(saved.dtype), saved, equal_nan=True):
@@ -1098,7 +1136,8 @@ class ZeroAdam:
 
     def _layout(self, world: int) -> dict[str, dict[str, int]]:
         """The flat sequences on ``world`` ranks, as the manifest records them (``alignment`` only where it is
-        not 64 elements: a sequence with 8-bit moments, whose params and shards start on 256-element blocks)."""
+        not 64 elements: a sequence with 8-bit or 4-bit moments, whose params and shards start on 256-element
+        blocks)."""
         return {seq.dtype.name: {"total": seq.total, "shard": _shard_length(seq.total, world, seq.alignment),
                                  **({"alignment": seq.alignment} if seq.alignment != SHARD_ALIGNMENT else {})}
                 for seq in self._sequences}
@@ -1107,8 +1146,9 @@ class ZeroAdam:
         """This rank's new shard, assembled from the saved shards that overlap it.
 
         Old and new shards start on multiples of the sequence's alignment, so
-        in a sequence with 8-bit moments (256) every block of the new shard
-        lies in one old shard, and its absmax is copied from there.
+        in a sequence with 8-bit or 4-bit moments (256) every block of the new
+        shard, and every byte of two 4-bit codes, lies in one old shard, and
+        its absmax and codes are copied from there.
         """
         world = manifest["world_size"]
         out: dict[str, np.ndarray] = {}
@@ -1146,12 +1186,11 @@ class ZeroAdam:
                         into = out[f"{seq.dtype.name}/{member}"]
                         if member.endswith("_map"):
                             into[...] = data
-                        elif member.endswith("_absmax"):  # a, lo and old_lo are multiples of 256
-                            blocks = -(-(b - a) // QUANT_BLOCK)
-                            into[(a - lo) // QUANT_BLOCK:(a - lo) // QUANT_BLOCK + blocks] = \
-                                data[(a - old_lo) // QUANT_BLOCK:(a - old_lo) // QUANT_BLOCK + blocks]
-                        else:
-                            into[a - lo:b - lo] = data[a - old_lo:b - old_lo]
+                        else:  # per element, or per code byte / absmax: a, lo, old_lo are multiples of 256
+                            unit = self._elements_per_entry(member)
+                            count = -(-(b - a) // unit)
+                            into[(a - lo) // unit:(a - lo) // unit + count] = \
+                                data[(a - old_lo) // unit:(a - old_lo) // unit + count]
         return out
 
     def __repr__(self) -> str:
