@@ -37,7 +37,7 @@ import numpy as np
 import fastadam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MOMENT_STORAGES = ("float32", "bfloat16", "int8")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8", "int4")
 #: A storage named with this suffix rounds its bfloat16 moments stochastically (seeded with --seed).
 STOCHASTIC = "+sr"
 # The data set and its split are fixed whatever --seed says: seeds change only the weights and the batch order.
@@ -54,8 +54,8 @@ def storages(text: str) -> list[tuple[str, str, bool]]:
         stochastic = item.endswith(STOCHASTIC)
         names = item[:-len(STOCHASTIC)].split("/") if stochastic else item.split("/")
         if len(names) not in (1, 2) or any(n not in MOMENT_STORAGES for n in names):
-            raise argparse.ArgumentTypeError(f"{item!r} is not a storage: use float32, bfloat16, int8, or M/V of "
-                                             f"them, with {STOCHASTIC} for stochastic rounding of bfloat16")
+            raise argparse.ArgumentTypeError(f"{item!r} is not a storage: use float32, bfloat16, int8, int4, or "
+                                             f"M/V of them, with {STOCHASTIC} for stochastic rounding of bfloat16")
         result.append((names[0], names[-1], stochastic))
     return result
 
@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: %(default)s)")
     parser.add_argument("--state-dtype", type=storages, default=storages("float32,bfloat16"),
-                        help="fastadam's moment storages, comma-separated: float32, bfloat16, int8; M/V stores "
-                             "exp_avg and exp_avg_sq differently; a +sr suffix rounds bfloat16 stochastically "
+                        help="fastadam's moment storages, comma-separated: float32, bfloat16, int8, int4; M/V "
+                             "stores exp_avg and exp_avg_sq differently; a +sr suffix rounds bfloat16 stochastically "
                              "(default: float32,bfloat16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's threads and fastadam's step threads (default: %(default)s; the figures "
