@@ -91,6 +91,17 @@ def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, what: str = "
                                 f"{actual.flat[mismatch[0]]!r} != {expected.flat[mismatch[0]]!r}")
 
 
+def copy_state(state: Optional[fastadam.QuantizedState]) -> Optional[fastadam.QuantizedState]:
+    """A quantized moment with its own codes and absmax (the map, never written, shared); None stays None."""
+    return None if state is None else fastadam.QuantizedState(state.codes.copy(), state.absmax.copy(), state.map)
+
+
+def assert_states_equal(a: fastadam.QuantizedState, b: fastadam.QuantizedState, what: str) -> None:
+    """Two quantized moments hold the same codes and, bit for bit, the same absmax."""
+    np.testing.assert_array_equal(a.codes, b.codes, err_msg=f"{what}.codes")
+    assert_bitwise_equal(a.absmax, b.absmax, f"{what}.absmax")
+
+
 def assert_problems_equal(actual: Problem, expected: Problem) -> None:
     for name in ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         a, e = getattr(actual, name), getattr(expected, name)

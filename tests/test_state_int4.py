@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastadam
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, assert_states_equal, copy_state
 from fastadam import QuantizedState, dynamic_map, linear_map
 from fastadam import reference
 
@@ -33,15 +33,6 @@ def quantized(x: np.ndarray, qmap: np.ndarray) -> QuantizedState:
     state = empty_state(x.size, qmap)
     reference.quantize_blockwise(x, state)
     return state
-
-
-def copy(state):
-    return None if state is None else QuantizedState(state.codes.copy(), state.absmax.copy(), state.map)
-
-
-def assert_states_equal(a: QuantizedState, b: QuantizedState, what: str) -> None:
-    np.testing.assert_array_equal(a.codes, b.codes, err_msg=f"{what}.codes")
-    assert_bitwise_equal(a.absmax, b.absmax, f"{what}.absmax")
 
 
 def unpacked(codes: np.ndarray) -> np.ndarray:
@@ -195,7 +186,7 @@ OPTIONS = [dict(amsgrad=False), dict(amsgrad=True), dict(amsgrad=False, maximize
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_step_is_bitwise_the_reference_at_1_2_and_3_threads(size, options, rng):
     p, g, m, v, vmax = problem(size, rng, options["amsgrad"])
-    expected = [p.copy(), copy(m), copy(v), copy(vmax)]
+    expected = [p.copy(), copy_state(m), copy_state(v), copy_state(vmax)]
     for step, threads in ((1, 1), (2, 2), (3, 3)):
         fastadam.adam_step(p, g, m, v, max_exp_avg_sqs=vmax, step=step, num_threads=threads, **HYPER, **options)
         reference.adam_step(expected[0], g, expected[1], expected[2], max_exp_avg_sqs=expected[3], step=step,
@@ -223,7 +214,8 @@ def test_4_bit_state_pairs_with_8_bit_and_float32_moments(storages, rng):
     p = rng.standard_normal(size).astype(np.float32)
     m = moment(storages[0], 0, rng.standard_normal(size).astype(np.float32) * 0.1)
     v = moment(storages[1], 1, rng.random(size).astype(np.float32) * 0.01)
-    expected = [p.copy(), copy(m) if isinstance(m, tuple) else m.copy(), copy(v) if isinstance(v, tuple) else v.copy()]
+    expected = [p.copy(), copy_state(m) if isinstance(m, tuple) else m.copy(),
+                copy_state(v) if isinstance(v, tuple) else v.copy()]
     for step in (1, 2, 3):
         g = rng.standard_normal(size).astype(np.float32)
         fastadam.adam_step(p, g, m, v, step=step, num_threads=2, **HYPER)
@@ -240,7 +232,7 @@ def test_a_nan_gradient_spoils_its_own_element_not_its_block(rng):
     p, g, m, v, _ = problem(1024, rng)
     g = rng.standard_normal(1024).astype(np.float32)
     g[[5, 300]] = [np.nan, np.inf]
-    expected = [p.copy(), copy(m), copy(v)]
+    expected = [p.copy(), copy_state(m), copy_state(v)]
     fastadam.adam_step(p, g, m, v, step=2, **HYPER)
     reference.adam_step(expected[0], g, expected[1], expected[2], step=2, **HYPER)
     assert_bitwise_equal(p, expected[0])
@@ -308,7 +300,7 @@ def test_a_live_optimizer_converts_int4_state_to_and_from_other_storages(into, r
         if kind == "int4":  # the same storage: loaded bitwise
             assert_states_equal(mine, saved, key)
             continue
-        expected = copy(mine)
+        expected = copy_state(mine)
         reference.quantize_blockwise(values, expected)
         assert_states_equal(mine, expected, key)
     # ... and back: float32 moments into int4 state are quantized as a step stores them.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastadam
-from conftest import OPTIONS, assert_bitwise_equal, option_id
+from conftest import OPTIONS, assert_bitwise_equal, assert_states_equal, copy_state, option_id
 from fastadam import QuantizedState, dynamic_map
 from fastadam.reference import quantize_blockwise
 
@@ -27,15 +27,6 @@ def quantized(x: np.ndarray, qmap: np.ndarray) -> QuantizedState:
     state = QuantizedState(np.zeros(x.shape, np.uint8), np.zeros(-(-x.size // 256), np.float32), qmap)
     quantize_blockwise(x, state)
     return state
-
-
-def copy(state):
-    return None if state is None else QuantizedState(state.codes.copy(), state.absmax.copy(), state.map)
-
-
-def assert_states_equal(a: QuantizedState, b: QuantizedState, what: str) -> None:
-    np.testing.assert_array_equal(a.codes, b.codes, err_msg=f"{what}.codes")
-    assert_bitwise_equal(a.absmax, b.absmax, f"{what}.absmax")
 
 
 # -- the maps and the quantizer ------------------------------------------------------------------------------
@@ -223,7 +214,7 @@ def test_a_crowded_map_steps_bitwise_like_the_reference(rng):
     g = rng.standard_normal(3000).astype(np.float32)
     m = quantized((0.1 * rng.standard_normal(3000)).astype(np.float32), CROWDED)
     v = quantized(np.abs(0.01 * rng.standard_normal(3000)).astype(np.float32), UNSIGNED)
-    expected = [p.copy(), copy(m), copy(v)]
+    expected = [p.copy(), copy_state(m), copy_state(v)]
     for step in (1, 2, 3):
         fastadam.adam_step(p, g, m, v, step=step, **HYPER)
         fastadam.reference.adam_step(expected[0], g, expected[1], expected[2], step=step, **HYPER)
@@ -250,7 +241,7 @@ def test_a_crowded_map_steps_bitwise_like_the_reference(rng):
 def test_bad_arguments_to_the_quantizer_are_refused_and_nothing_changes(call, match, rng):
     x = rng.standard_normal(600).astype(np.float32)
     state = quantized(rng.standard_normal(600).astype(np.float32), SIGNED)
-    before = copy(state)
+    before = copy_state(state)
     with pytest.raises((TypeError, ValueError), match=match):
         call(x, state)
     assert_states_equal(state, before, "state")
@@ -322,7 +313,7 @@ def problem(size, rng, amsgrad=False):
 @pytest.mark.parametrize("size", SIZES)
 def test_every_step_is_bitwise_the_reference_at_1_2_and_3_threads(size, options, rng):
     p, g, m, v, vmax = problem(size, rng, options["amsgrad"])
-    expected = [p.copy(), copy(m), copy(v), copy(vmax)]
+    expected = [p.copy(), copy_state(m), copy_state(v), copy_state(vmax)]
     for step, threads in ((1, 1), (2, 2), (3, 3)):
         fastadam.adam_step(p, g, m, v, max_exp_avg_sqs=vmax, step=step, num_threads=threads, **HYPER, **options)
         fastadam.reference.adam_step(expected[0], g, expected[1], expected[2], max_exp_avg_sqs=expected[3],
@@ -336,7 +327,7 @@ def test_every_step_is_bitwise_the_reference_at_1_2_and_3_threads(size, options,
 def test_a_nan_or_inf_gradient_spoils_its_own_element_not_its_block(rng):
     p, g, m, v, _ = problem(1024, rng)
     g[[5, 300]] = [np.nan, np.inf]
-    expected = [p.copy(), copy(m), copy(v)]
+    expected = [p.copy(), copy_state(m), copy_state(v)]
     fastadam.adam_step(p, g, m, v, step=2, **HYPER)
     fastadam.reference.adam_step(expected[0], g, expected[1], expected[2], step=2, **HYPER)
     assert_bitwise_equal(p, expected[0])
@@ -417,7 +408,7 @@ def test_a_live_optimizers_state_converts_into_and_out_of_8_bits(source, target,
             assert_bitwise_equal(new.state[0][key], values.astype(new.state[0][key].dtype))
     # and the converted optimizer steps on from there as the reference does
     expected_p = param.copy()
-    states = [copy(fastadam._optim._moment(new.state[0], key)) if key + "_codes" in new.state[0]
+    states = [copy_state(fastadam._optim._moment(new.state[0], key)) if key + "_codes" in new.state[0]
               else new.state[0][key].copy() for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
     new.step([grads[1]])
     fastadam.reference.adam_step(expected_p, grads[1], states[0], states[1], max_exp_avg_sqs=states[2],
@@ -521,7 +512,7 @@ def test_row_sparse_steps_need_rows_of_whole_blocks_and_change_nothing_otherwise
 def test_a_malformed_8_bit_state_is_refused_and_nothing_changes(mutate, error, match, rng):
     p, g, m, v, _ = problem(1000, rng)
     bad = mutate(m)
-    before = [p.copy(), copy(bad), copy(v)]
+    before = [p.copy(), copy_state(bad), copy_state(v)]
     with pytest.raises(error, match=match):
         fastadam.adam_step(p, g, bad, v, step=1)
     assert_bitwise_equal(p, before[0])
