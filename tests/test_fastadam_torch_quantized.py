@@ -23,6 +23,7 @@ holds what only 4-bit codes have: a memory order of their own.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -67,6 +68,7 @@ class Storage:
     not_dense: str                # why codes of other strides are refused (a pattern)
 
     def blocks(self, numel: int) -> int:
+        """The absmax values of a param of ``numel`` elements: ceil(numel / block)."""
         return -(-numel // self.block)
 
 
@@ -79,7 +81,7 @@ STORAGES = {
     "int4": Storage(
         "int4", bits=4, block=128, maps=(dynamic_map(True, bits=4), linear_map(4)),
         bytes_per_param=2 * (1 / 2 + 4 / 128),  # 1.06: two codes a byte, a float32 absmax per 128
-        codes_shape=lambda shape: (-(-int(np.prod(shape)) // 2),), packed=pack_nibbles,
+        codes_shape=lambda shape: (-(-math.prod(shape) // 2),), packed=pack_nibbles,
         # three 4-bit blocks: 8-bit state, with blocks of 256, would refuse these rows
         sparse_row=384, not_dense=r"\(4-bit codes are one contiguous run"),
 }
@@ -158,6 +160,13 @@ def assert_state_is_the_numpy_optimizers(opt, params, numpy_opt) -> None:
             assert_bitwise_equal(memory(mine[key]), bits(a).reshape(-1), f"state[{i}][{key!r}]")
         assert float(mine["step"]) == numpy_opt.steps[i]
 
+
+
+def assert_params_and_state_are_the_numpy_optimizers(opt, params, arrays, numpy_opt) -> None:
+    """The params' memory bitwise the NumPy optimizer's ``arrays``, and the state its state."""
+    for i, (p, a) in enumerate(zip(params, arrays)):
+        assert_bitwise_equal(memory(p), a, f"params[{i}]")
+    assert_state_is_the_numpy_optimizers(opt, params, numpy_opt)
 
 def reference_state(numpy_opt, i: int) -> list:
     """Copies of params[i]'s moments as fastadam.reference takes them (QuantizedState for quantized ones)."""
@@ -373,9 +382,7 @@ def test_load_state_dict_converts_between_storages_as_the_numpy_optimizer_does(s
     backward(model, gen)
     numpy_new.step([grad_memory(p) for p in params])
     new.step()
-    for p, a in zip(params, arrays):
-        assert_bitwise_equal(memory(p), a)
-    assert_state_is_the_numpy_optimizers(new, params, numpy_new)
+    assert_params_and_state_are_the_numpy_optimizers(new, params, arrays, numpy_new)
 
 
 def test_a_torch_optim_checkpoint_continues_with_quantized_state(storage):
@@ -441,9 +448,7 @@ def test_an_lr_scheduler_and_zero_grad_drive_it_as_they_drive_the_numpy_optimize
         opt.zero_grad()
         assert all(p.grad is None for p in params)
         scheduler.step()
-    for p, a in zip(params, arrays):
-        assert_bitwise_equal(memory(p), a)
-    assert_state_is_the_numpy_optimizers(opt, params, numpy_opt)
+    assert_params_and_state_are_the_numpy_optimizers(opt, params, arrays, numpy_opt)
 
 
 def test_grad_scaler_unscales_quantized_steps_and_skips_the_one_with_an_inf(storage):
