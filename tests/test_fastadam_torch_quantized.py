@@ -327,14 +327,18 @@ def test_a_checkpoint_through_torch_save_resumes_bitwise_as_an_uninterrupted_run
 
 
 def numpy_state_dict(sd: dict) -> dict:
-    """A fastadam.torch state dict as fastadam.Adam's (memory-order arrays of the tensors, int steps)."""
+    """A fastadam.torch state dict as fastadam.Adam's (memory-order arrays of the tensors, int steps).
+
+    fastadam.Adam's 4-bit codes are in the memory order of its arrays: those of params whose memory format
+    has not changed since the codes were written, whose saved ``codes_strides`` are the params' own (dropped).
+    """
     def array(t: torch.Tensor) -> np.ndarray:
         if t.dtype is torch.bfloat16:
             import ml_dtypes
             return memory(t).view(ml_dtypes.bfloat16)
         return memory(t) if t.dim() > 1 else t.numpy().copy()
 
-    return {"state": {i: {key: int(t) if key == "step" else array(t) for key, t in s.items()}
+    return {"state": {i: {key: int(t) if key == "step" else array(t) for key, t in s.items() if key != "codes_strides"}
                       for i, s in sd["state"].items()},
             "param_groups": [{key: g[key] for key in fastadam._core.HYPERPARAMETERS if key in g} |
                              {"params": g["params"], "eps_before_bias_correction": False}

@@ -260,6 +260,47 @@ def _dequantized(s: dict, key: str, p: torch.Tensor, written_for: Optional[tuple
     return values
 
 
+#: The state dict's entry of a param with 4-bit moments: the strides of the param its codes were written for.
+_CODE_STRIDES = "codes_strides"
+
+
+def _is_dense(shape: tuple, stride: tuple) -> bool:
+    """Whether ``stride`` (in elements, each >= 0) lays ``shape`` out densely: its elements fill one run of
+    memory, in some order of the dimensions (C-contiguous, channels_last, any other permutation).  The strides
+    of dimensions of size 1 step over nothing and may be anything."""
+    if any(s < 0 for s in stride):
+        return False
+    expected = 1
+    for size, s in sorted(((n, s) for n, s in zip(shape, stride) if n > 1), key=lambda d: d[1]):
+        if s != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_order(shape: tuple, stride: tuple, other: tuple) -> bool:
+    """Whether two dense layouts of ``shape`` put its elements in the same memory order (their strides agree
+    wherever a dimension has more than one element)."""
+    return all(a == b for n, a, b in zip(shape, stride, other) if n > 1)
+
+
+def _saved_code_strides(value: Any, p: torch.Tensor, where: str) -> tuple:
+    """A state dict's ``codes_strides`` entry checked against ``p``: the strides, a tuple of ints, of a dense
+    layout of ``p``'s shape; else ValueError naming the entry."""
+    name = f"{where}[{_CODE_STRIDES!r}]"
+    if not isinstance(value, torch.Tensor) or value.dtype is not torch.int64 or value.layout is not torch.strided \
+            or value.is_meta or value.shape != (p.dim(),):
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else type(value).__name__
+        raise ValueError(f"{name}: expected an int64 tensor of {p.dim()} values (the strides, in elements, of the "
+                         f"param the 4-bit codes were written for), got {got}")
+    stride = tuple(int(v) for v in value.detach().cpu().tolist())
+    if not _is_dense(tuple(p.shape), stride):
+        raise ValueError(f"{name}: strides {stride} are not a dense layout of the param's shape {tuple(p.shape)} "
+                         "(4-bit codes are one run over the memory of the param they were written for)")
+    return stride
+
+
 def _step_value(value: Any, where: str) -> float:
     """A saved step count (a tensor, as torch.optim.Adam saves it, or a number) as a float >= 0."""
     try:
@@ -453,12 +494,39 @@ class _FastAdamOptimizer(Optimizer):
         sd = super().state_dict()
         state = sd.get("state") if isinstance(sd, dict) else None
         if isinstance(state, dict):  # plain dicts: torch.load(weights_only=True) refuses other classes
-            sd["state"] = {k: self._saved_param_state(v) if isinstance(v, _ParamState) else v
+            param_of = {id(s): p for p, s in self.state.items()}
+            sd["state"] = {k: self._saved_param_state(v, param_of.get(id(v))) if isinstance(v, _ParamState) else v
                            for k, v in state.items()}
         return sd
 
-    def _saved_param_state(self, s: _ParamState) -> dict:
-        return dict(s)
+    def _saved_param_state(self, s: _ParamState, p: Optional[torch.Tensor]) -> dict:
+        """A param's state as state_dict() holds it: a plain dict, with ``codes_strides`` if it has 4-bit moments."""
+        saved = dict(s)
+        if isinstance(p, torch.Tensor) and _CODE_STRIDES not in saved:  # (one put there by hand is kept)
+            strides = self._code_strides(s, p)
+            if strides is not None:
+                saved[_CODE_STRIDES] = torch.tensor(strides, dtype=torch.int64)
+        return saved
+
+    def _code_strides(self, s: dict, p: torch.Tensor) -> Optional[tuple]:
+        """The strides of the param that the 4-bit codes of ``s`` were written for (see _written_for; ``p``'s
+        own for codes this optimizer has not seen, as a step takes them); None without 4-bit moments."""
+        found: dict[str, tuple] = {}
+        for key in _MOMENT_KEYS:
+            codes = s.get(key + "_codes")
+            if isinstance(codes, torch.Tensor) and _has_quantized(s, key) and _stored_bits(s, key) == 4:
+                written_for = self._written_for(codes)
+                found[key] = written_for[1] if written_for is not None else p.stride()
+        if not found:
+            return None
+        (first, stride), *others = found.items()
+        for key, other in others:
+            if not _same_order(tuple(p.shape), stride, other):
+                # Only codes put in by hand after a change of the param's memory format can do this; the next
+                # step re-lays them all in the param's order.
+                raise ValueError(f"the 4-bit codes of {first!r} were written for strides {stride}, those of "
+                                 f"{key!r} for {other}: a state dict holds one layout per param (take a step first)")
+        return stride
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` of this class or of its ``torch.optim`` counterpart.
@@ -531,12 +599,19 @@ class _FastAdamOptimizer(Optimizer):
                 if "step" not in s:
                     raise ValueError(f"{where}: no 'step'")
                 _step_value(s["step"], f"{where}['step']")
+                four_bit = False
                 for key in _MOMENT_KEYS:
                     if _has_quantized(s, key):
-                        _check_quantized(s, key, p, where)
+                        four_bit |= _check_quantized(s, key, p, where) == 4
                     elif key not in s and (key != "max_exp_avg_sq" or amsgrad):
                         raise ValueError(f"{where}: no {key!r}" + (" (the group has amsgrad=True)"
                                                                    if key == "max_exp_avg_sq" else ""))
+                if _CODE_STRIDES in s:
+                    _saved_code_strides(s[_CODE_STRIDES], p, where)
+                elif four_bit:
+                    raise ValueError(f"{where}: no {_CODE_STRIDES!r}: 4-bit codes are one flat run in the memory "
+                                     "order of the param they were written for, whose strides are needed to read "
+                                     "them (state_dict() saves them)")
                 for key in _STATE_TENSORS:
                     if key in s:
                         t = s[key]
@@ -547,8 +622,8 @@ class _FastAdamOptimizer(Optimizer):
                             raise ValueError(f"{where}[{key!r}]: expected a floating-point tensor of shape "
                                              f"{tuple(p.shape)}, got {got}")
                 held[id(p)] = s
-                without_tensors[pid] = {key: value for key, value in s.items()
-                                        if key not in _STATE_TENSORS and key not in _QUANTIZED_KEYS}
+                without_tensors[pid] = {key: value for key, value in s.items() if key not in _STATE_TENSORS
+                                        and key not in _QUANTIZED_KEYS and key != _CODE_STRIDES}
         self._loading = held
         return {**state_dict, "state": {**saved_state, **without_tensors}}
 
@@ -572,6 +647,8 @@ class _FastAdamOptimizer(Optimizer):
                 for key in _QUANTIZED_KEYS:
                     if key in original:
                         s[key] = self._copied_part(original[key], key, copied_maps)
+                if _CODE_STRIDES in original:  # read (and let go of) by _adopt_moments
+                    s[_CODE_STRIDES] = original[_CODE_STRIDES].detach().cpu().clone()
                 if "step" in s:
                     s["step"] = torch.tensor(_step_value(s["step"], "step"), dtype=_step_dtype())
                 self._adopt_moments(s, p, self._storage(p, master), f"state[{_param_name(k, j)}]")
@@ -916,14 +993,19 @@ class _FastAdamOptimizer(Optimizer):
         is replaced.
         """
         shape, stride = tuple(p.shape), p.stride()
+        # A state dict's note of the strides the 4-bit codes were written for (copied in by load_state_dict, or
+        # put in optimizer.state directly, as ZeroRedundancyOptimizer does) says more than _written_for.
+        saved_strides = _saved_code_strides(s[_CODE_STRIDES], p, where) if _CODE_STRIDES in s else None
         convert: list[tuple[str, Optional[tuple]]] = []  # the quantized moments to dequantize (and where)
         for key in _MOMENT_KEYS:
             if not _has_quantized(s, key):
                 continue
             codes, bits = s.get(key + "_codes"), _stored_bits(s, key)
-            written_for = self._written_for(codes) if bits == 4 else None
+            written_for = None if bits == 8 else (shape, saved_strides) if saved_strides is not None \
+                else self._written_for(codes)
             kept = storage[key] in _CODE_BITS and _CODE_BITS[storage[key]] == bits and \
-                _is_plain(codes, torch.uint8, stride if bits == 8 else (1,)) and written_for in (None, (shape, stride))
+                _is_plain(codes, torch.uint8, stride if bits == 8 else (1,)) and \
+                (written_for is None or (written_for[0] == shape and _same_order(shape, written_for[1], stride)))
             if kept and key not in s and all(_is_plain(s.get(key + part), torch.float32, (1,))
                                              for part in ("_absmax", "_map")):
                 if bits == 4:
@@ -942,6 +1024,8 @@ class _FastAdamOptimizer(Optimizer):
                 raise ValueError(f"{where}: {key!r} must be a tensor of shape {shape}, got {got}")
 
         # All checked: now change things.
+        if _CODE_STRIDES in s:
+            del s[_CODE_STRIDES]
         converted = {key for key, _ in convert}
         for key in _MOMENT_KEYS:
             if _has_quantized(s, key) and key not in converted:
@@ -1220,8 +1304,8 @@ class SparseAdam(_FastAdamOptimizer):
         # No weight decay or amsgrad (absent keys are off); eps before the bias correction, as torch's.
         return {**g, "eps_before_bias_correction": True}
 
-    def _saved_param_state(self, s: _ParamState) -> dict:
-        saved = dict(s)
+    def _saved_param_state(self, s: _ParamState, p: Optional[torch.Tensor]) -> dict:
+        saved = super()._saved_param_state(s, p)
         if isinstance(saved.get("step"), torch.Tensor):
             saved["step"] = int(saved["step"])  # torch.optim.SparseAdam counts steps in a Python int
         return saved
