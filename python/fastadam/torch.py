@@ -651,7 +651,7 @@ class _FastAdamOptimizer(Optimizer):
                     s[_CODE_STRIDES] = original[_CODE_STRIDES].detach().cpu().clone()
                 if "step" in s:
                     s["step"] = torch.tensor(_step_value(s["step"], "step"), dtype=_step_dtype())
-                self._adopt_moments(s, p, self._storage(p, master), f"state[{_param_name(k, j)}]")
+                self._adopt_moments(s, p, self._storage(p, master), f"state[{_param_name(k, j)}]", relay_codes=False)
         self._loading = None
 
     def _copied_part(self, t: torch.Tensor, key: str, copied_maps: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -980,7 +980,8 @@ class _FastAdamOptimizer(Optimizer):
             s["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         self._adopt_moments(s, p, storage, f"state[{name}]")
 
-    def _adopt_moments(self, s: dict, p: torch.Tensor, storage: dict[str, Any], where: str) -> None:
+    def _adopt_moments(self, s: dict, p: torch.Tensor, storage: dict[str, Any], where: str,
+                       relay_codes: bool = True) -> None:
         """Store each state tensor of ``s`` as ``storage`` says, laid out as ``p``; what already is stays.
 
         A state tensor put there by hand, loaded, or stored otherwise becomes the optimizer's own: a float
@@ -991,25 +992,33 @@ class _FastAdamOptimizer(Optimizer):
         other strides, 4-bit codes written for another memory format: see _written_for).  Quantized state
         that is already the param's is left to the core's checks.  Everything is checked before anything
         is replaced.
+
+        A ``codes_strides`` entry (a state dict's: see _saved_code_strides) says which memory order the 4-bit
+        codes of ``s`` were written in, and is let go of once noted.  Without ``relay_codes`` (on loading),
+        4-bit codes kept as 4-bit are kept in that order, noted, and re-laid by the next step if the param's
+        order still differs then: a model loaded and then converted (``model.to(memory_format=...)``) loses
+        nothing to a re-quantization.
         """
         shape, stride = tuple(p.shape), p.stride()
         # A state dict's note of the strides the 4-bit codes were written for (copied in by load_state_dict, or
         # put in optimizer.state directly, as ZeroRedundancyOptimizer does) says more than _written_for.
         saved_strides = _saved_code_strides(s[_CODE_STRIDES], p, where) if _CODE_STRIDES in s else None
         convert: list[tuple[str, Optional[tuple]]] = []  # the quantized moments to dequantize (and where)
+        layouts: dict[str, tuple] = {}  # the (shape, strides) each 4-bit moment kept as it is is noted with
         for key in _MOMENT_KEYS:
             if not _has_quantized(s, key):
                 continue
             codes, bits = s.get(key + "_codes"), _stored_bits(s, key)
             written_for = None if bits == 8 else (shape, saved_strides) if saved_strides is not None \
                 else self._written_for(codes)
+            in_order = written_for is None or (written_for[0] == shape and _same_order(shape, written_for[1], stride))
             kept = storage[key] in _CODE_BITS and _CODE_BITS[storage[key]] == bits and \
                 _is_plain(codes, torch.uint8, stride if bits == 8 else (1,)) and \
-                (written_for is None or (written_for[0] == shape and _same_order(shape, written_for[1], stride)))
+                (in_order or (not relay_codes and written_for[0] == shape))
+            if bits == 4:
+                layouts[key] = (shape, stride) if in_order else written_for
             if kept and key not in s and all(_is_plain(s.get(key + part), torch.float32, (1,))
                                              for part in ("_absmax", "_map")):
-                if bits == 4:
-                    self._code_layouts[codes] = (shape, stride)
                 continue  # as the step takes it (the core checks shapes and the map)
             _check_quantized(s, key, p, where)
             if written_for is not None and written_for[0] != shape:
@@ -1029,8 +1038,8 @@ class _FastAdamOptimizer(Optimizer):
         converted = {key for key, _ in convert}
         for key in _MOMENT_KEYS:
             if _has_quantized(s, key) and key not in converted:
-                if _stored_bits(s, key) == 4:
-                    self._code_layouts[s[key + "_codes"]] = (shape, stride)
+                if key in layouts:
+                    self._code_layouts[s[key + "_codes"]] = layouts[key]
                 for part in ("_absmax", "_map"):
                     t = s[key + part]
                     if not _is_plain(t, torch.float32, (1,)):  # its values, in a contiguous tensor the step views
