@@ -484,10 +484,11 @@ class _FastAdamOptimizer(Optimizer):
         ``ceil(numel / 2)`` bytes in the param's memory order for 4-bit),
         ``exp_avg_absmax`` (float32, one per block of 256 or 128 elements) and
         ``exp_avg_map`` (float32, 256 or 16 values), and so on for
-        ``exp_avg_sq`` and ``max_exp_avg_sq``.  4-bit codes carry no layout:
-        they load in the memory order of the param they load into, so a
-        channels_last param's 4-bit state loads right into a channels_last
-        param.  A checkpoint of ``torch.optim.Adam`` loads into :class:`Adam`
+        ``exp_avg_sq`` and ``max_exp_avg_sq``.  4-bit codes, one flat run,
+        carry no layout: a param with 4-bit moments also has
+        ``"codes_strides"``, an int64 tensor of the strides (in elements) of
+        the param its codes were written for, so they load right into a param
+        of any memory format (see :meth:`load_state_dict`).  A checkpoint of ``torch.optim.Adam`` loads into :class:`Adam`
         and the other way round (with float32 or bfloat16 moments; torch
         cannot read quantized ones).
         """
@@ -537,8 +538,13 @@ class _FastAdamOptimizer(Optimizer):
         float32 absmax values, a map of 256 finite ascending float32 values
         holding 0; 4-bit moments: ``ceil(numel / 2)`` contiguous uint8 codes,
         ``ceil(numel / 128)`` absmax values, a map of 16 finite ascending
-        values); a bad state dict raises ValueError naming the entry and
-        changes nothing.  The state tensors are copied in, so the optimizer
+        values, and ``codes_strides``: the param's ndim int64 strides of a
+        dense layout of its shape); a bad state dict raises ValueError naming
+        the entry and changes nothing.  4-bit codes are read in the memory
+        order ``codes_strides`` gives: loaded as 4-bit state they stay in it
+        until the next step, which re-lays them in the param's order if that
+        differs (a model converted after loading loses nothing); into other
+        storage they are dequantized in it.  The state tensors are copied in, so the optimizer
         never shares them with ``state_dict``, and each moment is converted to
         this optimizer's storage of it (``state_dtype``, ``min_compressed_size``):
         float32 into bfloat16 rounds to nearest-even, float32 or bfloat16 into
@@ -938,8 +944,9 @@ class _FastAdamOptimizer(Optimizer):
 
     def _written_for(self, codes: Any) -> Optional[tuple]:
         """(shape, strides) of the param in whose memory order 4-bit ``codes`` were written, where this
-        optimizer wrote or adopted them; None for codes it has not seen (loaded, put in by hand), which are
-        taken to follow their param's present memory order.
+        optimizer wrote, loaded (as a state dict's ``codes_strides`` says) or adopted them; None for codes it
+        has not seen (put in by hand without ``codes_strides``), which are taken to follow their param's
+        present memory order.
 
         1-D codes carry no layout of their own (8-bit codes carry their strides), so a param whose memory
         format changes between steps (``model.to(memory_format=torch.channels_last)``) would otherwise have
@@ -1213,8 +1220,10 @@ class Adam(_FastAdamOptimizer):
     param's memory in the low four bits of byte ``j // 2`` if ``j`` is even,
     the high four if odd; one absmax per block of 128 elements; a map of 16
     values; element ``j`` stands for ``map[code_j] * absmax[j // 128]`` (see
-    :class:`fastadam.Adam`; :meth:`load_state_dict` converts between the
-    storages); ``eps_before_bias_correction=True`` (also a group key) adds eps
+    :class:`fastadam.Adam`), and :meth:`state_dict` notes the strides of the
+    param the codes were written for (``"codes_strides"``), so a checkpoint
+    loads into any memory format (:meth:`load_state_dict` converts between
+    the storages and memory orders); ``eps_before_bias_correction=True`` (also a group key) adds eps
     before the bias correction, as Keras and scikit-learn do (see
     :func:`fastadam.adam_step`); ``num_threads`` caps the threads of a step.
 
