@@ -488,9 +488,9 @@ class _FastAdamOptimizer(Optimizer):
         carry no layout: a param with 4-bit moments also has
         ``"codes_strides"``, an int64 tensor of the strides (in elements) of
         the param its codes were written for, so they load right into a param
-        of any memory format (see :meth:`load_state_dict`).  A checkpoint of ``torch.optim.Adam`` loads into :class:`Adam`
-        and the other way round (with float32 or bfloat16 moments; torch
-        cannot read quantized ones).
+        of any memory format (see :meth:`load_state_dict`).  A checkpoint of
+        ``torch.optim.Adam`` loads into :class:`Adam` and the other way round
+        (with float32 or bfloat16 moments; torch cannot read quantized ones).
         """
         sd = super().state_dict()
         state = sd.get("state") if isinstance(sd, dict) else None
