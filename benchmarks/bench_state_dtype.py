@@ -117,14 +117,18 @@ def available_bytes() -> Optional[int]:
 class Buffers:
     """One param and gradient, and a float32 and a bfloat16 array for each moment (20 bytes an element)."""
 
-    def __init__(self, elements: int, seed: int = 0) -> None:
+    def __init__(self, elements: int, seed: int = 0, bf16_offset: int = 0) -> None:
+        """``bf16_offset``: place the bfloat16 exp_avg_sq that many bytes past where NumPy would (a slice of
+        a larger array), so that the two bfloat16 moments differ modulo 4 KiB, as fastadam.Adam allocates
+        them (see README.md, "Optimizer state in bfloat16")."""
         rng = np.random.default_rng(seed)
         bf16 = PAIRS[BFLOAT16][0]
         self.param = rng.standard_normal(elements, dtype=np.float32)
         self.grad = rng.standard_normal(elements, dtype=np.float32)
         exp_avg = (0.1 * rng.standard_normal(elements, dtype=np.float32)).astype(np.float32)
         exp_avg_sq = rng.uniform(0.0, 1e-2, elements).astype(np.float32)
-        self.moments = {F32: (exp_avg, exp_avg_sq), bf16: (exp_avg.astype(bf16), exp_avg_sq.astype(bf16))}
+        self.moments = {F32: (exp_avg, exp_avg_sq),
+                        bf16: (exp_avg.astype(bf16), _placed(exp_avg_sq.astype(bf16), bf16_offset))}
         # fastadam's 8-bit state of the same moments (the dynamic maps, blocks of 256), and its 4-bit state.
         self.quantized = tuple(_quantized(x, signed) for x, signed in ((exp_avg, True), (exp_avg_sq, False)))
         self.quantized4 = tuple(_quantized4(x, signed) for x, signed in ((exp_avg, True), (exp_avg_sq, False)))
@@ -142,6 +146,16 @@ def _quantized(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
                                     fastadam.dynamic_map(signed))
     fastadam.quantize_blockwise(x, state)
     return state
+
+
+def _placed(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``a`` that starts ``offset`` bytes into a fresh allocation (``a`` itself when 0)."""
+    if offset == 0:
+        return a
+    raw = np.empty(a.nbytes + offset, np.uint8)
+    placed = raw[offset:].view(a.dtype)
+    placed[...] = a
+    return placed
 
 
 def _quantized4(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
@@ -527,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-params", type=int, default=None,
                         help=f"param size of the memory measurement (default {MEMORY_PARAMS}; --quick: 2^16); "
                              "0 skips it")
+    parser.add_argument("--bf16-offset", type=int, default=0,
+                        help="place the bfloat16 exp_avg_sq this many bytes past where NumPy would, as "
+                             "fastadam.Adam does with 256 (default 0)")
     parser.add_argument("--quick", action="store_true", help="a few seconds' run that checks the benchmark works")
     parser.add_argument("--all-levels", action="store_true",
                         help="run the timings once per ISA level this CPU has (FASTADAM_ISA, a fresh process each)")
@@ -568,7 +585,7 @@ def run_timings(args: argparse.Namespace) -> dict[str, Any]:
             print(message)
             skipped.append(message)
             continue
-        buffers = Buffers(elements)
+        buffers = Buffers(elements, bf16_offset=args.bf16_offset)
         for threads in args.threads:
             r = run_cell(buffers, threads, args.repeats, args.sample_seconds, libraries)
             results.append(r)
