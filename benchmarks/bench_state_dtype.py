@@ -159,26 +159,35 @@ def _placed(a: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _quantized4(x: np.ndarray, signed: bool) -> fastadam.QuantizedState:
-    qmap = fastadam.dynamic_map(True, bits=4) if signed else fastadam.linear_map(4)
+    qmap = fastadam.reference.moment_map(signed, 4)
     state = fastadam.QuantizedState(np.empty(-(-x.size // 2), np.uint8), np.empty(-(-x.size // 128), np.float32),
                                     qmap)
     fastadam.quantize_blockwise(x, state)
     return state
 
 
-def check_int4(buffers: Buffers, threads: int) -> None:
-    """adam_step with 4-bit moments bitwise equal to fastadam.reference, on a slice."""
+def check_quantized_step(buffers: Buffers, threads: int, head: Callable[[int], tuple], what: str) -> None:
+    """adam_step with quantized moments bitwise equal to fastadam.reference, on a slice: ``head(n)`` gives
+    fresh states of the first n elements."""
     n = min(CHECK_ELEMENTS, buffers.param.size)
     runs = []
     for step in (fastadam.adam_step, fastadam.reference.adam_step):
         p, g = buffers.param[:n].copy(), buffers.grad[:n].copy()
-        m, v = (_quantized4(fastadam.dequantize_blockwise(q, np.empty(buffers.param.size, np.float32))[:n], signed)
-                for q, signed in zip(buffers.quantized4, (True, False)))
+        m, v = head(n)
         kwargs = {"num_threads": threads} if step is fastadam.adam_step else {}
         step(p, g, m, v, step=1, lr=LR, betas=BETAS, eps=EPS, **kwargs)
         runs.append([p, m.codes, m.absmax, v.codes, v.absmax])
     if not _same_bits(*runs):
-        raise AssertionError("adam_step with 4-bit moments differs from fastadam.reference")
+        raise AssertionError(f"adam_step with {what} moments differs from fastadam.reference")
+
+
+def check_int4(buffers: Buffers, threads: int) -> None:
+    """adam_step with 4-bit moments bitwise equal to fastadam.reference, on a slice."""
+    def head(n: int) -> tuple:
+        size = buffers.param.size
+        values = (fastadam.dequantize_blockwise(q, np.empty(size, np.float32)) for q in buffers.quantized4)
+        return tuple(_quantized4(x[:n], signed) for x, signed in zip(values, (True, False)))
+    check_quantized_step(buffers, threads, head, "4-bit")
 
 
 def probe_int8_formula(a: np.ndarray, b: np.ndarray, m: fastadam.QuantizedState, v: fastadam.QuantizedState,
@@ -196,21 +205,14 @@ def probe_int8_formula(a: np.ndarray, b: np.ndarray, m: fastadam.QuantizedState,
 def check_int8(buffers: Buffers, threads: int) -> None:
     """adam_step with 8-bit moments bitwise equal to fastadam.reference, and the 8-bit probes equal to their
     formulas, on a slice."""
+    def head(n: int) -> tuple:
+        return tuple(_quantized(fastadam.dequantize_blockwise(q)[:n], signed)
+                     for q, signed in zip(buffers.quantized, (True, False)))
+    check_quantized_step(buffers, threads, head, "8-bit")
     n = min(CHECK_ELEMENTS, buffers.param.size)
-    runs = []
-    for step in (fastadam.adam_step, fastadam.reference.adam_step):
-        p, g = buffers.param[:n].copy(), buffers.grad[:n].copy()
-        m, v = (_quantized(fastadam.dequantize_blockwise(q)[:n], signed)
-                for q, signed in zip(buffers.quantized, (True, False)))
-        kwargs = {"num_threads": threads} if step is fastadam.adam_step else {}
-        step(p, g, m, v, step=1, lr=LR, betas=BETAS, eps=EPS, **kwargs)
-        runs.append([p, m.codes, m.absmax, v.codes, v.absmax])
-    if not _same_bits(*runs):
-        raise AssertionError("adam_step with 8-bit moments differs from fastadam.reference")
     for exact in (False, True):
         a, b = buffers.param[:n].copy(), buffers.grad[:n].copy()
-        m, v = (_quantized(fastadam.dequantize_blockwise(q)[:n], signed)
-                for q, signed in zip(buffers.quantized, (True, False)))
+        m, v = head(n)
         expected = probe_int8_formula(a, b, m, v, exact)
         _core.probe_step(a, b, m, v, threads, exact=exact)
         if not _same_bits([a, m.codes, m.absmax, v.codes, v.absmax], expected):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import Adam, config, get_num_threads, reference, show_config
-from .reference import QuantizedState, dynamic_map, linear_map, null_code, quantization_block
+from .reference import moment_map, zero_state
 
 DTYPE = np.float32
 N_CLASSES = 10
@@ -214,15 +214,7 @@ def zero_moment(p: np.ndarray, storage: Union[np.dtype, str, None], signed: bool
     block-wise state of zeros (absmax 0) over fastadam.Adam's map for the moment."""
     if storage not in ("int8", "int4"):
         return np.zeros_like(p, dtype=storage)
-    if storage == "int8":
-        qmap = dynamic_map(signed)
-        codes = np.full(p.shape, null_code(qmap), np.uint8)
-    else:  # the reference quantizes zeros so: the null code twice a byte, 0 past an odd size
-        qmap = dynamic_map(True, bits=4) if signed else linear_map(4)
-        codes = np.full(-(-p.size // 2), null_code(qmap) * 0x11, np.uint8)
-        if p.size % 2:
-            codes[-1] = null_code(qmap)
-    return QuantizedState(codes, np.zeros(-(-p.size // quantization_block(qmap)), np.float32), qmap)
+    return zero_state(p.shape, moment_map(signed, 8 if storage == "int8" else 4))
 
 
 def storage_of(state: dict[str, np.ndarray], key: str) -> Union[np.dtype, str]:

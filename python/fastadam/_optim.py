@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from ._functional import RowSparseGrad
-from .reference import QuantizedState, code_bits, dynamic_map, linear_map, null_code, quantization_block
+from .reference import QuantizedState, code_bits, moment_map, quantization_block, zero_state
 
 #: The hyperparameters of a param group, as the core reads them (named in one place: csrc/hyper.hpp).
 _HYPERPARAMETERS: tuple[str, ...] = _core.HYPERPARAMETERS
@@ -455,19 +455,11 @@ class Adam:
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         for k, key in enumerate(keys):
             storage = self.state_dtype[_MOMENTS[key]] if compressed else "float32"
-            if storage in ("int8", "int4"):  # zero's code, absmax 0: a zero moment; one map of each kind
+            if storage in ("int8", "int4"):  # a zero moment; one map of each kind per optimizer
                 maps = self.__dict__.setdefault("_quantization_maps", {})
-                first = key == "exp_avg"
-                if storage == "int8":
-                    qmap = maps.setdefault((first, 8), dynamic_map(signed=first))
-                    s[key + "_codes"] = np.full(p.shape, null_code(qmap), np.uint8)
-                else:  # Li et al.'s 4-bit maps: signed dynamic for m, linear without zero for v
-                    qmap = maps.setdefault((first, 4), dynamic_map(True, bits=4) if first else linear_map(4))
-                    s[key + "_codes"] = np.full(-(-p.size // 2), null_code(qmap) * 0x11, np.uint8)
-                    if p.size % 2:
-                        s[key + "_codes"][-1] = null_code(qmap)  # past the last element: 0
-                s[key + "_absmax"] = np.zeros(-(-p.size // quantization_block(qmap)), np.float32)
-                s[key + "_map"] = qmap
+                kind = (key == "exp_avg", 8 if storage == "int8" else 4)
+                zero = zero_state(p.shape, maps.setdefault(kind, moment_map(*kind)))
+                s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = zero
             elif storage == "bfloat16":
                 s[key] = _staggered_zeros(p.shape, _bfloat16(), k)
             else:

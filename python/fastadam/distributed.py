@@ -96,7 +96,7 @@ from ._functional import RowSparseGrad
 from ._optim import (_HYPERPARAMETERS, _MOMENTS, Adam, _bfloat16, _check_group_hyperparameters, _checked_group,
                      _is_16bit_float, _is_bfloat16, _is_integer, _json_number, _listed, _read_npy_header,
                      _sorted_keys, _state_dtypes)
-from .reference import (QUANT_BLOCK, QUANT_BLOCK_4BIT, QuantizedState, code_bits, dynamic_map, linear_map,
+from .reference import (QUANT_BLOCK, QUANT_BLOCK_4BIT, QuantizedState, code_bits, moment_map,
                         quantization_block)
 
 __all__ = ["ZeroAdam", "ZeroAdamW"]
@@ -118,9 +118,7 @@ _CODE_LAYOUT = {"int8": (1, QUANT_BLOCK, 256), "int4": (2, QUANT_BLOCK_4BIT, 16)
 
 def _default_map(moment: str, storage: str) -> np.ndarray:
     """The map fastadam.Adam gives ``moment`` in ``storage`` (int8 or int4)."""
-    if storage == "int8":
-        return dynamic_map(signed=moment == "exp_avg")
-    return dynamic_map(True, bits=4) if moment == "exp_avg" else linear_map(4)
+    return moment_map(moment == "exp_avg", 8 if storage == "int8" else 4)
 
 
 # -- communicators -------------------------------------------------------------------------------------------

@@ -284,6 +284,29 @@ def dequantize_blockwise(state: QuantizedState, shape: Optional[tuple[int, ...]]
     return (state.map[codes] * scale).reshape(shape)
 
 
+def moment_map(first_moment: bool, bits: int) -> np.ndarray:
+    """The map fastadam's optimizers keep a moment in at ``bits`` (8 or 4): 8-bit, the signed
+    :func:`dynamic_map` for ``exp_avg`` and the unsigned one for ``exp_avg_sq`` (and amsgrad's maximum); 4-bit
+    (Li et al.), ``dynamic_map(True, bits=4)`` for ``exp_avg`` and :func:`linear_map` for the others."""
+    if bits == 8:
+        return dynamic_map(signed=first_moment)
+    return dynamic_map(True, bits=4) if first_moment else linear_map(bits)
+
+
+def zero_state(shape: tuple[int, ...], qmap: np.ndarray) -> QuantizedState:
+    """A moment of zeros over ``qmap`` for values of ``shape``, as :func:`quantize_blockwise` stores one:
+    every code the :func:`null_code` (4-bit: twice a byte, 0 past an odd size's last element), absmax 0."""
+    size = math.prod(shape)
+    null = null_code(qmap)
+    if code_bits(qmap) == 8:
+        codes = np.full(shape, null, np.uint8)
+    else:
+        codes = np.full(-(-size // 2), null * 0x11, np.uint8)
+        if size % 2:
+            codes[-1] = null
+    return QuantizedState(codes, np.zeros(-(-size // quantization_block(qmap)), np.float32), qmap)
+
+
 def null_code(qmap: np.ndarray) -> int:
     """The code of the map value nearest 0 (a tie going to the lower code): 0's own code where the map holds
     0 -- the code of a NaN or inf element and of a block of zeros."""

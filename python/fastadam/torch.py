@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _core
 from ._optim import _QUANTIZED_PARTS, _STAGGER_BYTES, _check_quantized_parts, _convert_moment, _state_dtypes
-from .reference import QuantizedState, dynamic_map, linear_map, null_code, quantization_block
+from .reference import QuantizedState, moment_map, quantization_block, zero_state
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
@@ -934,9 +934,7 @@ class _FastAdamOptimizer(Optimizer):
         others."""
         kind = (key == "exp_avg", bits)
         if kind not in self._quantization_maps:
-            signed = kind[0]
-            qmap = dynamic_map(signed=signed) if bits == 8 else dynamic_map(True, bits=4) if signed else linear_map(4)
-            self._quantization_maps[kind] = torch.from_numpy(qmap)
+            self._quantization_maps[kind] = torch.from_numpy(moment_map(*kind))
         return self._quantization_maps[kind]
 
     def _quantized_tensors(self, p: torch.Tensor, key: str, bits: int) -> tuple:
@@ -971,16 +969,11 @@ class _FastAdamOptimizer(Optimizer):
         if len(s) == 0:
             s["step"] = torch.tensor(0.0, dtype=_step_dtype())
             for k, key in enumerate(_MOMENT_KEYS if amsgrad else _MOMENT_KEYS[:2]):
-                if storage[key] in _CODE_BITS:  # every code 0's (the null code) and absmax 0: a zero moment
+                if storage[key] in _CODE_BITS:  # a zero moment, as fastadam.Adam creates it
                     codes, absmax, qmap = self._quantized_tensors(p, key, _CODE_BITS[storage[key]])
-                    null = null_code(qmap.numpy())
-                    if qmap.numel() == 16:  # two codes a byte, 0 past an odd size's last
-                        codes.fill_(null * 0x11)
-                        if p.numel() % 2:
-                            codes[-1] = null
-                    else:
-                        codes.fill_(null)
-                    absmax.zero_()
+                    zero = zero_state((p.numel(),), qmap.numpy())  # every value 0: the same codes in any order
+                    codes.copy_(torch.from_numpy(zero.codes).reshape(codes.shape))
+                    absmax.copy_(torch.from_numpy(zero.absmax))
                     s[key + "_codes"], s[key + "_absmax"], s[key + "_map"] = codes, absmax, qmap
                 else:
                     s[key] = _staggered_zeros_like(p, storage[key], k)
